@@ -1,0 +1,5 @@
+import sys
+
+from hcdiag.cli import main
+
+sys.exit(main())
