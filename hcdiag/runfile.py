@@ -1,0 +1,1027 @@
+"""The run file: the public contract between a training run and the checks.
+
+A run file (conventionally ``run.pt``) records one training run so that every check in
+``claims.md`` can be recomputed later without the dataset and without trusting the producer's
+code. hcdiag's trainer writes it with :func:`save_run`; the checks read it with :func:`load_run`;
+anyone else's trainer may write it too. The schema (version 1) is documented in
+``docs/runfile.md`` and enforced by :func:`validate_run`.
+
+Safety: a run file holds only tensors, dicts, lists, tuples, str, int, float, bool and None, so
+it loads with ``torch.load(weights_only=True)``; nothing else is ever unpickled, and no code
+from a file runs. Writing is atomic (temporary file in the same folder, fsync, ``os.replace``).
+
+This module is downstream-neutral: it imports neither the trainer nor the models.
+
+>>> import tempfile, os
+>>> run = example_run(R0=4, K=3, N=5, m=20, n=2)
+>>> path = save_run(run, os.path.join(tempfile.mkdtemp(), "run.pt"))
+>>> r = load_run(path)
+>>> (r.r0, r.k, r.N, r.m, r.latent_dim), r.snapshot_names[0], r.complete
+((4, 3, 5, 20, 2), 'init', True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcdiag.errors import InputError
+
+FORMAT = "hcdiag-run"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+METHODS = ("hct", "vanilla", "beta", "anneal", "freebits", "aggressive")
+LOSS_CONVENTIONS = ("literal", "scaled", "mean")
+MODEL_FAMILIES = ("mlp", "conv", "linear")
+REFERENCE_NAMES = ("collapsed", "vanilla", "control")
+HISTORY_SERIES = ("epoch", "stage", "loss", "recon", "kl", "cluster", "au")
+
+_ALLOWED = "tensors, dicts, lists, tuples, str, int, float, bool and None"
+_DOCS = "see docs/runfile.md"
+_PARTIAL_HINT = "load it with partial=True (--partial) to check a run still training"
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _kind(v: Any) -> str:
+    t = type(v)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would not load back (first offender)."""
+    if obj is None or isinstance(obj, torch.Tensor) or type(obj) in (str, bool, int, float):
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise InputError(f"{where or 'the run'} has a key of type {_kind(key)} ({key!r}); "
+                                 "dict keys in a run file must be str or int.")
+            _check_plain(value, f"{where}.{key}" if where else str(key))
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise InputError(f"{where or 'the run'} is a {_kind(obj)}; convert it to a tensor or a plain "
+                     f"Python value (a run file holds only {_ALLOWED}, so it loads with weights_only=True).")
+
+
+class _Validator:
+    """One pass over a run dict; raises :class:`InputError` (one line) on the first problem."""
+
+    def __init__(self, run: dict, partial: bool):
+        self.run = run
+        self.partial = partial
+        self.dims: dict[str, tuple[int, str]] = {}  # dim name -> (value, key it came from)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def need(self, d: dict, key: str, where: str, what: str = "") -> Any:
+        if key not in d:
+            full = f"{where}.{key}" if where else key
+            raise InputError(f"{full} is missing; a run file needs it{(' (' + what + ')') if what else ''}; {_DOCS}.")
+        return d[key]
+
+    @staticmethod
+    def dict_at(v: Any, where: str) -> dict:
+        if not isinstance(v, dict):
+            raise InputError(f"{where} must be a dict; got {_kind(v)}; {_DOCS}.")
+        return v
+
+    @staticmethod
+    def int_at(v: Any, where: str, lo: int | None = None) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise InputError(f"{where} must be an int; got {v!r} ({_kind(v)}).")
+        if lo is not None and v < lo:
+            raise InputError(f"{where} must be an int >= {lo}; got {v}.")
+        return v
+
+    @staticmethod
+    def str_at(v: Any, where: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(v, str):
+            raise InputError(f"{where} must be a str; got {v!r} ({_kind(v)}).")
+        if choices is not None and v not in choices:
+            raise InputError(f"{where} must be one of {', '.join(choices)}; got {v!r}.")
+        return v
+
+    @staticmethod
+    def bool_at(v: Any, where: str) -> bool:
+        if not isinstance(v, bool):
+            raise InputError(f"{where} must be a bool; got {v!r} ({_kind(v)}).")
+        return v
+
+    @staticmethod
+    def float_at(v: Any, where: str, positive: bool = False, finite: bool = True) -> float:
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype.is_floating_point:
+            v = v.item()
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise InputError(f"{where} must be a float; got {v!r} ({_kind(v)}).")
+        if finite and not math.isfinite(v):
+            raise InputError(f"{where} must be finite; got {v!r}.")
+        if positive and not v > 0:
+            raise InputError(f"{where} must be a float > 0; got {v!r}.")
+        return float(v)
+
+    def tensor_at(self, v: Any, where: str, ndim: int | tuple[int, ...], *, kind: str = "float",
+                  finite: bool = False) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{where} must be a tensor; got {_kind(v)}; {_DOCS}.")
+        ndims = (ndim,) if isinstance(ndim, int) else ndim
+        if v.ndim not in ndims:
+            want = " or ".join(f"{d}-D" for d in ndims)
+            raise InputError(f"{where} must be a {want} tensor; got shape {tuple(v.shape)}; {_DOCS}.")
+        if kind == "float" and not v.dtype.is_floating_point:
+            raise InputError(f"{where} must be a floating-point tensor; got dtype {v.dtype}.")
+        if kind == "int" and (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool):
+            raise InputError(f"{where} must be an integer tensor (int64); got dtype {v.dtype}.")
+        if finite and kind == "float":
+            bad = int((~torch.isfinite(v)).sum())
+            if bad:
+                raise InputError(f"{where} holds {bad} non-finite value(s) (NaN or inf) of {v.numel()}; "
+                                 "the checks need finite values there: fix the producer and write the run again.")
+        return v
+
+    def agree(self, dim: str, value: int, where: str) -> None:
+        """Every occurrence of a dimension (N, R0, K, m, n, h) must agree with the first one seen."""
+        if dim in self.dims:
+            first, src = self.dims[dim]
+            if first != value:
+                raise InputError(f"{src} has {dim}={first} but {where} has {dim}={value}; "
+                                 "both must describe the same run: fix the producer.")
+        else:
+            self.dims[dim] = (value, where)
+
+    def ids_at(self, v: Any, where: str) -> list[int]:
+        t = self.tensor_at(v, where, 1, kind="int")
+        ids = [int(i) for i in t.tolist()]
+        r0 = self.dims["R0"][0]
+        out = [i for i in ids if not 0 <= i < r0]
+        if out:
+            raise InputError(f"{where} holds clustering id(s) {out[:5]} outside 0..{r0 - 1} (R0={r0}).")
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{where} repeats clustering ids ({ids}); each id may appear once.")
+        return ids
+
+    def snapshot_exists(self, name: Any, where: str) -> None:
+        self.str_at(name, where)
+        if name not in self.snapshot_names:
+            raise InputError(f"{where} names snapshot {name!r}, which is neither in snapshots nor in outputs; "
+                             "write that snapshot or fix the name.")
+
+    # ---- the schema ----------------------------------------------------------------------
+    def validate(self) -> None:
+        run = self.run
+        if not isinstance(run, dict):
+            raise InputError(f"the run must be a dict with format={FORMAT!r}; got {_kind(run)}.")
+        if "format" not in run:
+            raise InputError(f"has no 'format' key, so it is not an hcdiag run file (a bare state_dict or "
+                             f"checkpoint?); write it with hcdiag.runfile.save_run, {_DOCS}.")
+        if run["format"] != FORMAT:
+            raise InputError(f"format is {run['format']!r}, not {FORMAT!r}, so it is not an hcdiag run file; {_DOCS}.")
+        version = self.need(run, "version", "")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InputError(f"version must be an int; got {version!r} ({_kind(version)}).")
+        if version not in SUPPORTED_VERSIONS:
+            raise InputError(f"version {version} is not supported; this hcdiag reads version(s) "
+                             f"{', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade hcdiag or write the run as version {VERSION}.")
+        _check_plain(run, "")
+        self.status()
+        self.config()
+        self.eval()
+        self.clusterings()
+        self.snapshots_and_outputs()
+        self.rounds()
+        self.refinement()
+        self.stage3()
+        self.history()
+        self.references()
+
+    def status(self) -> None:
+        status = self.run.get("status")
+        if status is None:
+            return
+        self.dict_at(status, "status")
+        complete = self.bool_at(self.need(status, "complete", "status"), "status.complete")
+        stage = self.str_at(status.get("stage", ""), "status.stage")
+        error = status.get("error")
+        if error is not None:
+            self.str_at(error, "status.error")
+        if not complete and not self.partial:
+            lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+            # a recorded traceback ends with the exception itself: that is the line worth showing
+            shown = (lines[-1] if lines[0].startswith("Traceback") else lines[0]) if lines else ""
+            why = f" with the error: {shown[:200]}" if shown else ""
+            raise InputError(f"status says the run is not complete (it stopped at stage {stage!r}{why}); "
+                             f"wait for training to finish, or {_PARTIAL_HINT}.")
+
+    def config(self) -> None:
+        cfg = self.dict_at(self.need(self.run, "config", ""), "config")
+        self.str_at(self.need(cfg, "method", "config", "the training method, e.g. 'hct'"), "config.method")
+        self.float_at(self.need(cfg, "s2", "config", "the decoder variance"), "config.s2", positive=True)
+        for key in ("lambda_max", "multiple"):
+            if cfg.get(key) is not None:
+                self.float_at(cfg[key], f"config.{key}", positive=True)
+        if cfg.get("loss") is not None:
+            self.str_at(cfg["loss"], "config.loss", LOSS_CONVENTIONS)
+        if cfg.get("beta") is not None:
+            beta = self.dict_at(cfg["beta"], "config.beta")
+            if "schedule" in beta:
+                self.str_at(beta["schedule"], "config.beta.schedule")
+            for key in ("start", "end"):
+                if key in beta:
+                    self.float_at(beta[key], f"config.beta.{key}")
+        if cfg.get("seed") is not None:
+            self.int_at(cfg["seed"], "config.seed")
+        if cfg.get("device") is not None:
+            self.str_at(cfg["device"], "config.device")
+        for key in ("versions", "hct"):
+            if cfg.get(key) is not None:
+                self.dict_at(cfg[key], f"config.{key}")
+        dataset = cfg.get("dataset")
+        if dataset is not None:
+            self.dict_at(dataset, "config.dataset")
+            if dataset.get("N") is not None:
+                self.int_at(dataset["N"], "config.dataset.N", lo=1)
+            shape = dataset.get("image_shape")
+            if shape is not None:
+                self._shape_list(shape, "config.dataset.image_shape")
+        model = cfg.get("model")
+        if model is not None:
+            self.dict_at(model, "config.model")
+            self.str_at(self.need(model, "family", "config.model"), "config.model.family", MODEL_FAMILIES)
+            self.int_at(self.need(model, "input_dim", "config.model"), "config.model.input_dim", lo=1)
+            self.int_at(self.need(model, "latent_dim", "config.model"), "config.model.latent_dim", lo=1)
+            for key in ("enc_widths", "dec_widths", "channels"):
+                if model.get(key) is not None:
+                    self._int_list(model[key], f"config.model.{key}")
+            if model.get("activation") is not None:
+                self.str_at(model["activation"], "config.model.activation")
+            shape = model.get("image_shape")
+            if model["family"] == "conv" and shape is None:
+                raise InputError("config.model.image_shape is missing; a conv model needs [C, H, W] to be rebuilt.")
+            if shape is not None:
+                self._shape_list(shape, "config.model.image_shape")
+
+    def _int_list(self, v: Any, where: str) -> list[int]:
+        if not isinstance(v, (list, tuple)):
+            raise InputError(f"{where} must be a list of ints; got {_kind(v)}.")
+        for i, x in enumerate(v):
+            self.int_at(x, f"{where}[{i}]", lo=1)
+        return list(v)
+
+    def _shape_list(self, v: Any, where: str) -> None:
+        dims = self._int_list(v, where)
+        if len(dims) != 3:
+            raise InputError(f"{where} must be [C, H, W]; got {list(dims)}.")
+
+    def eval(self) -> None:
+        ev = self.dict_at(self.need(self.run, "eval", ""), "eval")
+        x = self.tensor_at(self.need(ev, "x", "eval", "the evaluation subset [m, N]"), "eval.x", 2, finite=True)
+        self.agree("m", x.shape[0], "eval.x")
+        self.agree("N", x.shape[1], "eval.x")
+        xbar = self.tensor_at(self.need(ev, "xbar", "eval", "the full-data mean [N]"), "eval.xbar", 1, finite=True)
+        self.agree("N", xbar.shape[0], "eval.xbar")
+        eig = self.tensor_at(self.need(ev, "eigenvalues", "eval", "the top data eigenvalues"),
+                             "eval.eigenvalues", 1, finite=True)
+        if eig.numel() == 0:
+            raise InputError("eval.eigenvalues is empty; store at least lambda_max (the top eigenvalue).")
+        if eig.numel() > self.dims["N"][0]:
+            raise InputError(f"eval.eigenvalues has {eig.numel()} values but the data has N={self.dims['N'][0]} dimensions.")
+        if bool((eig < 0).any()):
+            raise InputError(f"eval.eigenvalues holds {int((eig < 0).sum())} negative value(s); eigenvalues of a "
+                             "covariance are >= 0: clip round-off negatives to 0.")
+        if eig.numel() > 1 and bool((eig[1:] > eig[:-1]).any()):
+            raise InputError("eval.eigenvalues must be sorted in descending order; sort them (largest first).")
+        if ev.get("rows") is not None:
+            rows = self.tensor_at(ev["rows"], "eval.rows", 1, kind="int")
+            self.agree("m", rows.shape[0], "eval.rows")
+        dataset = self.run["config"].get("dataset") or {}
+        if isinstance(dataset.get("N"), int):
+            self.agree("N", dataset["N"], "config.dataset.N")
+        for where, shape in (("config.dataset.image_shape", dataset.get("image_shape")),
+                             ("config.model.image_shape", (self.run["config"].get("model") or {}).get("image_shape"))):
+            if shape is not None:
+                self.agree("N", math.prod(shape), where)
+        model = self.run["config"].get("model")
+        if model is not None:
+            self.agree("N", model["input_dim"], "config.model.input_dim")
+            self.agree("n", model["latent_dim"], "config.model.latent_dim")
+
+    def clusterings(self) -> None:
+        cl = self.dict_at(self.need(self.run, "clusterings", ""), "clusterings")
+        c = self.tensor_at(self.need(cl, "centroids", "clusterings", "[R0, K, N]"), "clusterings.centroids", 3, finite=True)
+        self.agree("R0", c.shape[0], "clusterings.centroids")
+        self.agree("K", c.shape[1], "clusterings.centroids")
+        self.agree("N", c.shape[2], "clusterings.centroids")
+        if c.shape[0] < 1 or c.shape[1] < 1:
+            raise InputError(f"clusterings.centroids has shape {tuple(c.shape)}; it needs R0 >= 1 clusterings of K >= 1 centroids.")
+        w = self.tensor_at(self.need(cl, "weights", "clusterings", "[R0, K]"), "clusterings.weights", 2, finite=True)
+        self.agree("R0", w.shape[0], "clusterings.weights")
+        self.agree("K", w.shape[1], "clusterings.weights")
+        seeds = self.tensor_at(self.need(cl, "seeds", "clusterings", "the EM seeds [R0]"), "clusterings.seeds", 1, kind="int")
+        self.agree("R0", seeds.shape[0], "clusterings.seeds")
+        ll = self.tensor_at(self.need(cl, "loglik", "clusterings", "[R0]"), "clusterings.loglik", 1, finite=True)
+        self.agree("R0", ll.shape[0], "clusterings.loglik")
+        ctype = self.str_at(self.need(cl, "covariance_type", "clusterings"), "clusterings.covariance_type")
+        if cl.get("covariances") is not None:
+            cov = self.tensor_at(cl["covariances"], "clusterings.covariances", (3, 4), finite=True)
+            self.agree("R0", cov.shape[0], "clusterings.covariances")
+            self.agree("K", cov.shape[1], "clusterings.covariances")
+            self.agree("N", cov.shape[2], "clusterings.covariances")
+            if cov.ndim == 4:
+                self.agree("N", cov.shape[3], "clusterings.covariances (last axis)")
+            want = {"diag": 3, "full": 4}.get(ctype)
+            if want is not None and cov.ndim != want:
+                raise InputError(f"clusterings.covariances is {cov.ndim}-D but covariance_type is {ctype!r}, "
+                                 f"which needs a {want}-D tensor.")
+        if cl.get("resp") is not None:
+            resp = self.tensor_at(cl["resp"], "clusterings.resp", 3, finite=True)
+            self.agree("R0", resp.shape[0], "clusterings.resp")
+            self.agree("m", resp.shape[1], "clusterings.resp")
+            self.agree("K", resp.shape[2], "clusterings.resp")
+        hct = self.run["config"].get("hct")
+        if isinstance(hct, dict) and hct.get("r0") is not None:
+            self.agree("R0", self.int_at(hct["r0"], "config.hct.r0", lo=1), "config.hct.r0")
+
+    def snapshots_and_outputs(self) -> None:
+        run = self.run
+        snaps = run.get("snapshots")
+        outs = run.get("outputs")
+        if snaps is None and outs is None:
+            raise InputError("snapshots and outputs are both missing; a run file needs model parameters "
+                             "(snapshots with config.model) or per-snapshot outputs; " + _DOCS + ".")
+        names: list[str] = []
+        if snaps is not None:
+            self.dict_at(snaps, "snapshots")
+            for name, state in snaps.items():
+                self.str_at(name, "a snapshots key")
+                self.dict_at(state, f"snapshots.{name}")
+                for key, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        raise InputError(f"snapshots.{name}.{key} must be a tensor (a state_dict holds tensors); got {_kind(value)}.")
+                names.append(name)
+            if snaps and run["config"].get("model") is None and not outs:
+                raise InputError("snapshots are given but config.model is missing, so hcdiag cannot rebuild the model; "
+                                 "add config.model or store outputs per snapshot.")
+        if outs is not None:
+            self.dict_at(outs, "outputs")
+            for name, out in outs.items():
+                self.str_at(name, "an outputs key")
+                where = f"outputs.{name}"
+                self.dict_at(out, where)
+                mu = self.tensor_at(self.need(out, "mu", where), f"{where}.mu", 2, finite=True)
+                lv = self.tensor_at(self.need(out, "logvar", where), f"{where}.logvar", 2, finite=True)
+                xh = self.tensor_at(self.need(out, "xhat", where), f"{where}.xhat", 2, finite=True)
+                for t, key in ((mu, "mu"), (lv, "logvar"), (xh, "xhat")):
+                    self.agree("m", t.shape[0], f"{where}.{key}")
+                self.agree("n", mu.shape[1], f"{where}.mu")
+                self.agree("n", lv.shape[1], f"{where}.logvar")
+                self.agree("N", xh.shape[1], f"{where}.xhat")
+                if name not in names:
+                    names.append(name)
+        self.snapshot_names = names
+        order = run.get("snapshot_order")
+        if order is not None:
+            if not isinstance(order, (list, tuple)):
+                raise InputError(f"snapshot_order must be a list of snapshot names; got {_kind(order)}.")
+            for i, name in enumerate(order):
+                self.snapshot_exists(name, f"snapshot_order[{i}]")
+            if len(set(order)) != len(order):
+                raise InputError("snapshot_order repeats a name; each snapshot appears once, in training order.")
+            missing = [n for n in names if n not in order]
+            if missing:
+                raise InputError(f"snapshot_order lacks {missing[:5]}, which are in snapshots/outputs; "
+                                 "list every snapshot once, in training order.")
+        if not names and not self.partial:
+            raise InputError(f"snapshots and outputs are both empty; a complete run needs at least one snapshot; {_PARTIAL_HINT}.")
+
+    def _is_hct(self) -> bool:
+        cfg = self.run["config"]
+        return cfg.get("method") == "hct" or isinstance(cfg.get("hct"), dict)
+
+    def _absent(self, key: str, what: str) -> bool:
+        """True when ``key`` is None/absent; refuses that for a complete HCT run."""
+        if self.run.get(key) is not None:
+            return False
+        if self._is_hct() and not self.partial:
+            raise InputError(f"{key} is missing; a complete hct run records {what}; {_PARTIAL_HINT}.")
+        return True
+
+    def rounds(self) -> None:
+        if self._absent("rounds", "one entry per stage-1 round"):
+            return
+        rounds = self.run["rounds"]
+        if not isinstance(rounds, (list, tuple)):
+            raise InputError(f"rounds must be a list of dicts; got {_kind(rounds)}.")
+        r0 = self.dims["R0"][0]
+        if not rounds and self._is_hct() and not self.partial and r0 > 2:  # R0 = 2 has no round to run
+            raise InputError(f"rounds is empty; a complete hct run with R0={r0} records one entry per stage-1 "
+                             f"round; {_PARTIAL_HINT}.")
+        previous = None
+        for i, entry in enumerate(rounds):
+            where = f"rounds[{i}]"
+            self.dict_at(entry, where)
+            number = self.int_at(self.need(entry, "round", where), f"{where}.round", lo=0)
+            if previous is not None and number <= previous:
+                raise InputError(f"{where}.round is {number} after round {previous}; rounds must be in training order.")
+            previous = number
+            active = self.ids_at(self.need(entry, "active", where), f"{where}.active")
+            kept = self.ids_at(self.need(entry, "kept", where), f"{where}.kept")
+            extra = sorted(set(kept) - set(active))
+            if extra:
+                raise InputError(f"{where}.kept holds {extra} which are not in {where}.active; kept must be a subset of active.")
+            losses = self.tensor_at(self.need(entry, "losses", where, "l_C of every clustering"),
+                                    f"{where}.losses", 1, finite=True)
+            self.agree("R0", losses.shape[0], f"{where}.losses")
+            self.float_at(self.need(entry, "eps", where), f"{where}.eps")
+            self.snapshot_exists(self.need(entry, "snapshot", where), f"{where}.snapshot")
+
+    def refinement(self) -> None:
+        if self._absent("refinement", "the stage-2 refinement"):
+            return
+        ref = self.dict_at(self.run["refinement"], "refinement")
+        pair = self.ids_at(self.need(ref, "pair", "refinement"), "refinement.pair")
+        if len(pair) != 2:
+            raise InputError(f"refinement.pair must hold 2 clustering ids; got {pair}.")
+        self.bool_at(self.need(ref, "reached", "refinement"), "refinement.reached")
+        self.float_at(self.need(ref, "eps", "refinement"), "refinement.eps")
+        self.float_at(self.need(ref, "eps_T", "refinement"), "refinement.eps_T", finite=False)
+        self.int_at(self.need(ref, "epochs", "refinement"), "refinement.epochs", lo=0)
+        losses = self.tensor_at(self.need(ref, "losses", "refinement", "[e, 2] history of l_a, l_b"),
+                                "refinement.losses", 2)
+        if losses.shape[1] != 2:
+            raise InputError(f"refinement.losses must have shape [e, 2] (l_a, l_b per epoch); got {tuple(losses.shape)}.")
+        self.snapshot_exists(self.need(ref, "snapshot", "refinement"), "refinement.snapshot")
+
+    def stage3(self) -> None:
+        if self._absent("stage3", "the stage-3 stress test"):
+            return
+        s3 = self.dict_at(self.run["stage3"], "stage3")
+        c = self.int_at(self.need(s3, "clustering", "stage3"), "stage3.clustering", lo=0)
+        r0 = self.dims["R0"][0]
+        if c >= r0:
+            raise InputError(f"stage3.clustering is {c}, outside 0..{r0 - 1} (R0={r0}).")
+        self.int_at(self.need(s3, "epochs", "stage3"), "stage3.epochs", lo=0)
+        names = self.need(s3, "snapshots", "stage3")
+        if not isinstance(names, (list, tuple)):
+            raise InputError(f"stage3.snapshots must be a list of snapshot names; got {_kind(names)}.")
+        for i, name in enumerate(names):
+            self.snapshot_exists(name, f"stage3.snapshots[{i}]")
+
+    def history(self) -> None:
+        hist = self.run.get("history")
+        if hist is None:
+            return
+        self.dict_at(hist, "history")
+        step = self.tensor_at(self.need(hist, "step", "history"), "history.step", 1, kind="int")
+        self.agree("h", step.shape[0], "history.step")
+        for key in HISTORY_SERIES:
+            if hist.get(key) is not None:
+                t = self.tensor_at(hist[key], f"history.{key}", 1, kind="int" if key == "stage" else "any")
+                self.agree("h", t.shape[0], f"history.{key}")
+        stage = hist.get("stage")
+        if stage is not None and stage.numel() and bool(((stage < 0) | (stage > 3)).any()):
+            raise InputError("history.stage holds values outside 0..3 (0: EM, 1: rounds, 2: refinement, 3: stress test).")
+        if hist.get("losses") is not None:
+            losses = self.tensor_at(hist["losses"], "history.losses", 2)
+            self.agree("h", losses.shape[0], "history.losses")
+            self.agree("R0", losses.shape[1], "history.losses")
+
+    def references(self) -> None:
+        refs = self.run.get("references")
+        if refs is None:
+            return
+        self.dict_at(refs, "references")
+        for name in REFERENCE_NAMES:
+            ref = refs.get(name)
+            if ref is None:
+                continue
+            where = f"references.{name}"
+            self.dict_at(ref, where)
+            cfg = self.dict_at(self.need(ref, "config", where), f"{where}.config")
+            self.float_at(self.need(cfg, "s2", f"{where}.config"), f"{where}.config.s2", positive=True)
+            self.float_at(self.need(cfg, "multiple", f"{where}.config"), f"{where}.config.multiple", positive=True)
+            self.str_at(self.need(cfg, "method", f"{where}.config"), f"{where}.config.method")
+            model = self.dict_at(self.need(cfg, "model", f"{where}.config", "to rebuild it"), f"{where}.config.model")
+            self.int_at(self.need(model, "input_dim", f"{where}.config.model"), f"{where}.config.model.input_dim", lo=1)
+            self.agree("N", model["input_dim"], f"{where}.config.model.input_dim")
+            state = self.dict_at(self.need(ref, "state", where), f"{where}.state")
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise InputError(f"{where}.state.{key} must be a tensor (a state_dict holds tensors); got {_kind(value)}.")
+            if ref.get("metrics") is not None:
+                self.dict_at(ref["metrics"], f"{where}.metrics")
+
+
+def validate_run(run: dict, *, partial: bool = False) -> None:
+    """Check ``run`` against the schema (version 1, ``docs/runfile.md``).
+
+    Raises :class:`InputError` with a one-line message naming the first problem (the key with its
+    full path, e.g. ``clusterings.centroids``; both keys when shapes disagree; the count of
+    non-finite values). ``partial=True`` accepts a run still training: rounds, refinement, stage3
+    and snapshots may be absent or incomplete, and ``status.complete`` may be False.
+
+    >>> validate_run(example_run())
+    >>> bad = example_run(); del bad["clusterings"]["centroids"]
+    >>> validate_run(bad)
+    Traceback (most recent call last):
+    ...
+    hcdiag.errors.InputError: clusterings.centroids is missing; a run file needs it ([R0, K, N]); see docs/runfile.md.
+    """
+    _Validator(run, partial).validate()
+
+
+def is_complete(run: dict) -> bool:
+    """True iff ``run`` is a valid COMPLETE run (status complete, all stages recorded)."""
+    try:
+        validate_run(run, partial=False)
+    except InputError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+class Run:
+    """A read-only view over a validated run dict (the dict itself is at :attr:`data`).
+
+    Shapes: ``eval_x`` (m, N); ``xbar`` (N,); ``eigenvalues`` (k,) descending;
+    ``centroids`` (R0, K, N). ``r0`` is R0 (number of clusterings), ``k`` is K (centroids per
+    clustering), ``N`` the data dimension, ``m`` the number of evaluation rows. Tensors are on CPU
+    when read with :func:`load_run`.
+    """
+
+    __slots__ = ("_path", "_data", "_complete")
+
+    def __init__(self, data: dict, path: str | os.PathLike | None = None, *, partial: bool = False):
+        validate_run(data, partial=partial)
+        object.__setattr__(self, "_path", Path(path) if path is not None else None)
+        object.__setattr__(self, "_data", data)
+        object.__setattr__(self, "_complete", is_complete(data) if partial else True)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Run is read-only; edit .data and build a new Run to change it")
+
+    def __repr__(self) -> str:
+        where = f"{str(self._path)!r}, " if self._path is not None else ""
+        return (f"Run({where}method={self.method!r}, R0={self.r0}, K={self.k}, N={self.N}, m={self.m}, "
+                f"snapshots={len(self.snapshot_names)}, complete={self.complete})")
+
+    # ---- raw parts -----------------------------------------------------------------------
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def data(self) -> dict:
+        return self._data
+
+    @property
+    def version(self) -> int:
+        return self._data["version"]
+
+    @property
+    def config(self) -> dict:
+        return self._data["config"]
+
+    @property
+    def status(self) -> dict:
+        """``{"complete", "stage", "error"}``; an absent status reads as complete."""
+        return self._data.get("status") or {"complete": True, "stage": "done", "error": None}
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def s2(self) -> float:
+        """Decoder variance (the paper's sigma'^2), in squared data units."""
+        return float(self.config["s2"])
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    # ---- evaluation data and clusterings -------------------------------------------------
+    @property
+    def eval_x(self) -> torch.Tensor:
+        """Evaluation subset, shape (m, N)."""
+        return self._data["eval"]["x"]
+
+    @property
+    def xbar(self) -> torch.Tensor:
+        """Full-data mean, shape (N,)."""
+        return self._data["eval"]["xbar"]
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        """Top data-covariance eigenvalues, shape (k,), descending; ``eigenvalues[0]`` is lambda_max."""
+        return self._data["eval"]["eigenvalues"]
+
+    @property
+    def lambda_max(self) -> float:
+        """``config.lambda_max`` when given, else the top stored eigenvalue."""
+        value = self.config.get("lambda_max")
+        return float(value) if value is not None else float(self.eigenvalues[0])
+
+    @property
+    def clusterings(self) -> dict:
+        return self._data["clusterings"]
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        """Centroids of every clustering, shape (R0, K, N)."""
+        return self._data["clusterings"]["centroids"]
+
+    @property
+    def r0(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def N(self) -> int:  # noqa: N802 (the paper's symbol)
+        return int(self.eval_x.shape[1])
+
+    @property
+    def m(self) -> int:
+        return int(self.eval_x.shape[0])
+
+    @property
+    def latent_dim(self) -> int | None:
+        """Latent dim n, from ``config.model`` or else from the outputs; None when neither says."""
+        model = self.config.get("model")
+        if model is not None:
+            return int(model["latent_dim"])
+        for out in (self._data.get("outputs") or {}).values():
+            return int(out["mu"].shape[1])
+        return None
+
+    # ---- snapshots -----------------------------------------------------------------------
+    @property
+    def snapshot_names(self) -> list[str]:
+        """Snapshot names in training order (``snapshot_order``, else snapshots then outputs keys)."""
+        order = self._data.get("snapshot_order")
+        if order is not None:
+            return list(order)
+        names = list(self._data.get("snapshots") or {})
+        names += [n for n in (self._data.get("outputs") or {}) if n not in names]
+        return names
+
+    @property
+    def has_parameters(self) -> bool:
+        """True when snapshots hold state_dicts and ``config.model`` says how to rebuild the model."""
+        return bool(self._data.get("snapshots")) and self.config.get("model") is not None
+
+    @property
+    def has_outputs(self) -> bool:
+        return bool(self._data.get("outputs"))
+
+    def _where(self) -> str:
+        return f"{self._path}: " if self._path is not None else ""
+
+    def snapshot(self, name: str) -> dict:
+        """The state_dict (str -> tensor) saved under ``name``."""
+        snaps = self._data.get("snapshots") or {}
+        if name not in snaps:
+            have = ", ".join(snaps) or "none"
+            raise InputError(f"{self._where()}has no parameters for snapshot {name!r} (snapshots with parameters: "
+                             f"{have}); pick one of those, or use outputs({name!r}).")
+        return snaps[name]
+
+    def outputs(self, name: str) -> dict | None:
+        """``{"mu": (m, n), "logvar": (m, n), "xhat": (m, N)}`` for snapshot ``name``, or None."""
+        return (self._data.get("outputs") or {}).get(name)
+
+    # ---- training record -----------------------------------------------------------------
+    @property
+    def rounds(self) -> list | None:
+        return self._data.get("rounds")
+
+    @property
+    def refinement(self) -> dict | None:
+        return self._data.get("refinement")
+
+    @property
+    def stage3(self) -> dict | None:
+        return self._data.get("stage3")
+
+    @property
+    def history(self) -> dict | None:
+        return self._data.get("history")
+
+    @property
+    def references(self) -> dict | None:
+        return self._data.get("references")
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.<>]+)")
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    """What the weights_only unpickler refused, parsed from torch's message."""
+    text = str(exc)
+    found = _GLOBAL_RE.search(text)
+    if found:
+        return f"it asked for the global {found.group(1)}, which is not allowlisted"
+    for marker in ("WeightsUnpickler error:", "Trying to load"):
+        if marker in text:
+            tail = " ".join(text.split(marker, 1)[1].split())
+            return (tail.split(" Check the documentation")[0] or "unsupported pickle content")[:160]
+    return "unsupported pickle content"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.split(". ")[0]  # torch appends paragraphs of advice; the first sentence is the fact
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def load_run(path: str | os.PathLike, *, partial: bool = False) -> Run:
+    """Read and validate a run file; never unpickles anything but plain data.
+
+    Only ``torch.load(path, weights_only=True, map_location='cpu')`` touches the file, so no code
+    from it runs. Every problem is an :class:`InputError` whose one-line message starts with the
+    path and says what to do. ``partial=True`` accepts a run still training (see
+    :func:`validate_run`).
+    """
+    p = Path(path)
+    where = str(p)
+    if not p.exists():
+        raise InputError(f"{where}: no such file; check the path (a run file is written by the trainer, e.g. run.pt).")
+    if p.is_dir():
+        hint = f" (it holds {p / 'run.pt'})" if (p / "run.pt").is_file() else ""
+        raise InputError(f"{where}: is a directory, not a run file{hint}; pass the run file itself.")
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except PermissionError:
+        raise InputError(f"{where}: cannot be read (permission denied); fix its permissions (chmod u+r) "
+                         "or copy it somewhere readable.") from None
+    except OSError as exc:
+        raise InputError(f"{where}: cannot be read ({_first_line(exc)}); check the file and the disk.") from None
+    if not head:
+        raise InputError(f"{where}: is empty (0 bytes), not a run file; it was never written: run the training again.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not the user's business
+            data = torch.load(p, weights_only=True, map_location="cpu")
+    except PermissionError:
+        raise InputError(f"{where}: cannot be read (permission denied); fix its permissions (chmod u+r) "
+                         "or copy it somewhere readable.") from None
+    except Exception as exc:  # torch raises many types for bad files; each becomes one line
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            raise InputError(f"{where}: holds pickled objects a run file may not contain ({_unsafe_reason(exc)}); "
+                             f"nothing from it was run: write the run with only {_ALLOWED}.") from None
+        if head.startswith(b"PK") or head.startswith(b"\x80"):
+            raise InputError(f"{where}: is truncated or corrupt ({_first_line(exc)}); the torch file is incomplete: "
+                             "copy it again or re-run the training.") from None
+        raise InputError(f"{where}: is not a torch file (torch.load failed: {_first_line(exc)}); "
+                         "pass a run file written by torch.save / hcdiag.runfile.save_run.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: is a torch file holding a {_kind(data)}, not an hcdiag run file "
+                         f"(a dict with format={FORMAT!r}); {_DOCS}.")
+    try:
+        return Run(data, p, partial=partial)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _compact(obj: Any) -> Any:
+    """A copy of ``obj`` in the run file's plain types, with compact CPU tensors.
+
+    Tensors are detached, moved to CPU and made to own exactly their storage (torch.save writes a
+    tensor's WHOLE storage, so a view ``x[:m]`` of the full dataset would silently carry the full
+    dataset into the run file). numpy arrays become tensors; numpy scalars and subclasses of
+    str/int/float/bool (``torch.__version__`` is one) become plain Python values. Anything else is
+    left for :func:`validate_run` to refuse.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            return t.cpu()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+            return t.clone(memory_format=torch.contiguous_format)
+        return t
+    if isinstance(obj, dict):
+        return {_compact(k): _compact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_compact(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_compact(v) for v in obj)
+    if obj is None or type(obj) in (str, bool, int, float):
+        return obj
+    for plain in (bool, str, int, float):  # bool before int: bool is an int
+        if isinstance(obj, plain):
+            return plain(obj)
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray) and obj.dtype != object:
+            return torch.from_numpy(np.ascontiguousarray(obj).copy())
+        if isinstance(obj, np.generic):
+            return obj.item()
+    return obj
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_run(run: dict, path: str | os.PathLike) -> Path:
+    """Validate ``run`` (``partial=True``) and write it to ``path`` atomically; return the path.
+
+    The run goes to a temporary file in the same folder, is flushed and fsynced, then moved over
+    ``path`` with ``os.replace``: a crash leaves either the old file or the new one, never half of
+    one, and the temporary file is removed on any failure. Tensors are written detached, on CPU
+    and compact (a view does not drag its base's storage along). The parent folder is created
+    when missing. numpy arrays/scalars and str/int/float subclasses (``torch.__version__``) are
+    converted to tensors / plain values first; anything else outside the plain types is refused.
+    """
+    p = Path(path)
+    run = _compact(run)
+    try:
+        validate_run(run, partial=True)
+    except InputError as exc:
+        raise InputError(f"refusing to write {p}: {exc}") from None
+    folder = p.parent
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory; pass a file name for the run file (e.g. {p / 'run.pt'}).")
+    blocker = next((q for q in [folder, *folder.parents] if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise InputError(f"{blocker}: is a file, not a folder, so {p} cannot be written there; choose another path.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or _first_line(exc))
+        raise InputError(f"{folder}: cannot write the run file there ({reason}); choose a writable folder "
+                         "or fix its permissions.") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(run, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        mode = p.stat().st_mode & 0o777 if p.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)  # mkstemp makes 0600; keep the old file's mode or the usual one
+        os.replace(tmp, p)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise InputError(f"{p}: could not write the run file ({exc.strerror or _first_line(exc)}); "
+                             "the previous file (if any) is untouched: free space or choose another folder.") from None
+        raise
+    try:  # make the rename itself durable; not every file system lets a folder be fsynced
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# a small valid run, for tests and demos
+
+
+def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *, seed: int = 0,
+                method: str = "hct", snapshots: bool = True, outputs: bool = False,
+                history: bool = True, references: bool = False, complete: bool = True,
+                model: dict | None = None, state_fn=None, dtype: torch.dtype = torch.float32) -> dict:
+    """A small, valid run dict with fake but consistent tensors (a test/demo helper).
+
+    Shapes: eval.x (m, N); centroids (R0, K, N); outputs mu/logvar (m, n), xhat (m, N). The
+    stage-1 rounds halve the active set from R0 down to 2 (R0 must be a power of two >= 2 for
+    ``method='hct'``). ``complete=False`` gives a run stopped in stage 1 (status incomplete, no
+    refinement/stage3, snapshots up to round 0), valid only with ``partial=True``.
+
+    The default state_dicts are random tensors shaped like a linear VAE (``encoder.mu``,
+    ``encoder.logvar``, ``decoder``); they are NOT guaranteed to match hcdiag's trainer's module
+    names. To get rebuildable snapshots pass ``model`` (the ``config.model`` dict) and
+    ``state_fn(name) -> state_dict``.
+    """
+    if method == "hct" and (R0 < 2 or R0 & (R0 - 1)):
+        raise InputError(f"The 'R0' parameter must be a power of two >= 2 for method='hct'. Got {R0}.")
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    x = randn(m, N)
+    centered = x - x.mean(0)
+    eig = torch.linalg.eigvalsh((centered.T @ centered / max(m - 1, 1)).double()).flip(0).clamp_min(0).to(dtype)
+    centroids = x[torch.randint(0, m, (R0, K), generator=g)] + 0.1 * randn(R0, K, N)  # (R0, K, N)
+    lambda_max = float(eig[0])
+    s2 = 2.0 * lambda_max
+    cfg_model = model if model is not None else {
+        "family": "linear", "input_dim": N, "latent_dim": n, "enc_widths": [], "dec_widths": [],
+        "activation": "identity", "image_shape": None, "channels": [],
+    }
+
+    def default_state(name):
+        return {"encoder.mu.weight": randn(n, N), "encoder.mu.bias": randn(n),
+                "encoder.logvar.weight": randn(n, N), "encoder.logvar.bias": randn(n),
+                "decoder.weight": randn(N, n), "decoder.bias": randn(N)}
+
+    make_state = state_fn or default_state
+
+    # the training record: stage-1 rounds halve the active set down to 2, then refinement, stage 3
+    names = ["init"]
+    rounds = []
+    if method == "hct":
+        active = list(range(R0))
+        t = 0
+        while len(active) > 2:
+            losses = randn(R0).abs()  # l_C of EVERY clustering at the end of round t
+            kept = sorted(sorted(active, key=lambda c: float(losses[c]))[: len(active) // 2])
+            rounds.append({"round": t, "active": torch.tensor(active), "kept": torch.tensor(kept),
+                           "losses": losses, "eps": float(losses[kept].max()), "snapshot": f"round{t}"})
+            names.append(f"round{t}")
+            active, t = kept, t + 1
+        pair = active
+        if not complete:
+            rounds, names = rounds[:1], names[: 1 + min(1, len(rounds))]
+    stage3_names = ["stage3_0", "stage3_1"]
+    if complete:
+        if method == "hct":
+            names += ["refined"] + stage3_names
+        names.append("final")
+    run: dict = {
+        "format": FORMAT,
+        "version": VERSION,
+        "status": {"complete": complete, "stage": "done" if complete else "stage1", "error": None},
+        "config": {
+            "method": method,
+            "dataset": {"name": "example", "split": "train", "preprocessing": "none", "image_shape": None,
+                        "n": m, "N": N},
+            "model": cfg_model if snapshots else None,
+            "s2": s2, "lambda_max": lambda_max, "multiple": 2.0, "loss": "scaled",
+            "beta": {"schedule": "linear", "start": 1.0, "end": 4.0},
+            "hct": {"r0": R0, "k": int(math.log2(R0)) if method == "hct" else None, "mode": "cycle",
+                    "epoch_unit": "steps", "eps": 1e-4} if method == "hct" else None,
+            "seed": seed, "device": "cpu", "versions": {"torch": str(torch.__version__)},
+        },
+        "eval": {"x": x, "xbar": x.mean(0), "eigenvalues": eig, "rows": torch.arange(m)},
+        "clusterings": {
+            "centroids": centroids,
+            "weights": torch.full((R0, K), 1.0 / K, dtype=dtype),
+            "seeds": torch.arange(R0, dtype=torch.int64),
+            "loglik": -randn(R0).abs(),
+            "covariance_type": "diag",
+            "covariances": 0.5 + randn(R0, K, N).abs(),
+        },
+        "rounds": rounds if method == "hct" else None,
+        "refinement": None,
+        "stage3": None,
+        "snapshot_order": names,
+    }
+    if method == "hct" and complete:
+        e = 3
+        ref_losses = randn(e, 2).abs()
+        run["refinement"] = {"pair": torch.tensor(pair), "reached": False, "eps": 1e-4,
+                             "eps_T": float(ref_losses[-1].max()), "epochs": e, "losses": ref_losses,
+                             "snapshot": "refined"}
+        run["stage3"] = {"clustering": pair[0], "epochs": 4, "snapshots": stage3_names}
+    if snapshots:
+        run["snapshots"] = {name: make_state(name) for name in names}
+    if outputs:
+        run["outputs"] = {name: {"mu": randn(m, n), "logvar": randn(m, n), "xhat": randn(m, N)} for name in names}
+    if history:
+        h = 2 * len(names)
+        run["history"] = {"step": torch.arange(h, dtype=torch.int64) * 10, "epoch": torch.arange(h, dtype=dtype) / 2,
+                          "stage": torch.clamp(torch.arange(h) // max(1, h // 4), 0, 3),
+                          "loss": randn(h).abs(), "recon": randn(h).abs(), "kl": randn(h).abs(),
+                          "cluster": randn(h).abs(), "au": torch.randint(0, n + 1, (h,), generator=g).to(dtype),
+                          "losses": randn(h, R0).abs()}
+    if references:
+        ref_cfg = {"s2": 10.0 * lambda_max, "multiple": 10.0, "method": "vanilla", "model": dict(cfg_model)}
+        run["references"] = {name: {"config": dict(ref_cfg), "state": make_state(name), "metrics": {"kl": 0.0}}
+                             for name in REFERENCE_NAMES}
+    return run
