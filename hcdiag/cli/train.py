@@ -1,0 +1,117 @@
+"""``hcdiag train``: run Historical Consensus Training or a baseline and write the run file."""
+
+from __future__ import annotations
+
+import argparse
+
+from hcdiag.cli.common import add_data_arguments, add_device_argument, add_format_argument, emit
+
+NAME = "train"
+HELP = "train Historical Consensus (hct) or a baseline VAE and write a run file"
+
+# flag -> (TrainConfig field, type, help); every preset value can be overridden by a flag
+_OVERRIDES = [
+    ("--loss", "loss", str, "loss convention: literal | scaled | mean (claims.md)"),
+    ("--r0", "r0", int, "number of EM clusterings (a power of two)"),
+    ("--k", "k", int, "GMM components per clustering"),
+    ("--covariance", "covariance", str, "EM covariance: diag | full"),
+    ("--em-backend", "em_backend", str, "EM backend: sklearn | torch"),
+    ("--em-init", "em_init", str, "EM init: kmeans | random"),
+    ("--mode", "mode", str, "cycle (Algorithm 1: one clustering per step) | simultaneous (section 4.1)"),
+    ("--epoch-unit", "epoch_unit", str, "steps (Algorithm 1) | epochs (section 4.2.1: a data pass per clustering)"),
+    ("--steps-per-clustering", "steps_per_clustering", int, "steps per clustering per cycle (epoch-unit steps)"),
+    ("--epochs-per-round", "epochs_per_round", int, "cycles per stage-1 round (the paper's E)"),
+    ("--keep-ratio", "keep_ratio", float, "fraction of clusterings kept each round (paper 1/2)"),
+    ("--eps", "eps", float, "refinement threshold (paper 1e-5 in 4.2.2, 1e-4 in Table 3)"),
+    ("--refine-cap", "refine_cap", int, "refinement epoch cap"),
+    ("--stage3-epochs", "stage3_epochs", int, "stage-3 epochs on one clustering"),
+    ("--beta-schedule", "beta_schedule", str, "clustering weight: constant | linear (paper 1 -> 4) | warmup (0 -> end)"),
+    ("--beta-start", "beta_start", float, "clustering weight at the start"),
+    ("--beta-end", "beta_end", float, "clustering weight at the end"),
+    ("--kl-weight", "kl_weight", float, "KL weight of the beta-VAE baseline (any value >= 0)"),
+    ("--anneal-epochs", "anneal_epochs", int, "KL annealing length (epochs)"),
+    ("--free-bits", "free_bits", float, "free bits per latent dimension (nats)"),
+    ("--epochs", "epochs", int, "data epochs of baselines and references"),
+    ("--lr", "lr", float, "Adam learning rate"),
+    ("--batch-size", "batch_size", int, "batch size"),
+    ("--latent-dim", "latent_dim", int, "latent dimension n (paper 8 in 5.1.3, 48 in Table 3)"),
+    ("--arch", "arch", str, "model family: mlp | conv | linear"),
+    ("--eval-rows", "eval_rows", int, "rows of the fixed evaluation subset"),
+    ("--collapsed-multiple", "collapsed_multiple", float, "s2 multiple of the constructed collapsed model (paper 10)"),
+]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_arguments(p)
+    p.add_argument("--method", default="hct", choices=["hct", "vanilla", "beta", "anneal", "freebits", "aggressive"])
+    p.add_argument("--multiple", type=float, default=2.0, help="decoder variance s2 = MULTIPLE * lambda_max (default 2)")
+    p.add_argument("--preset", default="smoke", choices=["smoke", "paper"], help="settings preset (default smoke)")
+    p.add_argument("--out", required=True, help="run file to write (atomically, at every round and stage)")
+    p.add_argument("--resume", action="store_true", help="continue a partial run file written with the same config")
+    p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (default 0)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
+    p.add_argument("--uneven-halving", action="store_true", help="allow an R0 that is not a power of two")
+    p.add_argument("--enc-widths", type=_int_list, default=None, help="encoder widths, e.g. 256,128")
+    p.add_argument("--dec-widths", type=_int_list, default=None, help="decoder widths, e.g. 128,256")
+    p.add_argument("--references", default=None,
+                   help="references to train: comma list of collapsed,vanilla,control, or 'none'")
+    p.add_argument("--quiet", action="store_true", help="no per-round summaries on stderr")
+    for flag, _field, typ, hlp in _OVERRIDES:
+        p.add_argument(flag, type=typ, default=None, help=hlp)
+    add_device_argument(p)
+    add_format_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from hcdiag.cli.common import load_data
+    from hcdiag.errors import NumericalError
+    from hcdiag.train import Progress, Trainer, make_config
+
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _t, _h in _OVERRIDES}
+    overrides.update(method=args.method, multiple=args.multiple, seed=args.seed, device=args.device,
+                     deterministic=args.deterministic or None, uneven=args.uneven_halving or None,
+                     enc_widths=args.enc_widths, dec_widths=args.dec_widths)
+    if args.references is not None:
+        refs = () if args.references.strip().lower() == "none" else tuple(
+            r.strip() for r in args.references.split(",") if r.strip())
+        overrides["references"] = refs
+    cfg = make_config(args.preset, **overrides)
+    data = load_data(args)
+    trainer = Trainer(cfg, data, args.out, progress=Progress(summaries=not args.quiet))
+    try:
+        run_dict = trainer.run(resume=args.resume)
+    except NumericalError as exc:
+        print(f"hcdiag train: error: {exc}", file=sys.stderr)
+        return 1
+    h = run_dict["history"]
+    final = {"kl": float(h["kl"][-1]), "au": int(h["au"][-1])}
+    payload = {"out": args.out, "method": cfg.method, "multiple": cfg.multiple, "s2": run_dict["config"]["s2"],
+               "lambda_max": run_dict["config"]["lambda_max"], "final": final,
+               "timings": run_dict.get("timings", {}),
+               "rounds": [{"round": r["round"], "kept": r["kept"], "eps": r["eps"]} for r in run_dict["rounds"]],
+               "refinement": ({k: run_dict["refinement"][k] for k in ("pair", "reached", "eps", "eps_T", "epochs")}
+                              if run_dict.get("refinement") else None),
+               "references": {k: v["metrics"] for k, v in run_dict.get("references", {}).items()}}
+    lines = [f"wrote {args.out}: {cfg.method} at s2 = {cfg.multiple:g} x lambda_max = {payload['s2']:.4g}",
+             f"final: KL = {final['kl']:.4f} nats, active units (Burda) = {final['au']}"]
+    if payload["refinement"]:
+        r = payload["refinement"]
+        lines.append(f"refinement: eps_T = {r['eps_T']:.4g} ({'reached' if r['reached'] else 'NOT reached'} eps = {r['eps']:g} "
+                     f"after {r['epochs']} epochs)")
+    for k, v in payload["references"].items():
+        lines.append(f"reference {k}: KL = {v['kl']:.4f}, AU = {v['au']}")
+    lines.append("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in payload["timings"].items()))
+    emit(args, payload, "\n".join(lines))
+    return 0
