@@ -20,7 +20,11 @@ def pytest_collection_modifyitems(session, config, items):
     runs = config.getoption("--hcdiag-run")
     if not runs:
         return
+    from hcdiag.errors import InputError
     from hcdiag.testing import collect_items
 
-    items.extend(collect_items(session, runs, tolerance=config.getoption("--hcdiag-tolerance"),
-                               require=config.getoption("--hcdiag-require")))
+    try:
+        items.extend(collect_items(session, runs, tolerance=config.getoption("--hcdiag-tolerance"),
+                                   require=config.getoption("--hcdiag-require")))
+    except InputError as exc:  # a bad run file is a usage error: one line, no traceback
+        raise pytest.UsageError(f"hcdiag: {exc}") from None

@@ -1,0 +1,108 @@
+"""``hcdiag check-barrier RUN``: every theorem check on a run file, with verdicts for people and for CI."""
+
+from __future__ import annotations
+
+import argparse
+
+from hcdiag.cli.common import add_format_argument
+
+NAME = "check-barrier"
+HELP = "run the Lemma 4.3 / Theorem 4.4 / Corollary 4.5 checks on a run file (exit 0 holds, 1 fails, 2 bad input)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run file written by `hcdiag train` (or any producer following docs/runfile.md)")
+    p.add_argument("--require", default=None, help="comma list of check ids that decide the exit status (default all)")
+    p.add_argument("--only", default=None, help="comma list of check ids to run (default all)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance tau of region membership (default 0.05)")
+    p.add_argument("--report", default=None, metavar="DIR", help="write report.md, report.html, results.json and figures here")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="evaluation device (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the N3 perturbation probes and MI estimates (default 0)")
+    add_format_argument(p)
+
+
+def write_report(results, run, out_dir, *, run_path, tolerance, require=None) -> list[str]:
+    """Write ``report.md``, ``report.html``, ``results.json`` and PNG figures into ``out_dir``; returns
+    the file names. Each file is written to a temporary name and renamed: no half-written files."""
+    import io
+    import json
+    import os
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hcdiag import plots, report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_id = {r.id: r for r in results}
+    figs = []
+    if run.history is not None and len(run.history.get("step", [])):
+        figs.append(("Loss of every clustering over training, retained and discarded, with the eps_t lines "
+                     "(paper Figure 2 left).", "fig_clustering_losses.png", plots.clustering_losses_over_training(run)))
+        figs.append(("KL (nats) and active units over training (paper Figure 3).", "fig_kl_au.png",
+                     plots.kl_and_active_units(run)))
+    i3 = by_id.get("I3")
+    if i3 is not None and "param_distance" in i3.values:
+        figs.append(("Parameter and function-space distance to the collapsed model, with the vanilla reference "
+                     "(paper Figure 2 right).", "fig_distance.png", plots.distance_to_collapsed(i3.values)))
+    i2 = by_id.get("I2")
+    if i2 is not None and ("to_collapsed" in i2.values or "to_witness" in i2.values):
+        figs.append(("Historical loss along straight paths to the collapsed reference and to the T2 witness "
+                     "(Corollary 4.5).", "fig_paths.png", plots.path_curves(i2.values)))
+    images = {}
+    for _cap, name, fig in figs:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        images[name] = buf.getvalue()
+    md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs])
+    files = {**images, "report.md": md.encode(), "report.html": report.html(md, images).encode(),
+             "results.json": json.dumps(report.to_json_doc(results, run_path=run_path, tolerance=tolerance,
+                                                           require=require), indent=2).encode()}
+    for name, data in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / name)
+    return sorted(files)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from hcdiag.checks.barrier import parse_ids, run_checks
+    from hcdiag.cli.common import emit
+    from hcdiag.device import resolve_device
+    from hcdiag.errors import InputError
+    from hcdiag.report import exit_status, text_table, to_json_doc
+    from hcdiag.runfile import load_run
+
+    require = parse_ids(args.require, "--require") if args.require else None
+    only = parse_ids(args.only, "--only") if args.only else None
+    if require and only and set(require) - set(only):
+        raise InputError(f"--require names {sorted(set(require) - set(only))} which --only does not run.")
+    if not (0 <= args.tolerance < 10):
+        raise InputError(f"--tolerance must be a float in [0, 10). Got {args.tolerance}.")
+    if args.report:
+        from pathlib import Path
+
+        rp = Path(args.report)
+        if rp.exists() and not rp.is_dir():
+            raise InputError(f"--report {rp} is a file; give a folder.")
+    run_obj = load_run(args.run)
+    device = resolve_device(args.device)
+    progress = (lambda s: print(s, file=sys.stderr, end="\r", flush=True)) if sys.stderr.isatty() else None
+    results = run_checks(run_obj, select=only, tolerance=args.tolerance, device=device, seed=args.seed, progress=progress)
+    if progress:
+        print(" " * 40, file=sys.stderr, end="\r")
+    doc = to_json_doc(results, run_path=args.run, tolerance=args.tolerance, require=require)
+    text = text_table(results) + f"\n\noverall: {doc['status']} (tau = {args.tolerance:g}"
+    text += f", deciding checks: {','.join(require)})" if require else ")"
+    if args.report:
+        files = write_report(results, run_obj, args.report, run_path=args.run, tolerance=args.tolerance, require=require)
+        text += f"\nreport: {args.report}/ ({', '.join(files)})"
+    emit(args, doc, text)
+    return exit_status(results, require)

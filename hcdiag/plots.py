@@ -1,0 +1,118 @@
+"""Figures of a run and its checks. Each function takes ``ax=`` (or makes its own) and returns the
+figure; callers save. Import matplotlib lazily and use a non-interactive backend when headless."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _ax(ax, figsize=(6.4, 4.0)):
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def clustering_losses_over_training(run, ax=None):
+    """Paper Figure 2 (left): l_C of every clustering over training, retained vs discarded, eps_t lines."""
+    fig, ax = _ax(ax)
+    h = run.history
+    steps = np.asarray(h["step"])
+    L = np.asarray(h["losses"])  # (h, R0)
+    ref = run.refinement
+    final = set(int(i) for i in ref["pair"]) if ref else set()
+    discarded_at = {}
+    for r in run.rounds or []:
+        for i in set(int(a) for a in r["active"]) - set(int(k) for k in r["kept"]):
+            discarded_at[i] = int(r["round"])
+    for i in range(L.shape[1]):
+        kw = dict(lw=1.6, color="C3", zorder=3) if i in final else dict(lw=0.8, alpha=0.6, color=f"C{discarded_at.get(i, 0) % 3}")
+        ax.plot(steps, L[:, i], **kw)
+    for r in run.rounds or []:
+        ax.axhline(float(r["eps"]), ls=":", lw=0.8, color="k")
+    if ref:
+        ax.axhline(float(ref["eps_T"]), ls="--", lw=1.0, color="C3", label=f"eps_T = {float(ref['eps_T']):.3g}")
+        ax.axhline(float(ref["eps"]), ls="-.", lw=1.0, color="gray", label=f"target eps = {float(ref['eps']):g}")
+    ax.plot([], [], color="C3", lw=1.6, label="final pair (retained)")
+    ax.plot([], [], color="C0", lw=0.8, label="discarded (colour = round)")
+    ax.plot([], [], color="k", ls=":", label="eps_t of each round")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("clustering loss l_C (squared data units, eval rows)")
+    ax.set_title("Loss of every clustering over training (paper Fig. 2 left)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def distance_to_collapsed(i3_values: dict, ax=None):
+    """Paper Figure 2 (right): parameter and function-space distance to the collapsed model, with the
+    vanilla reference beside it."""
+    fig, ax = _ax(ax)
+    v = i3_values
+    x = np.arange(len(v["param_distance"]))
+    ax.plot(x, v["param_distance"], "o-", color="C0", label="HCT: ||Theta_s - Theta_collapse||")
+    if v.get("vanilla_param_distance"):
+        xv = np.linspace(0, len(x) - 1, len(v["vanilla_param_distance"]))
+        ax.plot(xv, v["vanilla_param_distance"], "s--", color="C7", label="vanilla reference (same s2)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(v["snapshots"], rotation=60, fontsize=7)
+    ax.set_ylabel("parameter distance (L2)")
+    ax2 = ax.twinx()
+    ax2.plot(x, v["function_distance"], "^:", color="C1", label="HCT: mean ||xhat_s - xhat_collapse||^2")
+    ax2.set_ylabel("function-space distance (squared data units)")
+    ax.set_title(f"Distance to the collapsed model (Spearman rho = {v['spearman_rho']:.2f})")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def path_curves(i2_values: dict, ax=None):
+    """I2: historical loss L_(K_T) along straight paths from Theta_T to the collapsed models."""
+    fig, ax = _ax(ax)
+    eps = i2_values["eps_T"]
+    for key, label, c in (("to_collapsed", "to the collapsed reference (vanilla, 10 lambda_max)", "C0"),
+                          ("to_witness", "to the T2 witness (KL = 0, inside F_T?)", "C3")):
+        if key in i2_values:
+            ax.plot(i2_values[key]["alpha"], i2_values[key]["L"], "o-", ms=3, color=c, label=label)
+    ax.axhline(eps, ls="--", color="k", lw=1, label=f"eps_T = {eps:.3g}")
+    ax.axhline(eps * (1 + i2_values.get("tolerance", 0.05)), ls=":", color="k", lw=1, label="eps_T (1 + tau)")
+    ax.set_yscale("log")
+    ax.set_xlabel("alpha (0 = refined model, 1 = collapsed model)")
+    ax.set_ylabel("historical loss L_(K_T) (squared data units)")
+    ax.set_title("Straight paths to collapsed models (Corollary 4.5)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def kl_and_active_units(run, ax=None):
+    """Paper Figure 3: KL and active units (Burda) over training, stages shaded."""
+    fig, ax = _ax(ax)
+    h = run.history
+    steps = np.asarray(h["step"])
+    ax.plot(steps, np.asarray(h["kl"]), color="C0", label="KL (nats, eval rows)")
+    ax.axhline(0.01, ls=":", color="C0", lw=0.8, label="collapse threshold 0.01")
+    stage = np.asarray(h["stage"])
+    for s, col in ((2, "C2"), (3, "C4")):
+        if (stage == s).any():
+            ax.axvspan(steps[stage == s].min(), steps[stage == s].max(), color=col, alpha=0.1,
+                       label={2: "refinement", 3: "stage 3"}[s])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("KL(q(z|x) || p(z)) (nats)")
+    ax2 = ax.twinx()
+    ax2.step(steps, np.asarray(h["au"]), where="post", color="C1", label="active units (Burda)")
+    ax2.set_ylabel("active units")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7)
+    ax.set_title("KL and active units over training (paper Fig. 3)")
+    fig.tight_layout()
+    return fig

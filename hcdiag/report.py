@@ -1,0 +1,139 @@
+"""Reports of barrier checks: the terminal table, the stable JSON document, Markdown and HTML.
+
+JSON schema (``schema`` = ``hcdiag.check-barrier/1``)::
+
+    {"schema": "hcdiag.check-barrier/1", "run": path, "tolerance": tau, "require": [ids],
+     "status": "holds" | "fails" | "inconclusive",      # over the required checks
+     "checks": [{"id", "claim", "section", "verdict", "summary", "values", "witness", "reason",
+                 "tolerance"}, ...]}
+
+Adding keys is a compatible change; renaming or removing one bumps the schema version.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from hcdiag.checks.base import CheckResult
+
+SCHEMA = "hcdiag.check-barrier/1"
+
+
+def overall(results: list[CheckResult], require: list[str] | None = None) -> str:
+    """``fails`` if any required check fails, else ``holds`` if all hold, else ``inconclusive``."""
+    req = [r for r in results if require is None or r.id in require]
+    if any(r.verdict == "fails" for r in req):
+        return "fails"
+    if all(r.verdict == "holds" for r in req):
+        return "holds"
+    return "inconclusive"
+
+
+def exit_status(results: list[CheckResult], require: list[str] | None = None) -> int:
+    """0 when every required check holds, 1 otherwise (fails or inconclusive)."""
+    return 0 if overall(results, require) == "holds" else 1
+
+
+def to_json_doc(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, require=None) -> dict:
+    from hcdiag.cli.common import to_jsonable
+
+    return to_jsonable({"schema": SCHEMA, "run": str(run_path) if run_path else None, "tolerance": tolerance,
+                        "require": list(require) if require else [r.id for r in results],
+                        "status": overall(results, require), "checks": [r.to_dict() for r in results]})
+
+
+def text_table(results: list[CheckResult], *, width: int = 110) -> str:
+    """Check, claim, verdict and the deciding numbers, wrapped for a terminal."""
+    mark = {"holds": "holds", "fails": "FAILS", "inconclusive": "inconclusive"}
+    lines = [f"{'check':<5} {'verdict':<12} {'claim / deciding numbers'}", f"{'-' * 5} {'-' * 12} {'-' * (width - 19)}"]
+    for r in results:
+        body = textwrap.wrap(r.claim, width - 19) + textwrap.wrap("-> " + (r.summary or r.reason or ""), width - 19)
+        lines.append(f"{r.id:<5} {mark[r.verdict]:<12} {body[0]}")
+        lines += [f"{'':<5} {'':<12} {b}" for b in body[1:]]
+    return "\n".join(lines)
+
+
+def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, figures: list[tuple[str, str]] = ()) -> str:
+    """A Markdown report: the verdict table, each check's numbers and witness, the figures."""
+    out = [f"# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", f"Tolerance tau = {tolerance:g}  ",
+           f"Overall: **{overall(results)}**", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
+    for r in results:
+        out.append(f"| {r.id} | {r.section} | {r.verdict} | {(r.summary or r.reason or '').replace('|', '/')} |")
+    for cap, fname in figures:
+        out += ["", f"![{cap}]({fname})", "", f"*{cap}*"]
+    out += ["", "## Details"]
+    for r in results:
+        out += ["", f"### {r.id}: {r.verdict}", "", f"> {r.claim} ({r.section})", ""]
+        if r.reason:
+            out.append(f"Inconclusive because: {r.reason}")
+        scal = {k: v for k, v in r.values.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        for k, v in scal.items():
+            out.append(f"- `{k}` = {v:.6g}" if isinstance(v, float) else f"- `{k}` = {v}")
+        if r.witness:
+            out.append(f"- witness: `{json.dumps(_short(r.witness))}`")
+    return "\n".join(out) + "\n"
+
+
+def _short(d: dict) -> dict:
+    from hcdiag.cli.common import to_jsonable
+
+    out = {}
+    for k, v in to_jsonable(d).items():
+        if isinstance(v, list) and len(v) > 8:
+            v = f"[{len(v)} values]"
+        out[k] = v
+    return out
+
+
+def html(md_text: str, images: dict[str, bytes]) -> str:
+    """A self-contained HTML page from the Markdown report (figures embedded as base64 PNG)."""
+    import base64
+    import html as h
+    import re
+
+    body = []
+    in_table = False
+    for line in md_text.splitlines():
+        img = re.match(r"!\[(.*)\]\((.*)\)", line)
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(h.escape(c))}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if img and img.group(2) in images:
+            data = base64.b64encode(images[img.group(2)]).decode()
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{h.escape(img.group(1))}"></figure>')
+        elif line.startswith("#"):
+            n = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{n}>{h.escape(line[n:].strip())}</h{n}>")
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{h.escape(line[2:])}</blockquote>")
+        elif line.startswith("- "):
+            body.append(f"<li>{_inline(h.escape(line[2:]))}</li>")
+        elif line.startswith("*") and line.endswith("*"):
+            body.append(f"<p class='cap'>{h.escape(line.strip('*'))}</p>")
+        elif line.strip():
+            body.append(f"<p>{_inline(h.escape(line))}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
+             "img{max-width:100%}.cap{color:#555;font-style:italic}code{background:#f4f4f4}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>hcdiag report</title><style>{style}</style></head><body>" \
+           + "\n".join(body) + "</body></html>\n"
+
+
+def _inline(s: str) -> str:
+    import re
+
+    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
