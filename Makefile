@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hcdiag demo --out $(OUT)
+	$(VENV)/bin/hcdiag verify --preset smoke --datasets synthetic --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"

@@ -20,7 +20,6 @@ COMMANDS = {
     "train": "hcdiag.cli.train",
     "check-barrier": "hcdiag.cli.check_barrier",
     "verify": "hcdiag.cli.verify",
-    "demo": "hcdiag.cli.demo",
 }
 
 

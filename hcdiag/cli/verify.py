@@ -1,0 +1,55 @@
+"""``hcdiag verify``: the paper's tables and figures run end to end, with verdicts (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hcdiag.cli.common import add_format_argument
+
+NAME = "verify"
+HELP = "run the paper's experiments (grid of runs + barrier checks) and write the claims report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="smoke", choices=["smoke", "paper"], help="grid and training preset (default smoke)")
+    p.add_argument("--datasets", default="synthetic", help="comma list: synthetic, fashion-mnist, mnist, cifar10, digits")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
+    p.add_argument("--losses", default=None, help="comma list of loss conventions (default literal,scaled,mean)")
+    p.add_argument("--executor", default="local", choices=["local", "submitit"], help="local process pool or a SLURM job array")
+    p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core, or per GPU)")
+    p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--strict", action="store_true", help="exit 1 when a claim fails")
+    p.add_argument("--out", required=True, help="output folder (runs, report.md, report.html, results.json, figures)")
+    add_format_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from hcdiag.cli.common import emit, format_table
+    from hcdiag.errors import InputError
+    from hcdiag.verify import verify
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    losses = [l.strip() for l in args.losses.split(",")] if args.losses else None
+    if losses:
+        bad = [l for l in losses if l not in ("literal", "scaled", "mean")]
+        if bad:
+            raise InputError(f"--losses: unknown convention(s) {', '.join(bad)}; choose among literal, scaled, mean.")
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be an integer >= 1. Got {args.seeds}.")
+    doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
+                 device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses,
+                 progress=lambda s: print(s, file=sys.stderr, flush=True))
+    rows = doc["claims"]
+    table = format_table(["verdict", "claim", "ours", "conditions"],
+                         [[r["verdict"], r["claim"][:70], r["ours"][:60], r["conditions"]] for r in rows])
+    text = (f"{table}\n\n{sum(r['verdict'] == 'holds' for r in rows)} hold, {sum(r['verdict'] == 'fails' for r in rows)} fail, "
+            f"{sum(r['verdict'] == 'mixed' for r in rows)} mixed, {sum(r['verdict'] == 'inconclusive' for r in rows)} inconclusive"
+            f" ({doc['meta']['n_runs']} runs, {doc['meta']['seconds']:.0f} s)\nreport: {args.out}/report.md, "
+            f"{args.out}/report.html, {args.out}/results.json")
+    emit(args, doc, text)
+    if args.strict and any(r["verdict"] in ("fails", "mixed") for r in rows):
+        return 1
+    return 0
