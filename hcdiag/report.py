@@ -54,10 +54,13 @@ def text_table(results: list[CheckResult], *, width: int = 110) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, figures: list[tuple[str, str]] = ()) -> str:
-    """A Markdown report: the verdict table, each check's numbers and witness, the figures."""
+def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, figures: list[tuple[str, str]] = (),
+             require: list[str] | None = None) -> str:
+    """A Markdown report: the verdict table, each check's numbers and witness, the figures. ``Overall`` is
+    decided by the ``require``d checks (default all), as the JSON document and the exit status are."""
+    deciding = f" (deciding checks: {', '.join(require)})" if require else ""
     out = [f"# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", f"Tolerance tau = {tolerance:g}  ",
-           f"Overall: **{overall(results)}**", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
+           f"Overall: **{overall(results, require)}**{deciding}", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
     for r in results:
         out.append(f"| {r.id} | {r.section} | {r.verdict} | {(r.summary or r.reason or '').replace('|', '/')} |")
     for cap, fname in figures:

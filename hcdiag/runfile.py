@@ -922,10 +922,9 @@ def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *,
     ``method='hct'``). ``complete=False`` gives a run stopped in stage 1 (status incomplete, no
     refinement/stage3, snapshots up to round 0), valid only with ``partial=True``.
 
-    The default state_dicts are random tensors shaped like a linear VAE (``encoder.mu``,
-    ``encoder.logvar``, ``decoder``); they are NOT guaranteed to match hcdiag's trainer's module
-    names. To get rebuildable snapshots pass ``model`` (the ``config.model`` dict) and
-    ``state_fn(name) -> state_dict``.
+    The default state_dicts are random parameters of ``hcdiag.models.LinearVAE`` (the ``linear``
+    family), so the snapshots rebuild. For another architecture pass ``model`` (the ``config.model``
+    dict) and ``state_fn(name) -> state_dict``.
     """
     if method == "hct" and (R0 < 2 or R0 & (R0 - 1)):
         raise InputError(f"The 'R0' parameter must be a power of two >= 2 for method='hct'. Got {R0}.")
@@ -942,13 +941,13 @@ def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *,
     s2 = 2.0 * lambda_max
     cfg_model = model if model is not None else {
         "family": "linear", "input_dim": N, "latent_dim": n, "enc_widths": [], "dec_widths": [],
-        "activation": "identity", "image_shape": None, "channels": [],
+        "activation": "relu", "image_shape": None, "channels": [],
     }
 
     def default_state(name):
-        return {"encoder.mu.weight": randn(n, N), "encoder.mu.bias": randn(n),
-                "encoder.logvar.weight": randn(n, N), "encoder.logvar.bias": randn(n),
-                "decoder.weight": randn(N, n), "decoder.bias": randn(N)}
+        # the parameter names of hcdiag.models.LinearVAE, so the default snapshots rebuild
+        return {"enc_mu.weight": randn(n, N), "enc_mu.bias": randn(n), "enc_logvar": randn(n),
+                "dec_out.weight": randn(N, n), "dec_out.bias": randn(N)}
 
     make_state = state_fn or default_state
 

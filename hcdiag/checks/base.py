@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 
+from hcdiag.errors import InputError
 from hcdiag.models import build_model, encode_decode
 
 Verdict = Literal["holds", "fails", "inconclusive"]
@@ -33,6 +34,20 @@ class CheckResult:
         return {"id": self.id, "claim": self.claim, "section": self.section, "verdict": self.verdict,
                 "summary": self.summary, "values": self.values, "witness": self.witness, "reason": self.reason,
                 "tolerance": self.tolerance}
+
+
+def _mismatch(cfg: dict, want: dict, got: dict) -> str:
+    """One line: which keys/shapes of a stored state_dict do not fit the model ``config.model`` describes."""
+    parts = []
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in got and tuple(got[k].shape) != tuple(want[k].shape)]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            parts.append(f"{label}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}")
+    return (f"a state_dict in the run does not fit config.model (family {cfg.get('family')!r}; "
+            f"{'; '.join(parts) or 'load_state_dict failed'}); store snapshots of the model config.model describes.")
 
 
 def inconclusive(id: str, claim: str, section: str, reason: str, **values) -> CheckResult:
@@ -79,7 +94,10 @@ class RunContext:
         if self._model is None:
             self._model = build_model(self.model_cfg, device=self.device)
         if state is not None:
-            self._model.load_state_dict(state)
+            try:
+                self._model.load_state_dict(state)
+            except RuntimeError:  # a valid run file whose state_dicts are not of config.model's architecture
+                raise InputError(_mismatch(self.model_cfg, self._model.state_dict(), state)) from None
         return self._model
 
     def outputs_of_state(self, state: dict):

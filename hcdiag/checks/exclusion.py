@@ -45,6 +45,15 @@ def witness_state(ctx: RunContext, base_state: dict, c: torch.Tensor):
     return model.collapsed_state(c.float())
 
 
+def base_state(ctx: RunContext, name: str) -> dict:
+    """The parameters of snapshot ``name``, else of the latest snapshot that has parameters (the witness
+    zeroes every weight that reaches the output, so any state of the architecture serves as its base)."""
+    st = ctx.state(name)
+    if st is None:
+        st = next(ctx.state(s) for s in reversed(ctx.order) if ctx.state(s) is not None)
+    return st
+
+
 def check_t2(ctx: RunContext, *, shared_tol: float | None = None) -> CheckResult:
     """T2: delta*(K_T), the historical loss of the best constant, a lower bound for EVERY model; the
     collapsed witness built in the architecture; fails when delta* <= eps_T (1 + tau)."""
@@ -56,7 +65,7 @@ def check_t2(ctx: RunContext, *, shared_tol: float | None = None) -> CheckResult
     ds = delta_star_pair(ctx.centroids[a], ctx.centroids[b])
     c = ds.c.to(torch.float64)
     # evaluate the witness: in the architecture where it can be built, else in output space
-    sd, why = witness_state(ctx, ctx.state(reg.snapshot) or {}, c) if ctx.has_parameters else (None, "outputs only")
+    sd, why = witness_state(ctx, base_state(ctx, reg.snapshot), c) if ctx.has_parameters else (None, "outputs only")
     if sd is not None:
         mu, lv, xhat = ctx.outputs_of_state(sd)
         from hcdiag.metrics import kl_total
@@ -104,7 +113,7 @@ def check_t2b(ctx: RunContext) -> CheckResult:
     cfg = ctx.run.config
     s2 = float(cfg["s2"])
     beta = float(ref.get("beta", (cfg.get("beta") or {}).get("end", 1.0)))
-    conv = cfg.get("loss", "literal")
+    conv = cfg.get("loss") or "literal"  # config.loss is optional: absent/None is literal
     floors = {}
     for cid in [int(i) for i in ref["pair"]]:
         f = t2b_floor(ctx.xbar, ctx.centroids[cid].double(), beta=beta, s2=s2, convention=conv)

@@ -71,6 +71,8 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
     if not ctx.has_parameters:
         return inconclusive("I2", claim, SECTION, "parameter paths need an architecture hcdiag can rebuild")
     start = ctx.state(reg.snapshot)
+    if start is None:
+        return inconclusive("I2", claim, SECTION, f"the refined snapshot {reg.snapshot!r} has outputs but no parameters")
     values = {"eps_T": reg.eps, "points": points, "tolerance": ctx.tol}
     col = (ctx.run.references or {}).get("collapsed")
     if col is not None:
@@ -121,7 +123,7 @@ def check_i3(ctx: RunContext) -> CheckResult:
         return inconclusive("I3", claim, "section 5.3", "parameter distances need an architecture hcdiag can rebuild")
     pc = parameter_vector(col["state"])
     _, _, xc = ctx.outputs_of_state(col["state"])
-    names = ctx.order
+    names = [s for s in ctx.order if ctx.state(s) is not None]  # snapshots with outputs only have no distance
     param = [float(torch.linalg.vector_norm(parameter_vector(ctx.state(s)) - pc)) for s in names]
     func = [float(((ctx.outputs(s)[2] - xc) ** 2).sum(1).mean()) for s in names]
     rho, p = _spearman(param)

@@ -104,11 +104,15 @@ def probes(ctx: RunContext, radii=(0.01, 0.03, 0.1, 0.3), draws: int = 3, alphas
     gen = torch.Generator().manual_seed(ctx.seed)
     for s in order:
         st = ctx.state(s)
+        if st is None:  # this snapshot has outputs only
+            continue
         for r in radii:
             for d in range(draws):
                 yield {"probe": "perturbation", "snapshot": s, "radius": r, "draw": d}, ctx.losses_of_state(_perturb(st, r, gen))
     for a, b in zip(order, order[1:]):
         sa, sb = ctx.state(a), ctx.state(b)
+        if sa is None or sb is None:
+            continue
         for al in alphas:
             yield {"probe": "line", "from": a, "to": b, "alpha": al}, ctx.losses_of_state(_lerp(sa, sb, al))
     ctrl = (ctx.run.references or {}).get("control")

@@ -59,7 +59,8 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None) ->
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
         images[name] = buf.getvalue()
-    md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs])
+    md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs],
+                         require=require)
     files = {**images, "report.md": md.encode(), "report.html": report.html(md, images).encode(),
              "results.json": json.dumps(report.to_json_doc(results, run_path=run_path, tolerance=tolerance,
                                                            require=require), indent=2).encode()}
@@ -93,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
         if rp.exists() and not rp.is_dir():
             raise InputError(f"--report {rp} is a file; give a folder.")
     run_obj = load_run(args.run)
+    if args.report:
+        try:  # before the checks run: a folder that cannot be made is bad input, not a traceback at the end
+            rp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = "a parent is a file" if isinstance(exc, (NotADirectoryError, FileExistsError)) else (
+                exc.strerror or type(exc).__name__)
+            raise InputError(f"--report {rp} cannot be created ({reason}); give a writable folder.") from None
     device = resolve_device(args.device)
     progress = (lambda s: print(s, file=sys.stderr, end="\r", flush=True)) if sys.stderr.isatty() else None
     results = run_checks(run_obj, select=only, tolerance=args.tolerance, device=device, seed=args.seed, progress=progress)
