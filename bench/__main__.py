@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def main(argv):
-    names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent))
+    names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(Path(__file__).parent)])
                    if m.name.startswith("bench_"))
     chosen = [n for n in names if not argv or n in argv]
     unknown = [a for a in argv if a not in names]

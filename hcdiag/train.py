@@ -248,6 +248,8 @@ class Trainer:
         x = getattr(data, "x", data)
         x, _ = as_data_matrix(x)
         self.x_np = np.ascontiguousarray(x, dtype=np.float32)
+        if not self.x_np.flags.writeable:  # a read-only memmap: torch wants its own copy
+            self.x_np = self.x_np.copy()
         self.n, self.N = self.x_np.shape
         if cfg.method == "hct" and cfg.k > self.n:
             raise InputError(f"The 'k' parameter ({cfg.k}) is larger than the number of rows ({self.n}); use k <= {self.n}.")

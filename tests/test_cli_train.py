@@ -1,0 +1,86 @@
+"""`hcdiag train` through the CLI: a tiny run end to end, and one line + exit 2 for each bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hcdiag.cli import main
+
+FAST = ["--preset", "smoke", "--r0", "4", "--k", "3", "--epochs-per-round", "1", "--steps-per-clustering", "2",
+        "--refine-cap", "2", "--stage3-epochs", "1", "--epochs", "1", "--eval-rows", "100", "--enc-widths", "8",
+        "--dec-widths", "8", "--latent-dim", "2", "--em-backend", "sklearn", "--quiet"]
+
+
+@pytest.fixture
+def data_file(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(0, 3, size=(3, 5))[rng.integers(0, 3, 400)] + rng.normal(0, 0.5, size=(400, 5))).astype(np.float32)
+    p = tmp_path / "x.npy"
+    np.save(p, x)
+    return p
+
+
+def _err(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_tiny_run_end_to_end_json(data_file, tmp_path, capsys):
+    out = tmp_path / "run.pt"
+    assert main(["train", str(data_file), "--out", str(out), "--format", "json", *FAST]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    from hcdiag.runfile import load_run
+
+    run = load_run(out)
+    assert doc["method"] == "hct" and run.complete
+    assert doc["s2"] == pytest.approx(2.0 * run.lambda_max)
+    assert doc["refinement"]["eps_T"] == pytest.approx(run.refinement["eps_T"])
+    assert [r["kept"] for r in doc["rounds"]] == [r["kept"].tolist() for r in run.rounds]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--r0", "24"], r"24 is not a power of two; use 16 or 32"),
+    (["--multiple", "-1"], r"The 'multiple' parameter must be a float > 0. Got -1.0"),
+    (["--multiple", "0"], r"The 'multiple' parameter must be a float > 0. Got 0.0"),
+    (["--k", "500"], r"The 'k' parameter \(500\) is larger than the number of rows \(400\)"),
+    (["--loss", "sum"], r"The 'loss' parameter must be one of literal, scaled, mean. Got 'sum'"),
+])
+def test_bad_parameters(data_file, tmp_path, capsys, argv, msg):
+    import re
+
+    line = _err(capsys, "train", data_file, "--out", tmp_path / "r.pt", *FAST, *argv)
+    assert re.search(msg, line), line
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_nan_dataset(tmp_path, capsys):
+    x = np.ones((50, 3), np.float32) * np.arange(50)[:, None]
+    x[7, 1] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    line = _err(capsys, "train", tmp_path / "nan.npy", "--out", tmp_path / "r.pt", *FAST)
+    assert "holds 1 row(s) with NaN or inf (rows 7); clean them or pass --drop-nonfinite" in line
+
+
+def test_unwritable_out(data_file, tmp_path, capsys):
+    line = _err(capsys, "train", data_file, "--out", tmp_path / "no" / "such" / "dir" / "r.pt", *FAST)
+    assert "the folder" in line and "does not exist; create it first" in line
+    line = _err(capsys, "train", data_file, "--out", tmp_path, *FAST)
+    assert "is a directory; give a file name" in line
+    if os.geteuid() != 0:  # root can write anywhere; the folder check above covers the message path
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert "is not writable" in _err(capsys, "train", data_file, "--out", ro / "r.pt", *FAST)
+
+
+def test_resume_on_another_config_names_the_keys(data_file, tmp_path, capsys):
+    out = tmp_path / "run.pt"
+    assert main(["train", str(data_file), "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    before = out.read_bytes()
+    line = _err(capsys, "train", data_file, "--out", out, "--resume", *FAST, "--lr", "0.01", "--multiple", "3")
+    assert "was written with another config (keys differ: multiple, s2, train.lr, train.multiple" in line
+    assert out.read_bytes() == before  # nothing lost
