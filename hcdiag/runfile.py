@@ -254,7 +254,7 @@ class _Validator:
                 self.int_at(dataset["N"], "config.dataset.N", lo=1)
             shape = dataset.get("image_shape")
             if shape is not None:
-                self._shape_list(shape, "config.dataset.image_shape")
+                self._shape_list(shape, "config.dataset.image_shape", allowed=(2, 3))  # grayscale: [H, W]
         model = cfg.get("model")
         if model is not None:
             self.dict_at(model, "config.model")
@@ -279,10 +279,11 @@ class _Validator:
             self.int_at(x, f"{where}[{i}]", lo=1)
         return list(v)
 
-    def _shape_list(self, v: Any, where: str) -> None:
+    def _shape_list(self, v: Any, where: str, allowed=(3,)) -> None:
         dims = self._int_list(v, where)
-        if len(dims) != 3:
-            raise InputError(f"{where} must be [C, H, W]; got {list(dims)}.")
+        if len(dims) not in allowed:
+            want = " or ".join({2: "[H, W]", 3: "[C, H, W]"}[a] for a in allowed)
+            raise InputError(f"{where} must be {want}; got {list(dims)}.")
 
     def eval(self) -> None:
         ev = self.dict_at(self.need(self.run, "eval", ""), "eval")
