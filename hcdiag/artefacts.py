@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hcdiag.errors import InputError
-from hcdiag.verify import (ABLATIONS, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER_TABLE1, Job, _combine, _fmt,
+from hcdiag.verify import (ABLATIONS, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER_TABLE1, Job, _fmt,
                            _last_round, _ms, _snapshot_row, build_grid, collect, diffusion_table, execute,
                            phase_diagram)
 

@@ -59,7 +59,7 @@ def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.
     """A Markdown report: the verdict table, each check's numbers and witness, the figures. ``Overall`` is
     decided by the ``require``d checks (default all), as the JSON document and the exit status are."""
     deciding = f" (deciding checks: {', '.join(require)})" if require else ""
-    out = [f"# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", f"Tolerance tau = {tolerance:g}  ",
+    out = ["# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", f"Tolerance tau = {tolerance:g}  ",
            f"Overall: **{overall(results, require)}**{deciding}", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
     for r in results:
         out.append(f"| {r.id} | {r.section} | {r.verdict} | {(r.summary or r.reason or '').replace('|', '/')} |")
