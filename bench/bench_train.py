@@ -1,0 +1,91 @@
+"""Training-step cost of Historical Consensus against a vanilla step, and the smoke preset's stage times.
+
+Ratios are measured in the same run on the same batch and model (never asserted). Goal (issue 3): an
+HCT step at most 1.05x a vanilla step in cycle mode, 1.1x in simultaneous mode with 16 clusterings of
+8 centroids. Beside ours, the two slower ways of computing the term (torch.cdist per clustering, a Python
+loop over clusterings) for reference.
+"""
+
+import time
+
+
+import torch
+
+from hcdiag.losses import LossWeights, gaussian_kl, reparameterize
+from hcdiag.models import ModelConfig, WIDTH_PRESETS, build_model
+from hcdiag.train import Trainer, make_config
+
+
+def _time(fn, reps):
+    for _ in range(max(3, reps // 10)):
+        fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def _step_bench(name, widths, latent, N, B=512, R=16, K=8, reps=60):
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_dim=N, latent_dim=latent, enc_widths=widths[0], dec_widths=widths[1])
+    model = build_model(cfg, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(B, N)
+    cent = torch.randn(R, K, N)
+    w = LossWeights.for_convention("literal", 2.0, N)
+    g = torch.Generator().manual_seed(0)
+    tr = Trainer.__new__(Trainer)  # only for its _cluster_term (one product against all centroids)
+    tr.centroids, tr._centroid_cache = cent, {}
+
+    def base():
+        mu, lv = model.encode(x)
+        f = model.decode(reparameterize(mu, lv, g))
+        return f, (x - f).pow(2).sum(1).mean() * w.recon + gaussian_kl(mu, lv).sum(1).mean()
+
+    def run(term):
+        def step():
+            f, loss = base()
+            if term is not None:
+                loss = loss + term(f)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    one, all_ids = torch.tensor([3]), torch.arange(R)
+    variants = {
+        "vanilla": None,
+        "hct cycle (1 clustering, ours)": lambda f: tr._cluster_term(f, one),
+        f"hct simultaneous ({R}x{K}, ours)": lambda f: tr._cluster_term(f, all_ids),
+        "simultaneous via torch.cdist loop": lambda f: sum(torch.cdist(f, cent[r]).pow(2).amin(1).mean() for r in range(R)),
+        "simultaneous via python loop": lambda f: sum(((f[:, None, :] - cent[r][None]) ** 2).sum(-1).amin(1).mean() for r in range(R)),
+    }
+    times = {k: _time(run(v), reps) for k, v in variants.items()}
+    base_t = times["vanilla"]
+    print(f"-- step cost, {name} (N={N}, latent={latent}, widths={widths[0]}, batch {B}), {torch.get_num_threads()} threads")
+    for k, t in times.items():
+        print(f"   {k:<38} {t * 1e3:8.2f} ms   {t / base_t:5.3f}x vanilla")
+
+
+def _smoke_stages():
+    from hcdiag.data import synthetic
+
+    data = synthetic()
+    tr = Trainer(make_config("smoke"), data, None)
+    t0 = time.perf_counter()
+    tr.run()
+    total = time.perf_counter() - t0
+    print(f"-- smoke preset, whole run incl. references: {total:.1f} s (goal < 90 s on 2 cores)")
+    for k, v in tr.timings.items():
+        print(f"   {k:<12} {v:7.1f} s")
+
+
+def main():
+    torch.set_num_threads(2)
+    _step_bench("paper 5.1.3 MLP", WIDTH_PRESETS["paper"], 8, 196)
+    _step_bench("Table 3 MLP", WIDTH_PRESETS["table3"], 48, 196, reps=30)
+    _smoke_stages()
+
+
+if __name__ == "__main__":
+    main()
