@@ -87,8 +87,8 @@ class Job:
 
 GRIDS = {
     "smoke": dict(methods=[("hct", ""), ("vanilla", "")], multiples=[2.0], losses=["literal", "scaled", "mean"],
-                  phase_multiples=[0.25, 0.5, 1.0, 2.0, 5.0], phase_epochs=3, n_samples={"synthetic": 10_000},
-                  ablations=False, overrides={"epochs": 3}),
+                  phase_multiples=[0.25, 0.5, 1.0, 2.0, 5.0], phase_epochs=8, n_samples={},
+                  ablations=False, overrides={}),
     "paper": dict(methods=[("hct", ""), ("vanilla", ""), ("beta", "beta2"), ("beta", "beta4"), ("anneal", ""),
                            ("aggressive", "")],
                   multiples=[2.0, 5.0], losses=["literal", "scaled", "mean"],
@@ -353,8 +353,8 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
                     pk = paper.get(f"hct:{stage}")
                     thr = PAPER_KL_THRESHOLD.get(ds, 2.0)
                     verdict = ("holds" if kl["mean"] is not None and kl["mean"] > thr else "fails")
-                    rows.append({"claim": f"HCT ({stage}-refinement{'' if stage != 'final' else ', final single-cluster'}) "
-                                          f"keeps KL > {thr:g}", "section": "5.2, 8; Table 1",
+                    stage_name = {"pre": "pre-refinement", "post": "post-refinement", "final": "final single-cluster"}[stage]
+                    rows.append({"claim": f"HCT ({stage_name}) keeps KL > {thr:g}", "section": "5.2, 8; Table 1",
                                  "paper": (f"KL {pk[0]}, AU {pk[1]}" if pk else "-") + f"; text: KL > {thr:g}",
                                  "ours": f"KL {_fmt(kl)}; AU {_fmt(au)}", "verdict": verdict, "conditions": cond(ds, loss, m)})
                 # Table 1's key observation: the highest KL of all methods
@@ -363,9 +363,13 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
                 hk = _ms([(_snapshot_row(r["doc"], "final") or {}).get("kl") for r in rs])
                 bm = max([b for b in base if b is not None], default=None)
                 if bm is not None and hk["mean"] is not None:
+                    # an ordering among collapsed models (KL < 0.01) is noise, not "least collapse"
+                    ok = hk["mean"] > bm and hk["mean"] >= 0.01
+                    note = "" if hk["mean"] >= 0.01 else " (HCT itself collapsed: KL < 0.01)"
                     rows.append({"claim": "HCT achieves the highest KL of all methods", "section": "5.4 (Table 1)",
-                                 "paper": "highest on every dataset (2.49-3.70)", "ours": f"HCT {hk['mean']:.3g} vs best baseline {bm:.3g}",
-                                 "verdict": "holds" if hk["mean"] > bm else "fails", "conditions": cond(ds, loss, m)})
+                                 "paper": "highest on every dataset (2.49-3.70)",
+                                 "ours": f"HCT {hk['mean']:.3g} vs best baseline {bm:.3g}{note}",
+                                 "verdict": "holds" if ok else "fails", "conditions": cond(ds, loss, m)})
                 # Figure 5: HCT non-collapsed where vanilla collapses
                 van = [(_snapshot_row(r["doc"], "final") or {}).get("kl") for k, v in by.items()
                        if k[0] == ds and k[1] == "vanilla" and k[2] == m for r in v]
@@ -397,16 +401,19 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
         lin_ok = all((r["kl_linear"] < 0.01) == (r["multiple"] >= 1) for r in ph["rows"] if r.get("kl_linear") is not None)
         mlp = [r for r in ph["rows"] if r.get("kl_mlp") is not None]
         above = [r["kl_mlp"] for r in mlp if r["multiple"] > 1]
+        below = [r["kl_mlp"] for r in mlp if r["multiple"] < 1]
         rows.append({"claim": "Phase transition: s2 > lambda_max gives collapse (linear VAE, trained vs closed form)",
                      "section": "3.2, 5.7 (Li et al. 2024)", "paper": "collapse iff s2 > lambda_max",
                      "ours": ", ".join(f"m={r['multiple']:g}: KL {r['kl_linear']:.3g} (theory {r['kl_theory']:.3g})"
                                        for r in ph["rows"] if r.get("kl_linear") is not None),
                      "verdict": "holds" if lin_ok else "fails", "conditions": f"{ds}, linear VAE, latent {ph['latent_dim']}"})
         if mlp:
-            rows.append({"claim": "Phase transition in the MLP VAE: KL < 0.01 for s2 > lambda_max", "section": "3.2, 5.7",
+            rows.append({"claim": "Phase transition in the MLP VAE: KL < 0.01 iff s2 > lambda_max", "section": "3.2, 5.7",
                          "paper": "KL < 0.01 (text) / 0.18-0.32 (Table 1) at 2 lambda_max",
                          "ours": ", ".join(f"m={r['multiple']:g}: KL {r['kl_mlp']:.3g}" for r in mlp),
-                         "verdict": "holds" if above and all(k < 0.01 for k in above) else "fails",
+                         # both sides of the transition: collapsed above lambda_max, not collapsed below it
+                         "verdict": "holds" if above and all(k < 0.01 for k in above) and all(k >= 0.01 for k in below)
+                         else "fails",
                          "conditions": f"{ds}, MLP vanilla, preset {preset}"})
     for ds, d in diffusion.items():
         ts = d["schedules"]

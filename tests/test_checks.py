@@ -715,6 +715,24 @@ def test_i3_follows_the_trend_of_the_distance_to_the_collapsed_model(seed, direc
     np.testing.assert_allclose(res.values["vanilla_param_distance"], [vd] * 3, rtol=1e-6)
 
 
+def test_i3_fails_on_a_positive_but_insignificant_trend(seed):
+    """A distance that wanders (rho > 0 but p >= 0.05) does not show that it 'increases'."""
+    from scipy.stats import spearmanr
+
+    base = hand_run(seed)
+    xbar = base["eval"]["xbar"]
+    n = len(ORDER)
+    wander = [1.0, 3.0, 0.5, 2.5, 2.0, 4.0, 1.5, 3.5][:n] + [float(i) for i in range(max(0, n - 8))]
+    states = {s: lin_state((xbar + torch.tensor([wander[i], 0.0])).tolist(), xbar=xbar) for i, s in enumerate(ORDER)}
+    run = hand_run(seed, states=states)
+    res = inertia.check_i3(ctx_of(run))
+    col = run["references"]["collapsed"]["state"]
+    sp = spearmanr(range(n), [naive_param_distance(run["snapshots"][s], col) for s in ORDER])
+    assert res.values["p_value"] == pytest.approx(sp.pvalue)
+    assert sp.statistic > 0 and sp.pvalue >= 0.05  # the wander above: rho = 0.29, p = 0.53
+    assert res.verdict == "fails" and "not significant at 5%" in res.summary
+
+
 def test_i3_is_inconclusive_for_a_constant_distance_or_no_reference(seed):
     base = hand_run(seed)
     states = {s: lin_state(CSTAR, xbar=base["eval"]["xbar"]) for s in ORDER}

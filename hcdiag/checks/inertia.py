@@ -137,12 +137,14 @@ def check_i3(ctx: RunContext) -> CheckResult:
         vfunc = [float(((ctx.outputs_of_state(van["snapshots"][s])[2] - xc) ** 2).sum(1).mean()) for s in vn]
         values.update(vanilla_snapshots=vn, vanilla_param_distance=vdist, vanilla_function_distance=vfunc,
                       vanilla_spearman_rho=_spearman(vdist)[0])
-    ref_note = (f"; the vanilla reference's distance has rho = {values['vanilla_spearman_rho']:.2f} too"
+    ref_note = (f"; beside it, the vanilla reference's distance has rho = {values['vanilla_spearman_rho']:.2f}"
                 if "vanilla_spearman_rho" in values else "; no vanilla reference to compare with")
     if not np.isfinite(rho):
         return inconclusive("I3", claim, "section 5.3", "fewer than 3 snapshots or a constant distance", **values)
-    verdict = "holds" if rho > 0 else "fails"
+    # "increases" needs a trend that is positive AND distinguishable from no trend (Spearman test, 5%)
+    verdict = "holds" if rho > 0 and p < 0.05 else "fails"
+    why = "" if verdict == "holds" else (" (no increase)" if rho <= 0 else " (not significant at 5%)")
     return CheckResult("I3", claim, "section 5.3", verdict, values,
-                       witness=None if verdict == "holds" else {"spearman_rho": rho},
-                       summary=f"parameter distance {param[0]:.3g} -> {param[-1]:.3g}, Spearman rho = {rho:.2f} "
-                               f"(function space rho = {rho_f:.2f}){ref_note}")
+                       witness=None if verdict == "holds" else {"spearman_rho": rho, "p_value": p},
+                       summary=f"parameter distance {param[0]:.3g} -> {param[-1]:.3g}, Spearman rho = {rho:.2f}, "
+                               f"p = {p:.2g}{why} (function space rho = {rho_f:.2f}){ref_note}")
