@@ -9,6 +9,7 @@ loop over clusterings) for reference.
 import time
 
 
+import numpy as np
 import torch
 
 from hcdiag.losses import LossWeights, gaussian_kl, reparameterize
@@ -17,8 +18,6 @@ from hcdiag.train import Trainer, make_config
 
 
 def _time(fn, reps):
-    for _ in range(max(3, reps // 10)):
-        fn()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -60,7 +59,16 @@ def _step_bench(name, widths, latent, N, B=512, R=16, K=8, reps=60):
         "simultaneous via torch.cdist loop": lambda f: sum(torch.cdist(f, cent[r]).pow(2).amin(1).mean() for r in range(R)),
         "simultaneous via python loop": lambda f: sum(((f[:, None, :] - cent[r][None]) ** 2).sum(-1).amin(1).mean() for r in range(R)),
     }
-    times = {k: _time(run(v), reps) for k, v in variants.items()}
+    # interleave the variants in short blocks and take each one's median block, so that drifts in the
+    # machine's load hit every variant alike
+    steps = {k: run(v) for k, v in variants.items()}
+    for fn in steps.values():
+        _time(fn, 5)
+    blocks = {k: [] for k in steps}
+    for _ in range(max(5, reps // 10)):
+        for k, fn in steps.items():
+            blocks[k].append(_time(fn, 10))
+    times = {k: float(np.median(v)) for k, v in blocks.items()}
     base_t = times["vanilla"]
     print(f"-- step cost, {name} (N={N}, latent={latent}, widths={widths[0]}, batch {B}), {torch.get_num_threads()} threads")
     for k, t in times.items():

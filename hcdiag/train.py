@@ -359,8 +359,10 @@ class Trainer:
             cached = (flat.T.contiguous(), flat.pow(2).sum(1), c.shape[0], c.shape[1])
             self._centroid_cache[key] = cached
         ct, cn, R, K = cached
-        d = (f.pow(2).sum(1, keepdim=True) - 2.0 * (f @ ct) + cn).clamp_min(0)  # (B, R*K)
-        return d.view(f.shape[0], R, K).amin(2).mean(0).sum()
+        # ||f - mu||^2 = ||f||^2 + (||mu||^2 - 2 f.mu): the min over k needs only the bracket, one fused
+        # product (B, R*K); ||f||^2 is added after the min, on (B, R)
+        d = torch.addmm(cn, f, ct, alpha=-2.0).view(f.shape[0], R, K).amin(2)  # (B, R)
+        return (d + f.pow(2).sum(1, keepdim=True)).clamp_min(0).mean(0).sum()
 
     def _step(self, model, opt, state, ids: torch.Tensor | None, beta: float, kl_weight: float,
               free_bits: float = 0.0):

@@ -482,6 +482,7 @@ def diffusion_table(datasets: list[str], phase: dict) -> dict:
 
 def _fig_phase(ds: str, ph: dict):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -496,7 +497,10 @@ def _fig_phase(ds: str, ph: dict):
                 "s--", color="C1", label="MLP VAE (vanilla), trained")
     ax.axvline(1.0, ls=":", color="gray", label="s2 = lambda_max")
     ax.set_xscale("log")
-    ax.set_xlabel("s2 / lambda_max")
+    ax.set_xticks(m)
+    ax.set_xticklabels([f"{v:g}" for v in m])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("s2 / lambda_max (multiple m)")
     ax.set_ylabel("KL(q(z|x) || p(z)) (nats)")
     ax.set_title(f"Phase diagram, {ds} (lambda_max = {ph['lambda_max']:.3g}, latent {ph['latent_dim']})")
     ax2 = ax.twinx()
