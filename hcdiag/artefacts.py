@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hcdiag.errors import InputError
-from hcdiag.verify import (ABLATIONS, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER_TABLE1, Job, _fmt,
+from hcdiag.verify import (ABLATIONS, PAPER_ABLATION, ablation_rows, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER_TABLE1, Job, _fmt,
                            _last_round, _ms, _snapshot_row, build_grid, collect, diffusion_table, execute,
                            phase_diagram)
 
@@ -36,12 +36,6 @@ from hcdiag.verify import (ABLATIONS, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER
 PAPER_TABLE2 = {"vanilla": (0.18, 2.3, 0.35), "beta2": (0.25, 3.1, 0.38), "anneal": (0.31, 4.2, 0.42),
                 "hct": (3.55, 3, 0.52)}
 # paper section 5.5 (Figure 4 and the text): the best value of each ablation
-PAPER_ABLATION = {
-    "r0": ("5.5.1, Figure 4 left", "final KL improves with R0 up to R0 = 16, then saturates", 16),
-    "eps": ("5.5.2, Figure 4 right", "eps = 1e-5 gives the best final KL", 1e-5),
-    "beta_end": ("5.5, Figure 8", "beta in [2, 3] gives the best final KL", (2.0, 3.0)),
-    "keep_ratio": ("5.5.3", "keep ratio 1/2 performs best", 0.5),
-}
 # the reduced ablation grid of the smoke preset (Figure 4 at a glance on small synthetic data)
 SMOKE_ABLATIONS = {"r0": [2, 4, 8], "eps": [1e-3, 1e-4]}
 FIGURE5_MULTIPLES = (2.0, 5.0)
@@ -621,29 +615,6 @@ def _ablated(job: Job) -> str:
     return next(k for k in ABLATIONS if job.tag.startswith(k))
 
 
-def _ablation_verdict(key: str, pts: list[tuple[float, float]]) -> tuple[str, str]:
-    """The paper's claim about one ablation (PAPER_ABLATION) against (value, final KL) pairs."""
-    best = PAPER_ABLATION[key][2]
-    kls = dict(pts)
-    arg = max(kls, key=kls.get)
-    if key == "r0":  # improves up to 16: KL non-decreasing in R0 over the values <= 16
-        up = sorted(v for v in kls if v <= best)
-        if len(up) < 2:
-            return "inconclusive", "fewer than two values of R0 <= 16"
-        ok = all(kls[a] <= kls[b] for a, b in zip(up, up[1:]))
-        return ("holds" if ok else "fails"), f"best tested R0 = {arg:g}"
-    if key == "eps":  # smaller is better, 1e-5 best: KL non-decreasing as eps decreases
-        vs = sorted(kls, reverse=True)
-        if len(vs) < 2:
-            return "inconclusive", "fewer than two values of eps"
-        ok = all(kls[a] <= kls[b] for a, b in zip(vs, vs[1:]))
-        return ("holds" if ok else "fails"), f"best tested eps = {arg:g}"
-    bests = best if isinstance(best, tuple) else (best,)
-    if not any(any(math.isclose(b, v) for v in kls) for b in bests):
-        return "inconclusive", "the paper's best value was not run"
-    return ("holds" if any(math.isclose(arg, b) for b in bests) else "fails"), f"best tested = {arg:g}"
-
-
 def figure4(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seeds: int = 1,
             out_dir="verification-out/figure4", *, losses: list[str] | None = None, device: str = "auto",
             workers: int | None = None, data_dir=None, overrides: dict | None = None, n_samples: int | None = None,
@@ -667,27 +638,7 @@ def figure4(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
     jobs = [_shrink([j], {k: v for k, v in (overrides or {}).items() if k != _ablated(j)},
                     n_samples)[0] for j in jobs]
     recs = _run(jobs, out, workers, progress)
-    rows = []
-    for ds in datasets:
-        for key in ABLATIONS:
-            rs = [r for r in recs if r["job"]["dataset"] == ds and r["job"]["tag"].startswith(key)
-                  and key in dict(map(tuple, r["job"]["overrides"]))]
-            if not rs:
-                continue
-            pts = []
-            for r in rs:
-                v = float(dict(map(tuple, r["job"]["overrides"]))[key])
-                kl = (_snapshot_row(r["doc"], "final") or {}).get("kl")
-                pts.append((v, kl))
-                rows.append({"item": f"{key} = {v:g}", "conditions": f"{ds}, s2 = 2 lambda_max, preset {preset}",
-                             "paper": f"see Figure 4 / {PAPER_ABLATION[key][0]}", "ours": f"final KL {kl:.4g}",
-                             "verdict": "reported", "runs": [r["run"]],
-                             "values": {"dataset": ds, "key": key, "value": v, "kl": kl}})
-            verdict, why = _ablation_verdict(key, [(v, k) for v, k in pts if k is not None])
-            rows.append({"item": f"ablation {key}: {PAPER_ABLATION[key][1]}", "conditions": f"{ds}, preset {preset}",
-                         "paper": PAPER_ABLATION[key][1],
-                         "ours": ", ".join(f"{v:g}: {k:.3g}" for v, k in pts) + f" ({why})", "verdict": verdict,
-                         "runs": [r["run"] for r in rs], "values": {"dataset": ds, "claim_of": key}})
+    rows = ablation_rows(recs, preset)
     meta = {"preset": preset, "datasets": datasets, "seeds": 1, "out_dir": str(out), "n_runs": len(recs),
             "reduced": _reduced(overrides, n_samples, reduced), "seconds": time.perf_counter() - t0}
     return Figure4Result("figure4", "Figure 4: ablations of HCT" + (" (REDUCED)" if reduced else ""), rows, meta)

@@ -31,6 +31,7 @@ import copy
 import math
 import os
 import platform
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -277,6 +278,8 @@ class Trainer:
         from hcdiag.spectrum import spectrum
 
         c = self.cfg
+        random.seed(c.seed)  # python, numpy and torch: nothing in training draws from them, but user hooks may
+        np.random.seed(c.seed % 2**32)
         torch.manual_seed(c.seed)
         if c.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hcdiag import artefacts
+from hcdiag import artefacts, verify
 from hcdiag.errors import InputError
 from hcdiag.metrics import active_units, kl_total
 from hcdiag.models import build_model, encode_decode, parameter_vector
@@ -199,14 +199,14 @@ def test_table2_without_cifar_files_is_inconclusive(tmp_path):
 def test_ablation_verdicts_follow_the_paper_claims(seed):
     rng = np.random.default_rng(seed)
     kl = np.sort(rng.uniform(0, 3, 3))
-    assert artefacts._ablation_verdict("r0", list(zip([2, 4, 8], kl)))[0] == "holds"
-    assert artefacts._ablation_verdict("r0", list(zip([2, 4, 8], kl[::-1])))[0] == "fails"
-    assert artefacts._ablation_verdict("r0", [(32, 1.0), (16, 0.5), (2, 0.1)])[0] == "holds"  # 32 is beyond 16
-    assert artefacts._ablation_verdict("eps", [(1e-3, kl[0]), (1e-4, kl[1])])[0] == "holds"
-    assert artefacts._ablation_verdict("eps", [(1e-3, kl[1]), (1e-4, kl[0])])[0] == "fails"
-    assert artefacts._ablation_verdict("keep_ratio", [(1 / 3, kl[0]), (2 / 3, kl[1])])[0] == "inconclusive"
-    assert artefacts._ablation_verdict("keep_ratio", [(1 / 3, kl[0]), (1 / 2, kl[2]), (2 / 3, kl[1])])[0] == "holds"
-    assert artefacts._ablation_verdict("beta_end", [(1.0, kl[2]), (2.0, kl[0])])[0] == "fails"
+    assert verify._ablation_verdict("r0", list(zip([2, 4, 8], kl)))[0] == "holds"
+    assert verify._ablation_verdict("r0", list(zip([2, 4, 8], kl[::-1])))[0] == "fails"
+    assert verify._ablation_verdict("r0", [(32, 1.0), (16, 0.5), (2, 0.1)])[0] == "holds"  # 32 is beyond 16
+    assert verify._ablation_verdict("eps", [(1e-3, kl[0]), (1e-4, kl[1])])[0] == "holds"
+    assert verify._ablation_verdict("eps", [(1e-3, kl[1]), (1e-4, kl[0])])[0] == "fails"
+    assert verify._ablation_verdict("keep_ratio", [(1 / 3, kl[0]), (2 / 3, kl[1])])[0] == "inconclusive"
+    assert verify._ablation_verdict("keep_ratio", [(1 / 3, kl[0]), (1 / 2, kl[2]), (2 / 3, kl[1])])[0] == "holds"
+    assert verify._ablation_verdict("beta_end", [(1.0, kl[2]), (2.0, kl[0])])[0] == "fails"
 
 
 def test_reduced_ablation_grid_matches_verify_naming():
