@@ -716,3 +716,20 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
             "seconds": time.perf_counter() - t0, "executor": executor}
     files = write_report(out, rows, phase, diff, recs, meta)
     return {"meta": meta, "claims": rows, "files": files}
+
+
+def claims_text(rows: list[dict], width: int = 118) -> str:
+    """The claims table for a terminal: grouped by conditions, one line per claim (verdict, claim, ours)."""
+    import textwrap
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["conditions"], []).append(r)
+    out = []
+    for cond, rs in groups.items():
+        out += ["", f"== {cond}"]
+        for r in rs:
+            head = f"  {r['verdict'].upper() if r['verdict'] == 'fails' else r['verdict']:<12} {r['claim']}"
+            out.append(head)
+            out += textwrap.wrap(r["ours"], width, initial_indent=" " * 15 + "ours: ", subsequent_indent=" " * 21)
+    return "\n".join(out).lstrip("\n")

@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from hcdiag.cli.common import emit, format_table
+    from hcdiag.cli.common import emit
     from hcdiag.errors import InputError
-    from hcdiag.verify import verify
+    from hcdiag.verify import claims_text, verify
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     losses = [l.strip() for l in args.losses.split(",")] if args.losses else None
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
                  device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
     rows = doc["claims"]
-    table = format_table(["verdict", "claim", "ours", "conditions"],
-                         [[r["verdict"], r["claim"][:70], r["ours"][:60], r["conditions"]] for r in rows])
+    table = claims_text(rows)
     text = (f"{table}\n\n{sum(r['verdict'] == 'holds' for r in rows)} hold, {sum(r['verdict'] == 'fails' for r in rows)} fail, "
             f"{sum(r['verdict'] == 'mixed' for r in rows)} mixed, {sum(r['verdict'] == 'inconclusive' for r in rows)} inconclusive"
             f" ({doc['meta']['n_runs']} runs, {doc['meta']['seconds']:.0f} s)\nreport: {args.out}/report.md, "
