@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hcdiag.errors import InputError
+from hcdiag.plots import axes
 from hcdiag.verify import (ABLATIONS, PAPER_ABLATION, ablation_rows, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER_TABLE1, Job, _fmt,
                            _last_round, _ms, _snapshot_row, build_grid, collect, diffusion_table, execute,
                            phase_diagram)
@@ -107,18 +108,6 @@ class ArtefactResult:
         return {}
 
 
-def _axes(ax, figsize=(6.4, 4.0)):
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=figsize)
-        return fig, ax
-    return ax.figure, ax
-
-
 @dataclass(frozen=True)
 class Table1Result(ArtefactResult):
     def plot(self, ax=None, *, dataset: str | None = None, multiple: float = 2.0):
@@ -128,7 +117,7 @@ class Table1Result(ArtefactResult):
         ds = dataset or self.meta["datasets"][0]
         rows = [r for r in self.rows if r["values"].get("dataset") == ds and r["values"].get("multiple") == multiple
                 and r["values"].get("kl") is not None]
-        fig, ax = _axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))
+        fig, ax = axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))
         x = np.arange(len(rows))
         ax.bar(x - 0.2, [r["values"]["kl"] for r in rows], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
                color="C3", label="ours")
@@ -199,7 +188,7 @@ class Figure4Result(ArtefactResult):
     def plot(self, ax=None, *, key: str = "r0"):
         """Final KL (nats) against one ablated setting; the paper's best value marked."""
         rows = [r for r in self.rows if r["values"].get("key") == key and r["values"].get("kl") is not None]
-        fig, ax = _axes(ax)
+        fig, ax = axes(ax)
         ax.plot([r["values"]["value"] for r in rows], [r["values"]["kl"] for r in rows], "o-", color="C3",
                 label="ours (final KL)")
         best = PAPER_ABLATION[key][2]
@@ -233,7 +222,7 @@ class Figure5Result(ArtefactResult):
 
         ds = dataset or self.meta["datasets"][0]
         rows = [r for r in self.rows if r["values"].get("dataset") == ds and r["values"].get("hct_kl") is not None]
-        fig, ax = _axes(ax)
+        fig, ax = axes(ax)
         x = np.arange(len(rows))
         vals = [v for r in rows for v in (r["values"]["hct_kl"], r["values"]["vanilla_kl"]) if v]
         floor = min([v for v in vals if v > 0] + [1e-3]) / 10  # a KL of exactly 0 still shows on the log axis
@@ -261,7 +250,7 @@ class PhaseResult(ArtefactResult):
         ds = dataset or self.meta["datasets"][0]
         ph = self.data["phase"][ds]
         rows = ph["rows"]
-        fig, ax = _axes(ax)
+        fig, ax = axes(ax)
         m = [r["multiple"] for r in rows]
         ax.plot(m, [r["kl_theory"] for r in rows], "-", color="k", label="linear VAE, closed form")
         ax.plot(m, [r["kl_linear"] for r in rows], "o", color="C0", label="linear VAE, trained (Adam)")
@@ -292,7 +281,7 @@ class DiffusionResult(ArtefactResult):
 
         ds = dataset or self.meta["datasets"][0]
         d = self.data["diffusion"][ds]
-        fig, ax = _axes(ax)
+        fig, ax = axes(ax)
         for i, (s, v) in enumerate(d["schedules"].items()):
             g = 1.0 - alphabar(s, v["T"])
             ax.plot(np.arange(1, v["T"] + 1), g, color=f"C{i}", label=f"1 - abar_t ({s})")

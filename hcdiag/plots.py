@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def _ax(ax, figsize=(6.4, 4.0)):
+def axes(ax=None, figsize=(6.4, 4.0)):
+    """``(figure, ax)``: the given axes and its figure, or a new headless figure when ``ax`` is None."""
     import matplotlib
 
     if ax is None:
@@ -20,7 +21,7 @@ def _ax(ax, figsize=(6.4, 4.0)):
 
 def clustering_losses_over_training(run, ax=None):
     """Paper Figure 2 (left): l_C of every clustering over training, retained vs discarded, eps_t lines."""
-    fig, ax = _ax(ax)
+    fig, ax = axes(ax)
     h = run.history
     steps = np.asarray(h["step"])
     L = np.asarray(h["losses"])  # (h, R0)
@@ -53,7 +54,7 @@ def clustering_losses_over_training(run, ax=None):
 def distance_to_collapsed(i3_values: dict, ax=None):
     """Paper Figure 2 (right): parameter and function-space distance to the collapsed model, with the
     vanilla reference beside it."""
-    fig, ax = _ax(ax)
+    fig, ax = axes(ax)
     v = i3_values
     x = np.arange(len(v["param_distance"]))
     ax.plot(x, v["param_distance"], "o-", color="C0", label="HCT: ||Theta_s - Theta_collapse||")
@@ -76,7 +77,7 @@ def distance_to_collapsed(i3_values: dict, ax=None):
 
 def path_curves(i2_values: dict, ax=None):
     """I2: historical loss L_(K_T) along straight paths from Theta_T to the collapsed models."""
-    fig, ax = _ax(ax)
+    fig, ax = axes(ax)
     eps = i2_values["eps_T"]
     for key, label, c in (("to_collapsed", "to the collapsed reference (vanilla, 10 lambda_max)", "C0"),
                           ("to_witness", "to the T2 witness (KL = 0, inside F_T?)", "C3")):
@@ -95,7 +96,7 @@ def path_curves(i2_values: dict, ax=None):
 
 def kl_and_active_units(run, ax=None):
     """Paper Figure 3: KL and active units (Burda) over training, stages shaded."""
-    fig, ax = _ax(ax)
+    fig, ax = axes(ax)
     h = run.history
     steps = np.asarray(h["step"])
     ax.plot(steps, np.asarray(h["kl"]), color="C0", label="KL (nats, eval rows)")

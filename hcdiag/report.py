@@ -140,3 +140,31 @@ def _inline(s: str) -> str:
 
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def figure_pngs(figs) -> dict[str, bytes]:
+    """``{file name: PNG bytes}`` of ``[(caption, file name, figure), ...]``; closes each figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    images = {}
+    for _cap, name, fig in figs:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        images[name] = buf.getvalue()
+    return images
+
+
+def write_files(out_dir, files: dict[str, bytes]) -> list[str]:
+    """Write each file to a temporary name in ``out_dir`` and rename it: never a half-written file."""
+    import os
+    from pathlib import Path
+
+    out = Path(out_dir)
+    for name, data in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / name)
+    return sorted(files)

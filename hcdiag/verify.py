@@ -618,10 +618,6 @@ def _fig_table1(ds: str, recs: list[dict], m: float):
 
 def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, recs: list[dict], meta: dict) -> list[str]:
     """``report.md``, ``report.html``, ``results.json`` and PNG figures (each written then renamed)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
     from hcdiag import plots, report
     from hcdiag.cli.common import to_jsonable
     from hcdiag.runfile import load_run
@@ -643,12 +639,7 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
                 figs.append((f"Loss of every clustering over training, {ds}, loss {j['loss']}, s2 = {j['multiple']:g} "
                              "lambda_max (paper Figure 2 left).", f"memory_{ds}_{j['loss']}_m{j['multiple']:g}.png",
                              plots.clustering_losses_over_training(run)))
-    images = {}
-    for _c, name, fig in figs:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        images[name] = buf.getvalue()
+    images = report.figure_pngs(figs)
     md = ["# hcdiag verify: the paper's claims beside our measurements", "",
           f"Preset `{meta['preset']}`, datasets {', '.join(meta['datasets'])}, {meta['seeds']} seed(s), "
           f"{meta['n_runs']} runs, {meta['seconds']:.0f} s wall time. Verdicts: holds / fails / mixed (differs "
@@ -672,11 +663,7 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
                                                      "inconsistencies": [{"topic": k, "where": v} for k, v in INCONSISTENCIES],
                                                      "runs": [{k: r[k] for k in ("job", "run", "checks", "trained", "seconds")}
                                                               for r in recs]}), indent=2).encode()}
-    for name, data in files.items():
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, out_dir / name)
-    return sorted(files)
+    return report.write_files(out_dir, files)
 
 
 def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: int = 1, executor: str = "local",

@@ -24,15 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def write_report(results, run, out_dir, *, run_path, tolerance, require=None) -> list[str]:
     """Write ``report.md``, ``report.html``, ``results.json`` and PNG figures into ``out_dir``; returns
     the file names. Each file is written to a temporary name and renamed: no half-written files."""
-    import io
     import json
-    import os
     from pathlib import Path
 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from hcdiag import plots, report
 
@@ -53,22 +50,13 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None) ->
     if i2 is not None and ("to_collapsed" in i2.values or "to_witness" in i2.values):
         figs.append(("Historical loss along straight paths to the collapsed reference and to the T2 witness "
                      "(Corollary 4.5).", "fig_paths.png", plots.path_curves(i2.values)))
-    images = {}
-    for _cap, name, fig in figs:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        images[name] = buf.getvalue()
+    images = report.figure_pngs(figs)
     md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs],
                          require=require)
     files = {**images, "report.md": md.encode(), "report.html": report.html(md, images).encode(),
              "results.json": json.dumps(report.to_json_doc(results, run_path=run_path, tolerance=tolerance,
                                                            require=require), indent=2).encode()}
-    for name, data in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, out / name)
-    return sorted(files)
+    return report.write_files(out, files)
 
 
 def run(args: argparse.Namespace) -> int:
