@@ -78,7 +78,7 @@ class LinearVAEMetrics:
 
 
 @dataclass(frozen=True)
-class LinearVAEFit:
+class LinearVAEFit(LinearVAEMetrics):
     """A trained linear VAE and its measured collapse metrics (mean over the training data).
 
     Per-dimension arrays have shape ``(latent_dim,)`` in the model's latent order (not sorted).
@@ -90,32 +90,15 @@ class LinearVAEFit:
     last 10% of the steps, a convergence indicator.
     """
 
-    model: LinearVAE = field(repr=False)
-    s2: float
-    latent_dim: int
-    steps: int
-    kl_per_dim: np.ndarray
-    kl: float
-    mu_var: np.ndarray
-    posterior_var: np.ndarray
-    neg_elbo: float
-    recon: float
-    active: np.ndarray
-    final_loss: float
-    loss_change: float
-
-    @property
-    def au_burda(self) -> int:
-        return int(self.active.sum())
+    model: LinearVAE = field(repr=False, default=None)
+    latent_dim: int = 0
+    steps: int = 0
+    final_loss: float = float("nan")
+    loss_change: float = float("nan")
 
     def to_dict(self) -> dict:
-        out = {}
-        for k in ("s2", "latent_dim", "steps", "kl", "neg_elbo", "recon", "final_loss", "loss_change"):
-            out[k] = getattr(self, k)
-        for k in ("kl_per_dim", "mu_var", "posterior_var", "active"):
-            out[k] = getattr(self, k).tolist()
-        out["au_burda"] = self.au_burda
-        return out
+        return {**super().to_dict(), "latent_dim": self.latent_dim, "steps": self.steps,
+                "final_loss": self.final_loss, "loss_change": self.loss_change}
 
 
 def _neg_elbo_terms(x, V, c, logvar, W, b, s2: float):
