@@ -13,8 +13,11 @@ with different seeds; run ``r`` uses seed ``seed + r``. Two backends fit the sam
   log-likelihood lower bound below ``tol``).
 
 Numerics of the torch backend (full covariance): by default everything is float64 and the
-Mahalanobis term is evaluated as a linear function of the quadratic features ``x_i x_j`` (two GEMMs
-per chunk of rows, one for the E-step, one for the M-step's second moments, on centred data).
+weighted log-density is a linear function of the augmented quadratic features
+``f(x) = [x_i x_j (i <= j), x, 1]`` of the centred data, built once (n x (N(N+1)/2 + N + 1), kept
+for the whole fit when it holds at most 2^27 numbers on CPU, else rebuilt per chunk): each EM
+iteration is two GEMMs per chunk of rows against all R*K components at once, one for the E-step
+(``coef @ f^T``), one for ``nk``, ``sum r x`` and ``sum r x x^T`` together (``resp @ f``).
 ``dtype='float32'`` instead works on whitened residuals ``y = (x - m) U`` with ``U U^T = Sigma^{-1}``
 (Cholesky factors in float64) and maps the M-step statistics back with ``L`` (``Sigma = L L^T``):
 ``Sigma_new = L (E_r[y y^T] - E_r[y] E_r[y]^T) L^T``, so nothing large cancels in float32.
@@ -424,7 +427,13 @@ def _kmeans_init_labels(x_np, device, seeds, k, progress):
     ``KMeans(n_init=1, random_state=seed_r)`` does); then Lloyd iterations for all runs at once, in
     float32 (scikit-learn runs k-means in the data's dtype), a run stopping at strict convergence
     (labels unchanged) or when its squared centre shift is at most ``1e-4 * mean(var(x))``
-    (scikit-learn's tolerance), at most 300 iterations. Returns labels (R, n) of the final centres.
+    (scikit-learn's tolerance), at most 300 iterations. Returns labels (R, n) of the final centres:
+    a run that stopped at strict convergence keeps its last labels (its centres no longer move), the
+    others are re-assigned to their final centres, as scikit-learn's ``_kmeans_single_lloyd`` does.
+
+    One Lloyd iteration for the A active runs is one GEMM ``x @ C^T`` against all A*K centres (the
+    squared distance up to the per-row ``||x||^2``), an argmin over each run's K columns, and one
+    GEMM ``onehot^T @ x`` for the new centres; converged runs drop out of the batch.
     """
     import torch
 
@@ -435,24 +444,27 @@ def _kmeans_init_labels(x_np, device, seeds, k, progress):
     n, dim = xt.shape
     c = _kmeans_plusplus(xt, seeds, k)  # (R, K, N)
     r = c.shape[0]
-    done = torch.zeros(r, dtype=torch.bool, device=device)
-    labels_old = torch.full((r, n), -1, dtype=torch.long, device=device)
+    x1 = torch.cat([xt, torch.ones(n, 1, dtype=xt.dtype, device=device)], dim=1)  # (n, N+1): sums and counts
 
-    def assign(c):
+    def assign(c):  # centres (A, K, N) -> labels (A, n) of the nearest centre of each run
         a = c.shape[0]
-        # ||x - c||^2 up to the per-row constant ||x||^2, for all A*K centres in one GEMM
-        d = (c * c).sum(2).reshape(1, a * k) - 2.0 * (xt @ c.reshape(a * k, dim).T)  # (n, A*K)
-        return d.view(n, a, k).argmin(dim=2).T.contiguous()  # (A, n)
+        # ||x - c||^2 up to the per-row ||x||^2, for all A*K centres in one GEMM; (A, K, n)
+        d = torch.addmm((c * c).sum(2).reshape(a * k, 1), c.reshape(a * k, dim), xt.T, alpha=-2.0).view(a, k, n)
+        return torch.min(d, dim=1).indices  # first minimum, as argmin; min over the middle axis is fast
 
+    final = torch.empty(r, n, dtype=torch.long, device=device)  # labels of the runs that are done
+    reassign = []  # runs stopped by the shift tolerance (or max_iter): re-assign to their final centres
+    act = np.arange(r)  # runs still iterating
+    labels_old = None  # (A, n) labels of the active runs at the previous iteration
     for it in range(300):
-        act = torch.nonzero(~done).flatten()  # runs still iterating (finished runs are frozen)
         a = len(act)
         ca = c[act]  # (A, K, N)
-        labels = assign(ca)
-        cols = (labels + (torch.arange(a, device=device) * k)[:, None]).T  # (n, A): column in the (A*K) layout
-        onehot = torch.zeros(n, a * k, dtype=xt.dtype, device=device).scatter_(1, cols, 1.0)  # (n, A*K)
-        counts = onehot.sum(0).view(a, k)
-        new = (onehot.T @ xt).view(a, k, dim) / counts.clamp_min(1)[..., None]  # (A, K, N)
+        labels = assign(ca)  # (A, n)
+        rows = labels + torch.arange(0, a * k, k, device=device)[:, None]  # (A, n): row in the (A*K) layout
+        onehot = torch.zeros(a * k, n, dtype=xt.dtype, device=device).scatter_(0, rows, 1.0)  # (A*K, n)
+        sums = (onehot @ x1).view(a, k, dim + 1)  # (A, K, N+1): sum of the members, count
+        counts = sums[..., dim]
+        new = sums[..., :dim] / counts.clamp_min(1)[..., None]  # (A, K, N)
         empty = counts == 0
         if bool(empty.any()):  # scikit-learn relocates empty clusters to the points farthest from their centre
             for ri in torch.nonzero(empty.any(1)).flatten().tolist():
@@ -460,52 +472,111 @@ def _kmeans_init_labels(x_np, device, seeds, k, progress):
                 far = torch.argsort(dist, descending=True)
                 for j, ki in enumerate(torch.nonzero(empty[ri]).flatten().tolist()):
                     new[ri, ki] = xt[far[j]]
-        shift = ((new - ca) ** 2).sum((1, 2))
-        strict = (labels == labels_old[act]).all(1)
         c[act] = new
-        labels_old[act] = labels
-        done[act] = strict | (shift <= tol)
-        if bool(done.all()):
+        strict = np.zeros(a, dtype=bool) if labels_old is None else (labels == labels_old).all(1).cpu().numpy()
+        small = (((new - ca) ** 2).sum((1, 2)) <= tol).cpu().numpy()
+        stop = strict | small | (it == 299)
+        if stop.any():
+            idx = np.flatnonzero(stop)
+            final[act[idx]] = labels[idx]
+            reassign.extend(act[idx[~strict[idx]]].tolist())
+            keep = np.flatnonzero(~stop)
+            act = act[keep]
+            labels_old = labels[keep]
+        else:
+            labels_old = labels
+        if len(act) == 0:
             break
+    if reassign:
+        runs = np.asarray(sorted(reassign))
+        final[runs] = assign(c[runs])
     if progress is not None:
         progress(f"k-means init: {it + 1} Lloyd iterations for {r} runs")
-    return assign(c)
+    return final  # (R, n)
 
 
 def _init_resp(x_np, xt, seeds, k, init, progress):
-    """Initial responsibilities (R, n, K), float64, as scikit-learn's ``_initialize_parameters``."""
+    """Initial responsibilities as scikit-learn's ``_initialize_parameters``, float64 of shape (n, R*K)
+    (column ``r*K + k`` is component k of run r: the layout of the batched GEMMs)."""
     import torch
 
     n = x_np.shape[0]
+    r = len(seeds)
     if init == "random":
-        resp = np.stack([np.random.RandomState(int(s)).uniform(size=(n, k)) for s in seeds])
+        resp = np.stack([np.random.RandomState(int(s)).uniform(size=(n, k)) for s in seeds], axis=1)  # (n, R, K)
         resp /= resp.sum(axis=2, keepdims=True)
-        return torch.as_tensor(resp, dtype=torch.float64, device=xt.device)
-    labels = _kmeans_init_labels(x_np, xt.device, seeds, k, progress)
-    return torch.nn.functional.one_hot(labels, k).to(torch.float64)
+        return torch.as_tensor(resp.reshape(n, r * k), dtype=torch.float64, device=xt.device)
+    labels = _kmeans_init_labels(x_np, xt.device, seeds, k, progress)  # (R, n)
+    cols = labels.T + torch.arange(0, r * k, k, device=xt.device)  # (n, R)
+    return torch.zeros(n, r * k, dtype=torch.float64, device=xt.device).scatter_(1, cols, 1.0)
 
 
-def _init_params(xt64, resp, covariance, reg_covar):
-    """scikit-learn's ``_initialize``: weights, means and covariances from responsibilities (R, n, K)."""
+#: Largest feature matrix kept for the whole EM (numbers): (n, N(N+1)/2 + N + 1) float64, 1 GiB on CPU.
+_FEATURE_CACHE = {"cpu": 1 << 27, "cuda": 1 << 29}
+
+
+def _quad_features(xs):
+    """Augmented quadratic features ``[x_i x_j (i <= j, row-major upper triangle), x, 1]`` of rows
+    ``xs`` (c, N): shape (c, N(N+1)/2 + N + 1), same dtype. With them the Gaussian log-density is
+    one GEMM (``_estep_full64``) and ``nk``, ``sum r x`` and ``sum r x x^T`` are another."""
+    import torch
+
+    c, dim = xs.shape
+    p = dim * (dim + 1) // 2
+    out = torch.empty(c, p + dim + 1, dtype=xs.dtype, device=xs.device)
+    o = 0
+    for i in range(dim):  # N slice products: much faster than gathering xs[:, iu] * xs[:, ju]
+        torch.mul(xs[:, i:i + 1], xs[:, i:], out=out[:, o:o + dim - i])
+        o += dim - i
+    out[:, p:p + dim] = xs
+    out[:, p + dim] = 1.0
+    return out
+
+
+def _feature_chunks(xt64, feats, step):
+    """Yield row chunks of the augmented quadratic features: views of ``feats`` (n, P') when it was
+    cached, else built per chunk from ``xt64`` (n, N)."""
+    n = xt64.shape[0]
+    for s in range(0, n, step):
+        yield feats[s:s + step] if feats is not None else _quad_features(xt64[s:s + step])
+
+
+def _features_or_none(xt64):
+    """The features of all rows when they fit in ``_FEATURE_CACHE`` numbers, else None (built per chunk)."""
+    n, dim = xt64.shape
+    width = dim * (dim + 1) // 2 + dim + 1
+    budget = _FEATURE_CACHE["cuda" if xt64.device.type == "cuda" else "cpu"]
+    return _quad_features(xt64) if n * width <= budget else None
+
+
+def _moments_full(stats, a, k, dim):
+    """Split the (A*K, P+N+1) GEMM ``resp^T @ features`` into ``nk (A, K)``, ``s1 (A, K, N)``, ``s2 (A, K, P)``."""
+    p = dim * (dim + 1) // 2
+    stats = stats.view(a, k, -1)
+    return stats[..., p + dim], stats[..., p:p + dim], stats[..., :p]
+
+
+def _init_params(xt64, resp, r, k, covariance, reg_covar, feats=None):
+    """scikit-learn's ``_initialize``: weights, means and covariances from responsibilities (n, R*K)."""
     import torch
 
     n, dim = xt64.shape
-    r, _, k = resp.shape
-    flat = resp.permute(1, 0, 2).reshape(n, r * k)  # (n, R*K): one GEMM for all runs, not R thin ones
-    nk = flat.sum(0).view(r, k) + 10 * torch.finfo(torch.float64).eps  # (R, K)
-    s1 = (flat.T @ xt64).view(r, k, dim)  # (R, K, N)
+    eps = 10 * torch.finfo(torch.float64).eps
     if covariance == "diag":
-        means = s1 / nk[..., None]
-        ex2 = (flat.T @ (xt64 * xt64)).view(r, k, dim) / nk[..., None]
+        nk = resp.sum(0).view(r, k) + eps  # (R, K)
+        means = (resp.T @ xt64).view(r, k, dim) / nk[..., None]  # (R, K, N): one GEMM for all runs
+        ex2 = (resp.T @ (xt64 * xt64)).view(r, k, dim) / nk[..., None]
         cov = ex2 - 2.0 * means * means + means * means + reg_covar  # sklearn's _estimate_gaussian_covariances_diag
     else:
         iu, ju = torch.triu_indices(dim, dim, device=xt64.device)
-        s2 = torch.zeros(r * k, len(iu), dtype=torch.float64, device=xt64.device)
-        step = _chunk_rows(n, len(iu) + r * k, xt64.device)
-        for s in range(0, n, step):
-            xs = xt64[s:s + step]
-            s2 += flat[s:s + step].T @ (xs[:, iu] * xs[:, ju])  # (R*K, N(N+1)/2)
-        means, cov = _full_from_moments(nk, s1, s2.view(r, k, -1), iu, ju, dim, reg_covar)
+        width = len(iu) + dim + 1
+        stats = torch.zeros(r * k, width, dtype=torch.float64, device=xt64.device)
+        step = _chunk_rows(n, width + r * k, xt64.device)
+        for s, f in zip(range(0, n, step), _feature_chunks(xt64, feats, step)):
+            stats += resp[s:s + step].T @ f  # (R*K, P+N+1)
+        nk, s1, s2 = _moments_full(stats, r, k, dim)
+        nk = nk + eps
+        means, cov = _full_from_moments(nk, s1, s2, iu, ju, dim, reg_covar)
     return nk / nk.sum(1, keepdim=True), means, cov
 
 
@@ -534,14 +605,17 @@ def _cholesky(cov, runs):
     return chol
 
 
-def _estep_full64(xt64, means, cov, weights, runs, stats: bool):
+def _estep_full64(xt64, feats, means, cov, weights, runs, stats: bool):
     """E-step for full covariances in float64, all A runs of the batch in one pass over the data.
 
-    The Mahalanobis term is a linear function of the quadratic features ``f(x) = (x_i x_j)_{i<=j}``:
-    ``(x-m)^T P (x-m) = f(x) . w(P) - 2 x . P m + m^T P m`` with ``P = Sigma^-1`` and ``w`` doubling the
-    off-diagonal entries, so the E-step and the M-step's second moments are two GEMMs per chunk.
-    Returns the mean log-likelihood per run (A,) and, if ``stats``, ``nk (A, K)``, ``sum_i r x (A, K, N)``
-    and ``sum_i r f(x) (A, K, N(N+1)/2)``.
+    The weighted log-density is a linear function of the augmented quadratic features
+    ``f(x) = [(x_i x_j)_{i<=j}, x, 1]`` (:func:`_quad_features`, ``feats`` when cached):
+    ``log pi_k + log N(x | m, Sigma) = -0.5 (x_i x_j) . w(P) + x . P m + c_k`` with ``P = Sigma^-1``,
+    ``w`` doubling the off-diagonal entries and ``c_k = log pi_k - 0.5 (N log 2 pi + log det Sigma +
+    m^T P m)``, so the E-step is one GEMM per chunk against all A*K components, and the M-step's
+    ``nk``, ``sum r x`` and ``sum r x x^T`` are one more (``resp^T @ f``). Returns the mean
+    log-likelihood per run (A,) and, if ``stats``, ``nk (A, K)``, ``sum_i r x (A, K, N)`` and
+    ``sum_i r x x^T`` (upper triangle, (A, K, N(N+1)/2)).
     """
     import torch
 
@@ -549,34 +623,38 @@ def _estep_full64(xt64, means, cov, weights, runs, stats: bool):
     a, k = weights.shape
     dev = xt64.device
     iu, ju = torch.triu_indices(dim, dim, device=dev)
+    p = len(iu)
     chol = _cholesky(cov, runs)  # (A, K, N, N)
     prec = torch.cholesky_inverse(chol)  # (A, K, N, N)
     logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (A, K), log det Sigma
-    wq = (prec[..., iu, ju] * torch.where(iu == ju, 1.0, 2.0).to(prec)).reshape(a * k, -1).T  # (P, A*K)
     pm = (prec @ means[..., None]).squeeze(-1)  # (A, K, N)
-    lin = (-2.0 * pm).reshape(a * k, dim).T  # (N, A*K)
-    const = (torch.log(weights) - 0.5 * (dim * _LOG_2PI + logdet + (means * pm).sum(-1))).reshape(1, a * k)
+    # coefficients of every component in rows, (A*K, P'): the GEMM coef @ f^T is much faster on CPU
+    # than f @ coef^T (M = A*K small, N = rows large), and leaves each run's K values on a middle axis
+    coef = torch.empty(a * k, p + dim + 1, dtype=torch.float64, device=dev)
+    coef[:, :p] = (prec[..., iu, ju] * torch.where(iu == ju, -0.5, -1.0).to(prec)).reshape(a * k, p)
+    coef[:, p:p + dim] = pm.reshape(a * k, dim)
+    coef[:, p + dim] = (torch.log(weights) - 0.5 * (dim * _LOG_2PI + logdet + (means * pm).sum(-1))).reshape(a * k)
     ll = torch.zeros(a, dtype=torch.float64, device=dev)
     if stats:
-        nk = torch.zeros(a * k, dtype=torch.float64, device=dev)
-        s1 = torch.zeros(a * k, dim, dtype=torch.float64, device=dev)
-        s2 = torch.zeros(a * k, len(iu), dtype=torch.float64, device=dev)
-    step = _chunk_rows(n, len(iu) + 3 * a * k, dev)
-    for s in range(0, n, step):
-        xs = xt64[s:s + step]
-        f = xs[:, iu] * xs[:, ju]  # (c, P)
-        lp = torch.addmm(const, f, wq, alpha=-0.5)  # (c, A*K)
-        lp = torch.addmm(lp, xs, lin, alpha=-0.5).view(-1, a, k)  # log pi_k + log N(x | m_k, Sigma_k)
-        lse = torch.logsumexp(lp, dim=2)  # (c, A)
-        ll += lse.sum(0)
+        acc = torch.zeros(a * k, p + dim + 1, dtype=torch.float64, device=dev)
+    step = _chunk_rows(n, p + dim + 1 + 2 * a * k, dev)
+    for f in _feature_chunks(xt64, feats, step):
+        lp = coef @ f.T  # (A*K, c): log pi_k + log N(x | m_k, Sigma_k) of every run's components
+        lp3 = lp.view(a, k, -1)
         if stats:
-            resp = torch.exp(lp - lse[..., None]).view(-1, a * k)  # (c, A*K)
-            nk += resp.sum(0)
-            s1 += resp.T @ xs
-            s2 += resp.T @ f
+            # logsumexp and the responsibilities from one exp, in place: resp = exp(lp - max) / sum
+            top = lp3.amax(dim=1, keepdim=True)  # (A, 1, c)
+            lp3.sub_(top).exp_()
+            tot = lp3.sum(dim=1, keepdim=True)
+            ll += (top + torch.log(tot)).sum((1, 2))
+            lp3.div_(tot)
+            acc += lp @ f  # (A*K, P'): nk, sum r x, sum r x x^T
+        else:
+            ll += torch.logsumexp(lp3, dim=1).sum(-1)
     if not stats:
         return ll / n
-    return ll / n, nk.view(a, k), s1.view(a, k, dim), s2.view(a, k, -1), (iu, ju)
+    nk, s1, s2 = _moments_full(acc, a, k, dim)
+    return ll / n, nk, s1, s2, (iu, ju)
 
 
 def _estep_full32(xt, means, cov, weights, runs, stats: bool):
@@ -642,13 +720,16 @@ def _estep_diag(xt, means, var, weights):
         yield s, xs, const[..., None] - 0.5 * q
 
 
-def _em_step(xt, covariance, dtype, m, c, w, runs, reg_covar, eps):
-    """One EM iteration for the batch: returns (lower bound (A,), new means, new covariances, nk)."""
+def _em_step(xt, covariance, dtype, m, c, w, runs, reg_covar, eps, feats=None):
+    """One EM iteration for the batch: returns (lower bound (A,), new means, new covariances, nk).
+
+    ``feats`` : the cached quadratic features of ``xt`` (full, float64), or None.
+    """
     import torch
 
     dim = xt.shape[1]
     if covariance == "full" and dtype == "float64":
-        ll, nk, s1, s2, (iu, ju) = _estep_full64(xt, m, c, w, runs, stats=True)
+        ll, nk, s1, s2, (iu, ju) = _estep_full64(xt, feats, m, c, w, runs, stats=True)
         nk = nk + eps
         new_means, new_cov = _full_from_moments(nk, s1, s2, iu, ju, dim, reg_covar)
     elif covariance == "full":
@@ -681,12 +762,12 @@ def _em_step(xt, covariance, dtype, m, c, w, runs, reg_covar, eps):
     return ll, new_means, new_cov, nk
 
 
-def _loglik(xt, covariance, dtype, means, cov, weights, runs):
+def _loglik(xt, covariance, dtype, means, cov, weights, runs, feats=None):
     """Mean per-sample log-likelihood (R,) at the given parameters (scikit-learn's ``score``)."""
     import torch
 
     if covariance == "full" and dtype == "float64":
-        return _estep_full64(xt, means, cov, weights, runs, stats=False)
+        return _estep_full64(xt, feats, means, cov, weights, runs, stats=False)
     if covariance == "full":
         return _estep_full32(xt, means, cov, weights, runs, stats=False)
     ll = torch.zeros(weights.shape[0], dtype=torch.float64, device=xt.device)
@@ -704,8 +785,10 @@ def _fit_torch(x_np, seeds, k, covariance, init, max_iter, tol, reg_covar, devic
     xt64 = torch.as_tensor(x64 - shift, device=device)
     xt = xt64 if tdtype == torch.float64 else xt64.to(tdtype)
     r = len(seeds)
-    resp = _init_resp(x64 - shift, xt, seeds, k, init, progress)
-    weights, means, cov = _init_params(xt64, resp, covariance, reg_covar)
+    resp = _init_resp(x64 - shift, xt, seeds, k, init, progress)  # (n, R*K)
+    # full float64: the quadratic features are built once for the init, every EM step and the score
+    feats = _features_or_none(xt64) if covariance == "full" and dtype == "float64" else None
+    weights, means, cov = _init_params(xt64, resp, r, k, covariance, reg_covar, feats)
     del resp
     eps = 10 * torch.finfo(tdtype).eps  # sklearn: nk + 10 eps of the responsibilities' dtype
     lower = torch.full((r,), -math.inf, dtype=torch.float64, device=device)
@@ -715,7 +798,7 @@ def _fit_torch(x_np, seeds, k, covariance, init, max_iter, tol, reg_covar, devic
     for it in range(1, max_iter + 1):
         idx = torch.as_tensor(active, device=device)
         ll, new_means, new_cov, nk = _em_step(xt, covariance, dtype, means[idx], cov[idx], weights[idx],
-                                              seeds[active], reg_covar, eps)
+                                              seeds[active], reg_covar, eps, feats)
         if not bool(torch.isfinite(ll).all()):
             raise NumericalError("EM produced a non-finite log-likelihood; " + _ILL_DEFINED)
         means[idx], cov[idx], weights[idx] = new_means, new_cov, nk / nk.sum(1, keepdim=True)
@@ -730,7 +813,8 @@ def _fit_torch(x_np, seeds, k, covariance, init, max_iter, tol, reg_covar, devic
                      f"{float(ll.mean()):.4f}")
         if len(active) == 0:
             break
-    loglik = _loglik(xt, covariance, dtype, means, cov, weights, seeds)
+    loglik = _loglik(xt, covariance, dtype, means, cov, weights, seeds, feats)
+    del feats
     means = means.cpu().numpy() + shift
     return (means.astype(np.float32), weights.cpu().numpy(), cov.cpu().numpy(), loglik.cpu().numpy(),
             n_iter, converged)
