@@ -9,7 +9,11 @@ Three methods, one code path on CPU and CUDA (torch does the heavy products, ``d
 - ``exact``: two passes (mean, then the centred d x d Gram in float64 chunks), then ``eigh``.
 - ``lanczos``: matrix-free block Krylov (block Lanczos with full re-orthogonalisation and
   Rayleigh-Ritz). One read of the data applies ``Sigma`` to a whole block ``V`` of vectors as
-  ``X^T (X V) / n - mu (mu^T V)`` (implicit centring); no d x d matrix is ever formed.
+  ``X^T (X V) / n - mu (mu^T V)`` (implicit centring); no d x d matrix is ever formed. On
+  float32 data in memory the Krylov passes run in float32 (sgemm on the data as given, no
+  copy) until the leading vectors are good to ~1e-6, then a float64 pass gives the Rayleigh-Ritz
+  values (error quadratic in the vectors': float64 accuracy) and the error bounds; more float64
+  passes follow only if those bounds miss ``tol``.
 - ``streaming``: one pass over row chunks (a memmap is read once), float64 Gram and sums of the
   rows shifted by a provisional mean, then ``eigh``.
 
@@ -45,6 +49,18 @@ STREAMING_MAX_D = 4096
 ZERO_REL = 1e-12
 
 _MiB = 1 << 20
+# lanczos on float32 in-memory data: a float32 phase (blocks of top + F32_BLOCK vectors: thin
+# sgemm is flop-bound at d ~ 3000, so narrow blocks and a few more passes win) runs until the
+# residuals are below F32_RESID * lambda_max; then float64 passes on its top + F64_WIDTH Ritz
+# vectors finish (one suffices when the float32 vectors are good to ~1e-6: eigenvalue error
+# quadratic in theirs)
+F32_BLOCK = 7
+F32_RESID = 1e-6
+F64_WIDTH = 4
+# bytes per row chunk of the thin products on CPU (float32 data read / float64 converted chunk):
+# small enough to stay in cache, so both products and the conversion read memory once
+F32_CHUNK_BYTES = 4 * _MiB
+F64_CHUNK_BYTES = 2 * _MiB
 # lanczos keeps a float64 copy of the (shifted) data when it is at most this big (GPU: 40% free)
 CACHE_BYTES = 1536 * _MiB
 
@@ -198,6 +214,109 @@ class _Rows:
             self._cache, self._filling, self._buf = fill, None, None
 
 
+def _thin_pass(x, vt, shift, *, chunk_rows: int, sums: bool):
+    """One read of ``x`` (n, d) for ``acc = V^T Y^T Y`` with ``Y = x - 1 shift^T``, shape (b, d).
+
+    vt : (b, d) the vectors as rows, in the dtype of the products: float32 runs sgemm on the
+        float32 data as given (no copy); float64 converts cache-sized row chunks of ``x`` first.
+    sums : also return the column sums of Y (d,) and ``sum Y^2`` (float64; else None). For float32
+        products the sums come from the same sgemm (float32 accuracy) and ``sum Y^2`` is None.
+
+    On CPU the chunks are split into a fixed number of contiguous groups, each summed in order
+    (the result does not depend on the schedule), and the groups are taken by ``torch`` thread
+    count workers that each run single-threaded BLAS on chunks that stay in cache: no worker
+    waits for another inside a product, which on shared cores costs more than the products.
+    """
+    import threading
+
+    import torch
+
+    n, d = x.shape
+    dt, dev = vt.dtype, vt.device
+    f64 = dt == torch.float64
+    shift = shift.to(dt)
+    ones = sums and not f64  # float32: an extra row of (Y V)^T set to 1 sums the rows of Y in the same product
+    if ones:
+        vt = torch.cat([vt, torch.zeros((1, d), dtype=dt, device=dev)])
+    c = None if f64 else vt @ shift  # (b,): (Y V)^T = (X V)^T - c 1^T
+    if ones:
+        c[-1] = -1.0
+    starts = list(range(0, n, chunk_rows))
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    n_groups = min(len(starts), 4 * workers if workers > 1 else 1)
+    bounds = np.linspace(0, len(starts), n_groups + 1).round().astype(int)
+    parts = [None] * n_groups
+
+    def group(k):
+        acc = torch.zeros((vt.shape[0], d), dtype=dt, device=dev)
+        psum = None if f64 else torch.zeros(vt.shape[0], dtype=dt, device=dev)
+        csum = torch.zeros(d, dtype=torch.float64, device=dev) if sums else None
+        ss = torch.zeros((), dtype=torch.float64, device=dev) if sums and f64 else None
+        buf = torch.empty((chunk_rows, d), dtype=dt, device=dev) if f64 else None
+        for s in starts[bounds[k]:bounds[k + 1]]:
+            e = min(n, s + chunk_rows)
+            if f64:
+                y = buf[: e - s]
+                y.copy_(x[s:e])  # float32 -> float64 exactly
+                y.sub_(shift)
+                pt = vt @ y.mT  # (b, r)
+                if sums:
+                    csum += y.sum(dim=0)
+                    flat = y.reshape(-1)
+                    ss += flat @ flat
+            else:
+                y = x[s:e]
+                pt = vt @ y.mT
+                pt -= c[:, None]
+                psum += pt.sum(dim=1)
+            acc.addmm_(pt, y)
+        if not f64:  # (Y V)^T Y = (Y V)^T X - (1^T Y V)^T shift^T
+            acc -= psum[:, None] * shift[None, :]
+            if ones:
+                acc, csum = acc[:-1], acc[-1].to(torch.float64)
+        parts[k] = (acc, csum, ss)
+
+    if workers == 1:
+        for k in range(n_groups):
+            group(k)
+    else:
+        threads = torch.get_num_threads()
+        todo = iter(range(n_groups))
+        lock, errors = threading.Lock(), []
+
+        def work():
+            torch.set_num_threads(1)
+            try:
+                while True:
+                    with lock:
+                        k = next(todo, None)
+                    if k is None:
+                        return
+                    group(k)
+            except BaseException as err:  # re-raised in the calling thread
+                errors.append(err)
+
+        pool = [threading.Thread(target=work) for _ in range(workers)]
+        try:
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+        finally:
+            torch.set_num_threads(threads)
+        if errors:
+            raise errors[0]
+    acc = parts[0][0].clone()
+    for part in parts[1:]:
+        acc += part[0]
+    if not sums:
+        return acc, None, None
+    csum = parts[0][1].clone()
+    for part in parts[1:]:
+        csum += part[1]
+    return acc, csum, sum(p[2] for p in parts[1:]) + parts[0][2] if f64 else None
+
+
 class _CovOperator:
     """``V -> Sigma_g V`` for a batch of G covariances (bootstrap weights) without forming Sigma.
 
@@ -207,8 +326,8 @@ class _CovOperator:
     squares for the trace), so no separate pass is needed for the centring.
     """
 
-    def __init__(self, rows: _Rows, weights=None):
-        self.rows, self.weights = rows, weights
+    def __init__(self, rows: _Rows, weights=None, chunk_rows: int | None = None):
+        self.rows, self.weights, self.chunk_rows = rows, weights, chunk_rows
         self.mu = None  # (d, G) mean of the shifted rows
         self.sumsq = None
         self.passes = 0
@@ -220,29 +339,80 @@ class _CovOperator:
         n = self.rows.n
         # vectors as rows: BLAS runs the thin products V^T Y^T and P^T Y several times faster
         vt = v.mT.reshape(g * b, d)  # (G*b, d)
-        acc = torch.zeros((g * b, d), dtype=torch.float64, device=v.device)
         first = self.mu is None
+        rows = self.rows
+        if (self.chunk_rows is not None and self.weights is None and rows._base is not None
+                and rows._cache is None and rows._filling is None):  # in-memory data, read once, no copy kept
+            acc, s, ss = _thin_pass(rows._base, vt, rows.shift, chunk_rows=self.chunk_rows,
+                                    sums=first)
+            if first:
+                self.mu, self.sumsq = (s[None, :] / n).mT, ss
+            return self._finish(acc, v)
+        ones = first and self.weights is None  # an extra row of P^T set to 1 sums the rows in the same product
+        if ones:
+            vt = torch.cat([vt, torch.zeros((1, d), dtype=vt.dtype, device=vt.device)])
+        acc = torch.zeros((vt.shape[0], d), dtype=torch.float64, device=v.device)
         if first:
             s = torch.zeros((g, d), dtype=torch.float64, device=v.device)
             ss = torch.zeros((), dtype=torch.float64, device=v.device)
-        for s0, e0, y in self.rows.chunks():
-            pt = vt @ y.mT  # (G*b, r)
+        for s0, e0, y in self.rows.chunks(self.chunk_rows):
+            pt = vt @ y.mT  # (G*b[+1], r)
             if self.weights is not None:
                 wt = self.weights[s0:e0].mT  # (G, r)
                 pt = (pt.view(g, b, -1) * wt[:, None, :]).view(g * b, -1)
                 if first:
                     s.addmm_(wt, y)
             elif first:
-                s += y.sum(dim=0)[None, :]
+                pt[-1] = 1.0
                 flat = y.reshape(-1)
                 ss += flat @ flat
             acc.addmm_(pt, y)  # (X^T (X V))^T: the same chunk serves both products
+        if ones:
+            s, acc = acc[-1:], acc[:-1]
         if first:
             self.mu, self.sumsq = (s / n).mT, ss  # mu: (d, G)
+        return self._finish(acc, v)
+
+    def _finish(self, acc, v):
+        g, d, b = v.shape
+        n = self.rows.n
         self.passes += 1
         mu = self.mu.mT[:, :, None]  # (G, d, 1)
         av = acc.view(g, b, d).mT / n - mu @ (mu.mT @ v)  # (G, d, b)
         return av.contiguous()
+
+
+class _Cov32Operator:
+    """``V -> Sigma V`` in float32 products on in-memory float32 data ``x`` (n, d), no copy of it.
+
+    The cheap phase of lanczos: sgemm reads half the bytes of a float64 pass and runs at about
+    twice the flop rate, but carries rounding errors of order 1e-7 * ||Sigma||, so it only
+    serves to find the leading eigenvectors; a float64 pass (:class:`_CovOperator`) then gives
+    the eigenvalues (error quadratic in the vectors' error). Centring is implicit, by the shift
+    ``c`` of :class:`_Rows`: ``Sigma V = (X - 1 c^T)^T (X - 1 c^T) V / n - (m - c)(m - c)^T V``.
+    """
+
+    def __init__(self, rows: _Rows, chunk_rows: int | None = None):
+        self.x = rows._base  # (n, d) float32 tensor on the device
+        self.n = rows.n
+        self.shift = rows.shift  # (d,) float64
+        self.dmu = None  # (d,) float32 column mean minus shift
+        self.passes = 0
+        big = rows.device.type != "cpu"  # GPU: one product over all rows; CPU: cache-sized chunks
+        self.chunk_rows = chunk_rows or (self.n if big else max(64, F32_CHUNK_BYTES // (4 * rows.d)))
+
+    def __call__(self, v):
+        import torch
+
+        g, d, b = v.shape  # (1, d, b) float64
+        vt = v[0].mT.to(torch.float32).contiguous()  # (b, d): vectors as rows, the fast BLAS layout
+        first = self.dmu is None
+        acc, csum, _ = _thin_pass(self.x, vt, self.shift, chunk_rows=self.chunk_rows, sums=first)
+        if first:
+            self.dmu = (csum / self.n).to(torch.float32)  # column mean minus shift
+        av = acc / self.n - (vt @ self.dmu)[:, None] * self.dmu[None, :]  # (b, d)
+        self.passes += 1
+        return av.mT[None].to(torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +457,8 @@ class _KrylovResult:
 
 
 def _block_krylov(apply, d: int, batch: int, *, top: int, block: int, tol: float, max_iter: int,
-                  rng, device, start=None, max_basis: int | None = None) -> _KrylovResult:
+                  rng, device, start=None, max_basis: int | None = None, init=None,
+                  resid_tol: float | None = None) -> _KrylovResult:
     """Largest ``top`` eigenvalues of ``batch`` symmetric PSD operators given only ``apply``.
 
     apply : maps V of shape (G, d, b) to ``A_g V_g`` of shape (G, d, b); one call = one data pass.
@@ -297,19 +468,57 @@ def _block_krylov(apply, d: int, batch: int, *, top: int, block: int, tol: float
     spans the next block-Krylov direction. Stops when every wanted Ritz value's error bound
     ``min(|r|, |r|^2 / gap)`` (Kato-Temple, gap against the neighbours' inclusion intervals) is
     at most ``tol * theta_1``, when Q spans all of R^d, or after ``max_iter`` applications.
+
+    init : optional (G, d, c) starting basis (e.g. Ritz vectors from a cheaper solve); it replaces
+        the random start block and may be wider than ``block``.
+    resid_tol : if given, stop instead when every wanted residual ``|A u - theta u|`` is at most
+        ``resid_tol * theta_1`` (a vector-accuracy target for the float32 phase, whose operator
+        carries rounding errors of order 1e-7 that no eigenvalue bound can go below), or when three
+        iterations did not halve the largest such residual (its rounding floor is reached).
     """
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return _block_krylov_impl(apply, d, batch, top=top, block=block, tol=tol, max_iter=max_iter, rng=rng,
+                                  device=device, start=start, max_basis=max_basis, init=init, resid_tol=resid_tol)
+    # the small dense steps (QR, eigh, d x m products) run on one thread: on shared cores a parallel
+    # region of microseconds can wait a whole scheduler slice for its second thread; the data
+    # passes (apply) keep every thread
+    threads = torch.get_num_threads()
+
+    def apply_all_threads(v):
+        torch.set_num_threads(threads)
+        try:
+            return apply(v)
+        finally:
+            torch.set_num_threads(1)
+
+    torch.set_num_threads(1)
+    try:
+        return _block_krylov_impl(apply_all_threads, d, batch, top=top, block=block, tol=tol, max_iter=max_iter,
+                                  rng=rng, device=device, start=start, max_basis=max_basis, init=init,
+                                  resid_tol=resid_tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _block_krylov_impl(apply, d, batch, *, top, block, tol, max_iter, rng, device, start, max_basis, init,
+                       resid_tol) -> _KrylovResult:
     import torch
 
     b = min(block, d)
     max_basis = d if max_basis is None else max(min(max_basis, d), min(d, b + top + b))
-    v = torch.from_numpy(rng.standard_normal((batch, d, b))).to(device)
-    if start is not None:
-        k0 = min(start.shape[-1], b)
-        v[:, :, :k0] = start[..., :k0].to(v)
-    q = _orthonormalize(None, v, rng)
+    if init is not None:
+        q = _orthonormalize(None, init.to(device=device, dtype=torch.float64), rng)
+    else:
+        v = torch.from_numpy(rng.standard_normal((batch, d, b))).to(device)
+        if start is not None:
+            k0 = min(start.shape[-1], b)
+            v[:, :, :k0] = start[..., :k0].to(v)
+        q = _orthonormalize(None, v, rng)
     w = apply(q)
     h = q.mT @ w
-    it = 1
+    it, history = 1, []
     while True:
         h = 0.5 * (h + h.mT)
         theta, y = torch.linalg.eigh(h)  # ascending
@@ -329,8 +538,14 @@ def _block_krylov(apply, d: int, batch: int, *, top: int, block: int, tol: float
         quad = torch.where(gap > rk, rk * rk / gap.clamp_min(1e-300), rk)
         err = torch.minimum(rk, quad)
         full = m >= d
-        conv = (err <= tol * scale).all(dim=1) | full
-        if bool(conv.all()) or it >= max_iter:
+        if resid_tol is None:
+            conv = (err <= tol * scale).all(dim=1) | full
+        else:
+            conv = (rk <= resid_tol * scale).all(dim=1) | full
+            history.append(float((rk / scale).max()))
+        # a residual floor (inexact operator): stop when 3 steps did not halve the residual
+        stalled = len(history) > 3 and history[-1] > 0.5 * history[-4]
+        if bool(conv.all()) or it >= max_iter or stalled:
             break
         b_new = min(b, d - m)
         z = r[..., :b_new]
@@ -470,15 +685,35 @@ def spectrum(x, *, top: int = 10, method: str = "auto", device="auto", bootstrap
     rng = np.random.default_rng([seed, 0])
 
     def run_lanczos(max_iter):
-        rows.cache(CACHE_BYTES)
-        op = _CovOperator(rows)
         b = _block_size(top, d)
-        res = _block_krylov(op, d, 1, top=top, block=b, tol=tol, max_iter=max_iter, rng=rng, device=dev,
-                            max_basis=max(3 * b + top, min(40 * b, (256 * _MiB) // (16 * d))))
+        init, p32, it32 = None, 0, 0
+        b32 = min(d, top + F32_BLOCK)
+        if rows._base is not None and rows._base.dtype == torch.float32 and d > 2 * b32:
+            # float32 phase: the leading vectors from sgemm passes over the data as given (no copy)
+            op32 = _Cov32Operator(rows, chunk_rows)
+            res32 = _block_krylov(op32, d, 1, top=top, block=b32, tol=tol, max_iter=max(1, max_iter // 2),
+                                  rng=rng, device=dev, resid_tol=F32_RESID,
+                                  max_basis=max(3 * b32 + top, min(40 * b32, (256 * _MiB) // (16 * d))))
+            init, p32, it32 = res32.vectors[..., :top + F64_WIDTH], op32.passes, res32.n_iter
+            max_iter = max(1, max_iter - p32)
+        op = _CovOperator(rows, chunk_rows=None if init is None or dev.type != "cpu"
+                          else chunk_rows or max(64, F64_CHUNK_BYTES // (8 * d)))
+        if init is None:
+            rows.cache(CACHE_BYTES)
+            apply = op
+        else:  # the float64 check usually suffices: cache the data only once a second pass is needed
+
+            def apply(v):
+                if op.passes == 1:  # from now on: fill / read the float64 copy in big chunks
+                    rows.cache(CACHE_BYTES)
+                    op.chunk_rows = None
+                return op(v)
+        res = _block_krylov(apply, d, 1, top=top, block=b, tol=tol, max_iter=max_iter, rng=rng, device=dev,
+                            max_basis=max(3 * b + top, min(40 * b, (256 * _MiB) // (16 * d))), init=init)
         vals = res.values[0].cpu().numpy()
         trace = float(op.sumsq / n - (op.mu[:, 0] ** 2).sum())
-        return vals, res.vectors[:, :, :top], trace, op.passes, bool(res.converged[0]), res.n_iter, \
-            float(res.error[0].max())
+        return vals, res.vectors[:, :, :top], trace, op.passes + p32, bool(res.converged[0]), \
+            res.n_iter + it32, float(res.error[0].max())
 
     passes, err_bound = 0.0, None
     if chosen == "lanczos":

@@ -238,3 +238,45 @@ def test_block_krylov_kernel_with_restarts_and_batches(seed):
     for g in range(batch):
         ref = np.linalg.eigvalsh(mats[g])[::-1][:4]
         np.testing.assert_allclose(res.values[g].numpy(), ref, rtol=0, atol=1e-10 * ref[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thin_pass_matches_numpy_and_is_deterministic(dtype, seed):
+    """One read for V^T Y^T Y (Y = x - shift), chunked and split over worker threads, against numpy float64."""
+    from hcdiag.spectrum import _thin_pass
+
+    rng = np.random.default_rng(seed)
+    x = low_rank_plus_noise(rng, 777, 37, rank=4, offset=2.0)
+    shift = torch.from_numpy(x[:20].astype(np.float64).mean(axis=0))
+    v = rng.standard_normal((5, 37))
+    threads = torch.get_num_threads()
+    acc, csum, ss = _thin_pass(torch.from_numpy(x), torch.from_numpy(v).to(dtype), shift, chunk_rows=50, sums=True)
+    assert torch.get_num_threads() == threads
+    vq = torch.from_numpy(v).to(dtype).double().numpy()  # the vectors as the products saw them
+    y = x.astype(np.float64) - shift.numpy()
+    ref = vq @ y.T @ y
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert np.abs(acc.double().numpy() - ref).max() <= rtol * np.abs(ref).max()
+    if dtype == torch.float64:
+        np.testing.assert_allclose(csum.numpy(), y.sum(axis=0), rtol=0, atol=1e-12 * np.abs(y).sum())
+        assert abs(float(ss) - (y * y).sum()) <= 1e-12 * (y * y).sum()
+    else:  # float32: the sums ride along in the sgemm (a row of ones)
+        np.testing.assert_allclose(csum.numpy(), y.sum(axis=0), rtol=0, atol=1e-5 * np.abs(y).sum(axis=0).max())
+        assert ss is None
+    again, _, _ = _thin_pass(torch.from_numpy(x), torch.from_numpy(v).to(dtype), shift, chunk_rows=50, sums=False)
+    assert torch.equal(acc, again)  # fixed groups summed in order: independent of the thread schedule
+
+
+def test_float32_data_meets_float64_accuracy_in_few_passes(seed):
+    """float32 data: float32 Krylov passes for the vectors, a float64 pass for the values (1e-10 of lambda_max)."""
+    rng = np.random.default_rng(seed)
+    x = low_rank_plus_noise(rng, 6000, 400, rank=10, offset=0.5)
+    ref = reference(x)
+    threads = torch.get_num_threads()
+    for top in (1, 10):
+        s = spectrum(x, top=top, method="lanczos", seed=seed)
+        assert s.converged and s.passes == s.n_iter <= 10
+        assert abs(s.lambda_max - ref[0]) <= 1e-10 * ref[0]
+        np.testing.assert_allclose(s.eigenvalues, ref[:top], rtol=0, atol=1e-10 * ref[0])
+        assert abs(s.trace - np.var(x.astype(np.float64), axis=0).sum()) <= 1e-10 * s.trace
+    assert torch.get_num_threads() == threads
