@@ -60,3 +60,14 @@ def _torch_threads():
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is ~10x faster than several on a busy shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,12 +20,7 @@ from test_checks import R0, hand_run, strip_seconds  # the hand-built runs (test
 PREFIX = "hcdiag check-barrier: error: "
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def with_history(run: dict) -> dict:

@@ -34,13 +34,7 @@ from hcdiag.runfile import Run, validate_run
 N, K, R0 = 2, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~10x faster than many on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 MLP0 = {"family": "mlp", "input_dim": N, "latent_dim": N, "enc_widths": [], "dec_widths": [], "activation": "relu",
         "image_shape": None, "channels": []}

@@ -15,12 +15,7 @@ from hcdiag.testing import assert_barrier  # noqa: E402
 from test_checks import hand_run  # noqa: E402  (the hand-built runs; tests/ is on sys.path)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture
