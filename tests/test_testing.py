@@ -6,7 +6,6 @@ import json  # noqa: E402
 import re  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from hcdiag.checks.barrier import run_checks  # noqa: E402
 from hcdiag.errors import InputError  # noqa: E402
