@@ -247,25 +247,10 @@ class Figure5Result(ArtefactResult):
 class PhaseResult(ArtefactResult):
     def plot(self, ax=None, *, dataset: str | None = None):
         """KL against s2 / lambda_max: closed form (line), trained linear VAE, MLP vanilla (markers)."""
+        from hcdiag.plots import phase_diagram
+
         ds = dataset or self.meta["datasets"][0]
-        ph = self.data["phase"][ds]
-        rows = ph["rows"]
-        fig, ax = axes(ax)
-        m = [r["multiple"] for r in rows]
-        ax.plot(m, [r["kl_theory"] for r in rows], "-", color="k", label="linear VAE, closed form")
-        ax.plot(m, [r["kl_linear"] for r in rows], "o", color="C0", label="linear VAE, trained (Adam)")
-        mlp = [r for r in rows if r.get("kl_mlp") is not None]
-        if mlp:
-            ax.plot([r["multiple"] for r in mlp], [r["kl_mlp"] for r in mlp], "s--", color="C1",
-                    label="MLP VAE (vanilla), trained")
-        ax.axvline(1.0, ls=":", color="gray", label="s2 = lambda_max")
-        ax.set_xscale("log")
-        ax.set_xlabel("s2 / lambda_max")
-        ax.set_ylabel("KL(q(z|x) || p(z)) (nats)")
-        ax.set_title(f"Phase transition, {ds} (lambda_max = {ph['lambda_max']:.3g}, latent {ph['latent_dim']})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return phase_diagram(ds, self.data["phase"][ds], ax=ax)
 
     def figures(self) -> dict:
         return {f"phase_{ds}.png": self.plot(dataset=ds) for ds in self.data["phase"]}

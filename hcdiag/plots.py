@@ -117,3 +117,36 @@ def kl_and_active_units(run, ax=None):
     ax.set_title("KL and active units over training (paper Fig. 3)")
     fig.tight_layout()
     return fig
+
+def phase_diagram(ds: str, ph: dict, ax=None):
+    """Phase diagram of a dataset: KL (and active units, right axis) of vanilla VAEs against s2 / lambda_max;
+    closed form beside the trained linear and MLP VAEs. ``ph`` is ``hcdiag.verify.phase_diagram(...)[ds]``."""
+    import matplotlib.ticker
+
+    fig, ax = axes(ax)
+    rows = ph["rows"]
+    m = [r["multiple"] for r in rows]
+    ax.plot(m, [r["kl_theory"] for r in rows], "-", color="k", label="linear VAE, closed form")
+    ax.plot(m, [r["kl_linear"] for r in rows], "o", color="C0", label="linear VAE, trained (Adam)")
+    if any(r.get("kl_mlp") is not None for r in rows):
+        ax.plot([r["multiple"] for r in rows if r.get("kl_mlp") is not None], [r.get("kl_mlp") for r in rows if r.get("kl_mlp") is not None],
+                "s--", color="C1", label="MLP VAE (vanilla), trained")
+    ax.axvline(1.0, ls=":", color="gray", label="s2 = lambda_max")
+    ax.set_xscale("log")
+    ax.set_xticks(m)
+    ax.set_xticklabels([f"{v:g}" for v in m])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("s2 / lambda_max (multiple m)")
+    ax.set_ylabel("KL(q(z|x) || p(z)) (nats)")
+    ax.set_title(f"Phase diagram, {ds} (lambda_max = {ph['lambda_max']:.3g}, latent {ph['latent_dim']})")
+    ax2 = ax.twinx()
+    ax2.plot(m, [r.get("au_theory") for r in rows], ":", color="C2", label="active units, closed form")
+    if any(r.get("au_mlp") is not None for r in rows):
+        ax2.plot([r["multiple"] for r in rows if r.get("au_mlp") is not None], [r.get("au_mlp") for r in rows if r.get("au_mlp") is not None],
+                 "^:", color="C3", label="active units, MLP")
+    ax2.set_ylabel("active units (Burda)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7)
+    fig.tight_layout()
+    return fig

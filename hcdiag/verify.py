@@ -544,42 +544,6 @@ def diffusion_table(datasets: list[str], phase: dict) -> dict:
 # figures and the report
 
 
-def _fig_phase(ds: str, ph: dict):
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = ph["rows"]
-    m = [r["multiple"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(m, [r["kl_theory"] for r in rows], "-", color="k", label="linear VAE, closed form")
-    ax.plot(m, [r["kl_linear"] for r in rows], "o", color="C0", label="linear VAE, trained (Adam)")
-    if any(r["kl_mlp"] is not None for r in rows):
-        ax.plot([r["multiple"] for r in rows if r["kl_mlp"] is not None], [r["kl_mlp"] for r in rows if r["kl_mlp"] is not None],
-                "s--", color="C1", label="MLP VAE (vanilla), trained")
-    ax.axvline(1.0, ls=":", color="gray", label="s2 = lambda_max")
-    ax.set_xscale("log")
-    ax.set_xticks(m)
-    ax.set_xticklabels([f"{v:g}" for v in m])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("s2 / lambda_max (multiple m)")
-    ax.set_ylabel("KL(q(z|x) || p(z)) (nats)")
-    ax.set_title(f"Phase diagram, {ds} (lambda_max = {ph['lambda_max']:.3g}, latent {ph['latent_dim']})")
-    ax2 = ax.twinx()
-    ax2.plot(m, [r["au_theory"] for r in rows], ":", color="C2", label="active units, closed form")
-    if any(r["au_mlp"] is not None for r in rows):
-        ax2.plot([r["multiple"] for r in rows if r["au_mlp"] is not None], [r["au_mlp"] for r in rows if r["au_mlp"] is not None],
-                 "^:", color="C3", label="active units, MLP")
-    ax2.set_ylabel("active units (Burda)")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def _fig_table1(ds: str, recs: list[dict], m: float):
     import matplotlib
 
@@ -625,7 +589,7 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
     figs = []
     for ds, ph in phase.items():
         figs.append((f"Phase diagram on {ds}: KL of vanilla VAEs against s2 / lambda_max, closed form beside the "
-                     "trained linear and MLP VAEs (claims.md P1, P2).", f"phase_{ds}.png", _fig_phase(ds, ph)))
+                     "trained linear and MLP VAEs (claims.md P1, P2).", f"phase_{ds}.png", plots.phase_diagram(ds, ph)))
     for ds in sorted({r["job"]["dataset"] for r in recs}):
         for m in sorted({r["job"]["multiple"] for r in recs if r["job"]["group"] == "main"}):
             f = _fig_table1(ds, recs, m)
