@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from hcdiag import runfile
 from hcdiag.errors import InputError
-from hcdiag.runfile import (FORMAT, SUPPORTED_VERSIONS, VERSION, Run, example_run, is_complete, load_run,
+from hcdiag.runfile import (FORMAT, SUPPORTED_VERSIONS, VERSION, example_run, is_complete, load_run,
                             save_run, validate_run)
 
 

@@ -342,7 +342,7 @@ def delta_star(centroids, *, max_enumeration: int = 200_000, max_starts: int = 2
     def result(c: np.ndarray, lower: float, upper: float, exact: bool, method: str, n: int) -> DeltaStar:
         value = float(_objective(c[None, :], flat, S, K)[0])
         if exact:
-            lower = upper = value
+            lower = value
         return DeltaStar(value=value, lower=min(lower, value), upper=value, exact=exact,
                          c=torch.as_tensor(c, dtype=torch.float64, device=device),
                          choice=_nearest_choice(c, flat, S, K), method=method, n_evaluated=n)
