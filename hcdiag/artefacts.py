@@ -460,11 +460,15 @@ def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds:
            out_dir="verification-out/table2", *, losses: list[str] | None = None, device: str = "auto",
            workers: int | None = None, data_dir=None, overrides: dict | None = None, n_samples: int | None = None,
            progress: Callable[[str], None] | None = None) -> Table1Result:
-    """Paper Table 2: CIFAR-10 with a convolutional encoder/decoder (section 5.6), KL and active units.
+    """Paper Table 2: CIFAR-10 with a convolutional encoder/decoder (section 5.6): KL, active units, MS-SSIM.
 
     The ``main`` jobs of the grid on ``cifar10`` with ``arch='conv'``, in their own group ``table2``. Without
-    CIFAR-10 files in ``data_dir`` the result has one inconclusive row (nothing is trained). MS-SSIM is not
-    measured (reported as such).
+    CIFAR-10 files in ``data_dir`` the result has one inconclusive row (nothing is trained). MS-SSIM
+    (:func:`hcdiag.ssim.ms_ssim`, higher is better) compares each run's eval inputs with their deterministic
+    reconstructions ``xhat = f(mu(x))`` at the row's snapshot (the one its KL and AU come from: ``final``,
+    HCT's ``refined``), as images of the model's ``image_shape``, with ``data_range`` = max - min of the
+    run's eval inputs; mean and sd over seeds. Its effective settings (scales, window, weights; 8x8 images
+    give one scale, a 7x7 window) are in each row's ``values`` and in ``meta['ms_ssim']``.
     """
     datasets = _datasets(datasets)
     _check(preset, seeds)
@@ -481,14 +485,15 @@ def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds:
         load("cifar10", data_dir=data_dir, n_samples=2)
     except InputError as exc:
         row = {"item": "Table 2 (all methods)", "conditions": f"cifar10, conv, preset {preset}",
-               "paper": "HCT KL 3.55, AU 3; vanilla KL 0.18", "ours": f"{CIFAR_MISSING} ({exc})",
+               "paper": "HCT KL 3.55, AU 3, MS-SSIM 0.52; vanilla KL 0.18, MS-SSIM 0.35",
+               "ours": f"{CIFAR_MISSING} ({exc})",
                "verdict": "inconclusive", "runs": [], "values": {"reason": str(exc)}}
         return Table1Result("table2", title, [row], {**meta, "n_runs": 0, "seconds": time.perf_counter() - t0})
     jobs = [replace(j, group="table2", overrides=tuple(sorted({**dict(j.overrides), "arch": "conv"}.items())))
             for j in _main_jobs(preset, ["cifar10"], seeds, device=device, data_dir=data_dir, losses=losses)
             if _label({"method": j.method, "tag": j.tag}) in ("hct", "vanilla", "beta-beta2", "anneal")]
     recs = _run(_shrink(jobs, overrides, n_samples), out, workers, progress)
-    rows = []
+    rows, settings = [], None
     for r1 in _table1_rows(recs, preset):
         v = r1["values"]
         if v.get("stage") not in (None, "post") and v.get("method") == "hct":
@@ -496,13 +501,57 @@ def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds:
         if "method" in v:
             key = {"beta-beta2": "beta2"}.get(v["method"], v["method"])
             pk = PAPER_TABLE2.get(key)
-            r1 = {**r1, "paper": (f"KL {pk[0]}, AU {pk[1]}, MS-SSIM {pk[2]} (not measured here)" if pk else "not reported"),
-                  "values": {**v, "paper_kl": pk[0] if pk else None, "paper_au": pk[1] if pk else None}}
+            per_run = [_run_ms_ssim(p, snap) for p, snap in zip(r1["runs"], v["snapshots"])]
+            ms = _ms([m["value"] for m in per_run])
+            settings = settings or next((m["params"] for m in per_run if m["params"]), None)
+            r1 = {**r1, "paper": (f"KL {pk[0]}, AU {pk[1]}, MS-SSIM {pk[2]}" if pk else "not reported"),
+                  "ours": f"{r1['ours']}; MS-SSIM {_fmt(ms)}",
+                  "values": {**v, "paper_kl": pk[0] if pk else None, "paper_au": pk[1] if pk else None,
+                             "ms_ssim": ms["mean"], "ms_ssim_sd": ms["sd"], "ms_ssim_n": ms["n"],
+                             "ms_ssim_runs": [m["value"] for m in per_run],
+                             "ms_ssim_data_range": [m["data_range"] for m in per_run],
+                             "ms_ssim_params": [m["params"] for m in per_run],
+                             "paper_ms_ssim": pk[2] if pk else None}}
             if v["method"] == "hct":
                 r1["verdict"] = ("holds" if v["kl"] is not None and v["kl"] >= 0.01 else "fails")
                 r1["item"] = "HCT (post-refinement): non-collapsed"
         rows.append(r1)
+    meta["ms_ssim"] = {"between": "eval inputs and xhat = f(mu(x)) at the row's snapshot",
+                       "data_range": "max - min of each run's eval inputs", "settings": settings}
     return Table1Result("table2", title, rows, {**meta, "n_runs": len(recs), "seconds": time.perf_counter() - t0})
+
+
+def _run_ms_ssim(path: str, snapshot: str) -> dict:
+    """MS-SSIM of one run at one snapshot, averaged over its eval rows (Table 2's column).
+
+    The model is rebuilt from ``config.model`` and the snapshot's state_dict (a run written with outputs
+    only uses its stored ``xhat``); rows are reshaped to the conv family's ``image_shape`` (C, H, W).
+    ``data_range`` is the span (max - min) of the eval inputs, the pixel range the images actually cover
+    (about 1 for CIFAR-10 scaled to [0, 1]); reconstructions are not clipped (negative terms are clamped
+    inside :func:`hcdiag.ssim.ms_ssim`). Returns ``{"value", "data_range", "params"}``; ``value`` is None
+    (with ``reason``) when the run has no image shape or no reconstruction for the snapshot.
+    """
+    from hcdiag.models import build_model, encode_decode
+    from hcdiag.runfile import load_run
+    from hcdiag.ssim import ms_ssim
+
+    run = load_run(path)
+    x = run.eval_x.float()  # (m, N)
+    shape = (run.config.get("model") or {}).get("image_shape")
+    if not shape:
+        return {"value": None, "data_range": None, "params": None, "reason": "config.model has no image_shape"}
+    if run.has_parameters and snapshot in (run.data.get("snapshots") or {}):
+        model = build_model(run.config["model"])
+        model.load_state_dict(run.snapshot(snapshot))
+        xhat = encode_decode(model, x)[2]
+    elif run.outputs(snapshot) is not None:
+        xhat = run.outputs(snapshot)["xhat"].float()
+    else:
+        return {"value": None, "data_range": None, "params": None, "reason": f"no snapshot {snapshot!r}"}
+    data_range = float(x.max() - x.min())
+    res = ms_ssim(x.reshape(-1, *shape), xhat.reshape(-1, *shape), data_range=data_range,
+                  return_params=True)  # (m,) per image
+    return {"value": float(res.value.mean()), "data_range": data_range, "params": res.params.to_dict()}
 
 
 def figure2(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seeds: int = 1,

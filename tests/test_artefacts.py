@@ -19,7 +19,9 @@ from hcdiag.errors import InputError
 from hcdiag.metrics import active_units, kl_total
 from hcdiag.models import build_model, encode_decode, parameter_vector
 from hcdiag.runfile import load_run
+from hcdiag.ssim import ms_ssim, ssim
 from hcdiag.verify import PAPER_KL_THRESHOLD, PAPER_TABLE1
+from test_data import write_cifar_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["table1", "table2", "figure2", "figure4", "figure5", "phase", "diffusion"]
@@ -194,6 +196,48 @@ def test_table2_without_cifar_files_is_inconclusive(tmp_path):
     assert res.figures() == {} and not (tmp_path / "out" / "table2").exists()
     with pytest.raises(InputError, match=r"^--datasets: Table 2 is on cifar10 only\. Got synthetic\.$"):
         artefacts.table2("smoke", ["synthetic"], 1, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def t2(tmp_path_factory):
+    # small CIFAR-10 python batches (random pixels: numbers meaningless, plumbing exact), two seeds
+    d = tmp_path_factory.mktemp("cifar")
+    write_cifar_dataset(d / "cifar-10-batches-py", np.random.default_rng(0), n_per_batch=N_TINY // 5)
+    return artefacts.table2("smoke", ["cifar10"], 2, d / "out", data_dir=d, losses=["literal"], overrides=TINY,
+                            n_samples=N_TINY, device="cpu")
+
+
+def test_table2_ms_ssim_equals_direct_computation_from_run_files(t2):
+    cells = [r for r in t2.rows if "method" in r["values"]]
+    assert {(r["values"]["method"], r["values"]["stage"]) for r in cells} == {("hct", "post"), ("vanilla", "final")}
+    for r in cells:
+        v = r["values"]
+        # the model of the row's KL and AU: HCT post-refinement, the baselines' final snapshot
+        assert v["snapshots"] == ["refined" if v["method"] == "hct" else "final"] * 2
+        direct, single = [], []
+        for path, snap in zip(r["runs"], v["snapshots"]):
+            run = load_run(path)
+            assert run.config["model"]["family"] == "conv" and run.config["model"]["image_shape"] == [1, 8, 8]
+            x = run.eval_x.float().reshape(-1, 1, 8, 8)
+            xhat = _outputs(run, snap)[2].reshape(-1, 1, 8, 8)  # the model rebuilt from the stored state_dict
+            span = float(x.max() - x.min())
+            direct.append(float(ms_ssim(x, xhat, data_range=span).mean()))
+            # 8x8: one scale of a 7x7 window, so MS-SSIM is the single-scale SSIM clamped at 0
+            single.append(float(ssim(x, xhat, data_range=span, win_size=7).clamp_min(0).mean()))
+            assert v["ms_ssim_data_range"][len(direct) - 1] == pytest.approx(span, rel=1e-12)
+        np.testing.assert_allclose(v["ms_ssim_runs"], direct, rtol=1e-6)
+        np.testing.assert_allclose(direct, single, rtol=1e-5)
+        assert v["ms_ssim"] == pytest.approx(np.mean(direct), rel=1e-6)
+        assert v["ms_ssim_sd"] == pytest.approx(np.std(direct, ddof=1), rel=1e-5, abs=1e-9)
+        assert v["ms_ssim_n"] == 2 and 0 <= v["ms_ssim"] <= 1
+        assert all(p == {"scales": 1, "win_size": 7, "sigma": 1.5, "weights": [1.0], "shapes": [[8, 8]],
+                         "rule": "window 11 shrunk to the image; first 1 standard weight(s) renormalised to sum to 1"}
+                   for p in v["ms_ssim_params"])
+        paper = artefacts.PAPER_TABLE2[v["method"]]
+        assert v["paper_ms_ssim"] == paper[2] and r["paper"] == f"KL {paper[0]}, AU {paper[1]}, MS-SSIM {paper[2]}"
+        assert r["ours"].endswith(f"; MS-SSIM {v['ms_ssim']:.3g} ± {v['ms_ssim_sd']:.2g} (n=2)")
+    assert t2.meta["ms_ssim"]["settings"]["scales"] == 1 and "max - min" in t2.meta["ms_ssim"]["data_range"]
+    assert "MS-SSIM 0.52" in t2.to_markdown() and "not measured" not in t2.to_markdown()
 
 
 def test_ablation_verdicts_follow_the_paper_claims(seed):
