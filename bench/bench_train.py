@@ -24,6 +24,13 @@ def _time(fn, reps):
     return (time.perf_counter() - t) / reps
 
 
+def _amin_term(f, flat, R, K):
+    """The previous form of the term: the same fused product, differentiated through amin (its backward
+    is a dense (B, R*K) scatter and a second (B, R*K) x (R*K, N) product)."""
+    d = torch.addmm(flat.pow(2).sum(1), f, flat.T, alpha=-2.0).view(f.shape[0], R, K).amin(2)
+    return (d + f.pow(2).sum(1, keepdim=True)).clamp_min(0).mean(0).sum()
+
+
 def _step_bench(name, widths, latent, N, B=512, R=16, K=8, reps=60):
     torch.manual_seed(0)
     cfg = ModelConfig(input_dim=N, latent_dim=latent, enc_widths=widths[0], dec_widths=widths[1])
@@ -56,6 +63,7 @@ def _step_bench(name, widths, latent, N, B=512, R=16, K=8, reps=60):
         "vanilla": None,
         "hct cycle (1 clustering, ours)": lambda f: tr._cluster_term(f, one),
         f"hct simultaneous ({R}x{K}, ours)": lambda f: tr._cluster_term(f, all_ids),
+        "simultaneous, autograd through amin": lambda f: _amin_term(f, cent.reshape(-1, cent.shape[-1]), R, K),
         "simultaneous via torch.cdist loop": lambda f: sum(torch.cdist(f, cent[r]).pow(2).amin(1).mean() for r in range(R)),
         "simultaneous via python loop": lambda f: sum(((f[:, None, :] - cent[r][None]) ** 2).sum(-1).amin(1).mean() for r in range(R)),
     }

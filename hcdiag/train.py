@@ -353,23 +353,38 @@ class Trainer:
 
     def _cluster_term(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum over the clusterings ``ids`` of eq. 8 on the batch: ONE matrix product against all their
-        centroids (no loop over clusterings, no cdist); equals ``metrics.clustering_losses(...).sum()``."""
+        centroids (no loop over clusterings, no cdist); equals ``metrics.clustering_losses(...).sum()``.
+
+        The product runs without autograd. Its gradient comes from the chosen centroids in closed form:
+        almost everywhere d/df sum_r min_k ||f - mu_rk||^2 = 2 (R f - sum_r mu_r*), which a surrogate with
+        that gradient carries, so the backward pass is O(B N) instead of a second (B, R*K) x (R*K, N)
+        product and a dense (B, R*K) scatter of the min's gradient."""
         key = (id(self.centroids), tuple(ids.tolist()))
         cached = self._centroid_cache.get(key)
         if cached is None:
             c = self.centroids[ids]  # (R, K, N)
-            flat = c.reshape(-1, c.shape[-1])  # (R*K, N)
-            cached = (flat.T.contiguous(), flat.pow(2).sum(1), c.shape[0], c.shape[1])
+            flat = c.reshape(-1, c.shape[-1]).contiguous()  # (R*K, N)
+            offsets = torch.arange(c.shape[0], device=c.device) * c.shape[1]  # (R,)
+            cached = (flat, flat.T.contiguous(), flat.pow(2).sum(1), offsets, c.shape[0], c.shape[1])
             self._centroid_cache[key] = cached
-        ct, cn, R, K = cached
-        # ||f - mu||^2 = ||f||^2 + (||mu||^2 - 2 f.mu): the min over k needs only the bracket, one fused
-        # product (B, R*K); ||f||^2 is added after the min, on (B, R)
-        d = torch.addmm(cn, f, ct, alpha=-2.0).view(f.shape[0], R, K).amin(2)  # (B, R)
-        return (d + f.pow(2).sum(1, keepdim=True)).clamp_min(0).mean(0).sum()
+        flat, ct, cn, offsets, R, K = cached
+        B = f.shape[0]
+        fn = f.pow(2).sum(1)  # (B,)
+        with torch.no_grad():
+            # ||f - mu||^2 = ||f||^2 + (||mu||^2 - 2 f.mu): the min over k needs only the bracket, one fused
+            # product (B, R*K); ||f||^2 is added after the min, on (B, R)
+            d, k = torch.addmm(cn, f, ct, alpha=-2.0).view(B, R, K).min(2)  # (B, R)
+            value = (d + fn[:, None]).clamp_min(0).mean(0).sum()
+            # (B, N): the sum over r of each row's nearest centroid, without materialising (B, R, N)
+            chosen = torch.nn.functional.embedding_bag(k + offsets, flat, mode="sum")
+        surrogate = (R * fn - 2.0 * (f * chosen).sum(1)).mean()
+        return value + (surrogate - surrogate.detach())
 
     def _step(self, model, opt, state, ids: torch.Tensor | None, beta: float, kl_weight: float,
-              free_bits: float = 0.0):
-        xb = self._batch(state)
+              free_bits: float = 0.0, xb: torch.Tensor | None = None):
+        """One step of ``opt`` on the next batch of the run's stream, or on ``xb`` when given (the
+        aggressive baseline chooses its own batches). Returns the detached (loss, recon, kl, cluster)."""
+        xb = self._batch(state) if xb is None else xb
         mu, lv = model.encode(xb)
         f = model.decode(reparameterize(mu, lv, state["g_noise"]))
         recon = (xb - f).pow(2).sum(1).mean() * self.weights.recon

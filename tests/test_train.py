@@ -104,6 +104,23 @@ def test_simultaneous_step_sums_every_active_clustering(seed):
     assert float(clustering_losses(f, tr.centroids[[0, 2, 3]]).sum()) == pytest.approx(naive, rel=1e-5)
 
 
+@pytest.mark.parametrize("ids", [[1], [0, 2, 3]])
+def test_cluster_term_gradient_is_that_of_the_min(seed, ids):
+    """The term's gradient (closed form from the chosen centroids) equals autograd through a naive
+    min over squared distances, in float64, for one clustering (cycle) and several (simultaneous)."""
+    g = torch.Generator().manual_seed(seed)
+    tr = Trainer.__new__(Trainer)
+    tr.centroids, tr._centroid_cache = torch.randn(4, 5, 7, generator=g, dtype=torch.float64), {}
+    f = torch.randn(33, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    f_ref = f.detach().clone().requires_grad_(True)
+    ours = tr._cluster_term(f, torch.tensor(ids))
+    (grad,) = torch.autograd.grad(3.0 * ours, f)
+    naive = sum(((f_ref[:, None, :] - tr.centroids[i][None]) ** 2).sum(-1).min(1).values.mean() for i in ids)
+    (grad_ref,) = torch.autograd.grad(3.0 * naive, f_ref)
+    assert float(ours.detach()) == pytest.approx(float(naive.detach()), rel=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
 def test_resume_after_kill_gives_the_same_final_run_bitwise(tmp_path, seed, monkeypatch):
     x = _data(seed)
     cfg = make_config(None, seed=seed, deterministic=True, **{**TINY, "r0": 8})
