@@ -42,7 +42,7 @@ METHODS = ("hct", "vanilla", "beta", "anneal", "freebits", "aggressive")
 LOSS_CONVENTIONS = ("literal", "scaled", "mean")
 MODEL_FAMILIES = ("mlp", "conv", "linear")
 REFERENCE_NAMES = ("collapsed", "vanilla", "control")
-HISTORY_SERIES = ("epoch", "stage", "loss", "recon", "kl", "cluster", "au")
+HISTORY_SERIES = ("epoch", "stage", "loss", "recon", "kl", "cluster", "au", "inner_steps")
 
 _ALLOWED = "tensors, dicts, lists, tuples, str, int, float, bool and None"
 _DOCS = "see docs/runfile.md"
@@ -204,6 +204,7 @@ class _Validator:
         self.refinement()
         self.stage3()
         self.history()
+        self.aggressive()
         self.references()
 
     def status(self) -> None:
@@ -497,6 +498,22 @@ class _Validator:
             losses = self.tensor_at(hist["losses"], "history.losses", 2)
             self.agree("h", losses.shape[0], "history.losses")
             self.agree("R0", losses.shape[1], "history.losses")
+
+    def aggressive(self) -> None:
+        """The aggressive baseline's record (He et al. 2019): MI per aggressive epoch, the epoch it ended."""
+        agg = self.run.get("aggressive")
+        if agg is None:
+            return
+        self.dict_at(agg, "aggressive")
+        mi = self.tensor_at(self.need(agg, "mi", "aggressive", "[e] MI in nats at the end of each aggressive epoch"),
+                            "aggressive.mi", 1)
+        ended = agg.get("ended_epoch")
+        if ended is not None:
+            self.int_at(ended, "aggressive.ended_epoch", lo=1)
+            if ended != mi.shape[0]:
+                raise InputError(f"aggressive.ended_epoch is {ended} but aggressive.mi holds {mi.shape[0]} epoch(s); "
+                                 "MI is estimated at the end of every aggressive epoch, the last one included: "
+                                 "fix the producer.")
 
     def references(self) -> None:
         refs = self.run.get("references")

@@ -93,7 +93,11 @@ class TrainConfig:
     kl_weight: float = 1.0
     anneal_epochs: int = 10
     free_bits: float = 0.1
-    aggressive_inner: int = 10
+    # He et al. 2019 aggressive schedule: encoder-only steps before each decoder step, at most
+    # aggressive_max_inner, stopped early when the mean loss of a block of aggressive_check_every steps
+    # is higher than the previous block's (their text.py: sub_iter < 100, sub_iter % 15)
+    aggressive_max_inner: int = 100
+    aggressive_check_every: int = 15
     baseline_snapshots: int = 5
     # references
     references: tuple[str, ...] = ("collapsed", "vanilla", "control")
@@ -145,10 +149,10 @@ def _validate_config(c: TrainConfig) -> None:
         if not (math.isfinite(v) and v > 0):
             raise InputError(f"The '{name}' parameter must be a float > 0. Got {v}.")
     for name in ("latent_dim", "batch_size", "epochs", "k", "steps_per_clustering", "epochs_per_round",
-                 "refine_cap", "eval_rows"):
+                 "refine_cap", "eval_rows", "aggressive_max_inner", "aggressive_check_every"):
         if int(getattr(c, name)) < 1:
             raise InputError(f"The '{name}' parameter must be an integer >= 1. Got {getattr(c, name)}.")
-    for name in ("stage3_epochs", "anneal_epochs", "aggressive_inner", "stage3_snapshots"):
+    for name in ("stage3_epochs", "anneal_epochs", "stage3_snapshots"):
         if int(getattr(c, name)) < 0:
             raise InputError(f"The '{name}' parameter must be an integer >= 0. Got {getattr(c, name)}.")
     if not 0 < c.keep_ratio < 1:
@@ -693,7 +697,15 @@ class Trainer:
     def _train_vae(self, model, method: str, epochs: int, *, run: dict | None, stage: str, s2_weights=None,
                    seed_offset: int = 0):
         """Plain VAE training for ``epochs`` data epochs (vanilla and the baselines). Returns the state and
-        the snapshots (init, evenly spaced epochs, final)."""
+        the snapshots (init, evenly spaced epochs, final).
+
+        ``aggressive`` follows He et al. 2019 (their text.py/image.py): one Adam for the encoder and one for
+        the decoder for the whole run. While aggressive mode is on, each training batch gets the encoder
+        inner loop (:meth:`_aggressive_inner`) and then ONE decoder-only step on that batch; at the end of
+        every such epoch the MI on the eval rows is estimated and aggressive mode ends for good once it
+        drops below the previous epoch's (starting from 0, as ``pre_mi = 0`` there). Afterwards both
+        optimizers step together, keeping their Adam moments. Recorded in ``run``: ``history.inner_steps``
+        (encoder steps per decoder step, mean per epoch) and ``aggressive`` (``ended_epoch``, ``mi``)."""
         c = self.cfg
         weights = s2_weights or self.weights
         saved_w, self.weights = self.weights, weights
@@ -701,25 +713,29 @@ class Trainer:
         state = {"g_idx": g_idx, "g_noise": g_noise, "perm": None, "pos": 0, "step": 0, "epoch": 0}
         snaps = [("init", _cpu_state(model.state_dict()))]
         marks = _snapshot_marks(epochs, c.baseline_snapshots)
+        aggressive = method == "aggressive"
         if run is not None:
             self._record(run, model, stage, state, None)
-        enc_params = [p for n, p in model.named_parameters() if n.startswith(("encoder", "enc_"))]
-        dec_params = [p for n, p in model.named_parameters() if not n.startswith(("encoder", "enc_"))]
-        opt = torch.optim.Adam(model.parameters(), lr=c.lr)
-        enc_opt = torch.optim.Adam(enc_params, lr=c.lr) if method == "aggressive" else None
-        dec_opt = torch.optim.Adam(dec_params, lr=c.lr) if method == "aggressive" else None
-        aggressive, last_mi = method == "aggressive", -float("inf")
+            if aggressive:  # rows before the first epoch (the init row) have no inner loop
+                run["history"]["inner_steps"] = [math.nan] * len(run["history"]["step"])
+        if aggressive:
+            enc_params = [p for n, p in model.named_parameters() if n.startswith(("encoder", "enc_"))]
+            dec_params = [p for n, p in model.named_parameters() if not n.startswith(("encoder", "enc_"))]
+            enc_opt, dec_opt = torch.optim.Adam(enc_params, lr=c.lr), torch.optim.Adam(dec_params, lr=c.lr)
+            opt = _Joint(enc_opt, dec_opt)  # after aggressive mode: both step, as He et al.'s vanilla phase
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+        last_mi, mis, ended = 0.0, [], None
         try:
             for e in range(epochs):
                 klw = {"beta": c.kl_weight, "anneal": min(1.0, (e + 1) / max(1, c.anneal_epochs))}.get(method, 1.0)
                 fb = c.free_bits if method == "freebits" else 0.0
-                terms = []
+                terms, inner = [], []
                 for _ in range(self.steps_per_epoch):
                     if aggressive:
-                        # He et al. 2019: optimise the encoder (inner loop) before each decoder step
-                        for _ in range(c.aggressive_inner):
-                            self._step(model, enc_opt, state, None, 0.0, 1.0)
-                        terms.append(self._step(model, dec_opt, state, None, 0.0, 1.0))
+                        xb = self._batch(state)
+                        inner.append(self._aggressive_inner(model, enc_opt, state, xb))
+                        terms.append(self._step(model, dec_opt, state, None, 0.0, 1.0, xb=xb))
                     else:
                         terms.append(self._step(model, opt, state, None, 0.0, klw, free_bits=fb))
                 t = torch.stack(terms)
@@ -728,20 +744,53 @@ class Trainer:
                 state["epoch"] += 1
                 if run is not None:
                     self._record(run, model, stage, state, t.mean(0))
+                    if method == "aggressive":
+                        run["history"]["inner_steps"].append(float(np.mean(inner)) if inner else 0.0)
                 if aggressive:
                     from hcdiag.metrics import mutual_information
 
                     mu, lv, _ = encode_decode(model, self.eval_x)
-                    mi = mutual_information(mu, lv, seed=c.seed)
-                    if mi <= last_mi:  # stop aggressive training once MI stops rising (He et al. 2019)
-                        aggressive = False
+                    mi = float(mutual_information(mu, lv, seed=c.seed))
+                    mis.append(mi)
+                    if mi - last_mi < 0:  # He et al.: `if cur_mi - pre_mi < 0: aggressive_flag = False`
+                        aggressive, ended = False, e + 1
+                        self.progress.summary(f"aggressive: MI fell from {last_mi:.4f} to {mi:.4f} nats after epoch "
+                                              f"{e + 1}; encoder inner loop off, encoder and decoder step together")
                     last_mi = mi
                 if e + 1 in marks and e + 1 < epochs:
                     snaps.append((f"epoch{e + 1}", _cpu_state(model.state_dict())))
         finally:
             self.weights = saved_w
+        if run is not None and method == "aggressive":
+            run["aggressive"] = {"ended_epoch": ended, "mi": torch.tensor(mis, dtype=torch.float64)}
         snaps.append(("final", _cpu_state(model.state_dict())))
         return state, snaps
+
+    def _aggressive_inner(self, model, enc_opt, state, xb: torch.Tensor) -> int:
+        """He et al. 2019's inner loop before one decoder step; returns the number of encoder steps taken.
+
+        Encoder-only steps of the full VAE loss (KL weight 1): the first on the current batch ``xb``, each
+        later one on a random batch (a uniformly drawn batch slot of the current permutation, drawn with
+        the run's index generator, so runs are reproducible). After every ``aggressive_check_every`` steps
+        the mean loss of that block is compared with the previous block's (the first with +inf, their
+        ``burn_pre_loss = 1e4`` sentinel) and the loop stops if it rose (``burn_pre_loss - burn_cur_loss <
+        0``); it stops in any case after ``aggressive_max_inner`` steps. All batches have ``batch_size``
+        rows, so the mean of per-batch mean losses is their per-example mean."""
+        c = self.cfg
+        bs, every = c.batch_size, c.aggressive_check_every
+        slots = max(1, self.n // bs)  # full batches in a permutation, as _batch serves them
+        pre, block = math.inf, []
+        for i in range(1, c.aggressive_max_inner + 1):
+            if i > 1:
+                j = int(torch.randint(slots, (1,), generator=state["g_idx"]))
+                xb = self.X[state["perm"][j * bs:(j + 1) * bs].to(self.device)]
+            block.append(self._step(model, enc_opt, state, None, 0.0, 1.0, xb=xb)[0])
+            if i % every == 0:
+                cur = float(torch.stack(block).mean())
+                if pre - cur < 0:
+                    return i
+                pre, block = cur, []
+        return c.aggressive_max_inner
 
     # -- references ---------------------------------------------------------------------------------------
     def _train_references(self, run: dict) -> None:
@@ -792,6 +841,22 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
+
+
+class _Joint:
+    """Several optimizers zeroed and stepped as one: the aggressive baseline's encoder and decoder Adam
+    after aggressive mode (He et al. 2019 keep both, so each keeps its moments and step count)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
 
 
 def _n_keep(n_active: int, ratio: float) -> int:
@@ -847,6 +912,9 @@ def _history_lists(h: dict) -> dict:
         if v is None:
             continue
         out[k] = list(v.unbind(0)) if k == "losses" else (v.tolist() if isinstance(v, torch.Tensor) else list(v))
+    inner = h.get("inner_steps")  # the aggressive baseline's series, absent elsewhere
+    if inner is not None:
+        out["inner_steps"] = inner.tolist() if isinstance(inner, torch.Tensor) else list(inner)
     return out
 
 

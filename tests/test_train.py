@@ -1,5 +1,7 @@
 """The system under test: Historical Consensus Training and baselines, on tiny data."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -68,13 +70,280 @@ def test_hct_run_records_what_the_checks_need(seed, tmp_path):
 def test_baselines_write_valid_runs(method, tmp_path, seed):
     from hcdiag.runfile import load_run
 
-    cfg = make_config(None, method=method, seed=seed, kl_weight=0.5, aggressive_inner=2,
+    cfg = make_config(None, method=method, seed=seed, kl_weight=0.5, aggressive_max_inner=2,
                       **{**TINY, "references": ("collapsed",)})
     Trainer(cfg, _data(seed), tmp_path / "b.pt").run()
     run = load_run(tmp_path / "b.pt").data
     assert run["config"]["method"] == method and run["rounds"] == [] and run["refinement"] is None
     assert run["snapshot_order"][0] == "init" and run["snapshot_order"][-1] == "final"
     assert set(run["references"]) == {"collapsed"}
+
+
+# -- aggressive baseline (He et al. 2019, text.py / image.py) ---------------------------------------------
+
+AGG = {**TINY, "method": "aggressive", "references": (), "batch_size": 200}  # 600 rows: 3 decoder steps/epoch
+
+
+def _agg_setup(seed, **kw):
+    tr = Trainer(make_config(None, seed=seed, **{**AGG, **kw}), _data(seed), None)
+    tr._setup()
+    model = tr._new_model()
+    enc = [p for n, p in model.named_parameters() if n.startswith(("encoder", "enc_"))]
+    g_idx, g_noise = tr._new_generators(seed)
+    state = {"g_idx": g_idx, "g_noise": g_noise, "perm": None, "pos": 0, "step": 0, "epoch": 0}
+    return tr, model, torch.optim.Adam(enc, lr=1e-3), state
+
+
+def _he_inner_count(losses, cap, every):
+    """He et al.'s inner loop transcribed (``while sub_iter < 100`` read as ``cap`` steps; their 1e4 sentinel
+    read as +inf): how many encoder steps it takes on this loss sequence."""
+    sub_iter, pre, cur = 1, float("inf"), 0.0
+    while sub_iter <= cap:
+        cur += losses[sub_iter - 1]
+        if sub_iter % every == 0:
+            cur = cur / every
+            if pre - cur < 0:
+                return sub_iter
+            pre, cur = cur, 0.0
+        sub_iter += 1
+    return cap
+
+
+def _scripted_inner(tr, model, opt, state, losses, monkeypatch):
+    """Run the inner loop with ``_step`` replaced by a script of losses; return the count, the (optimizer,
+    batch) of every step and the current batch the loop started from."""
+    calls = []
+
+    def fake_step(self, model_, opt_, state_, ids, beta, kl_weight, free_bits=0.0, xb=None):
+        calls.append((opt_, xb))
+        return torch.tensor([losses[len(calls) - 1], 0.0, 0.0, 0.0])
+
+    monkeypatch.setattr(Trainer, "_step", fake_step)
+    xb = tr._batch(state)
+    return tr._aggressive_inner(model, opt, state, xb), calls, xb
+
+
+@pytest.mark.parametrize("losses,cap,every,expected", [
+    ([10.0 - 0.01 * i for i in range(100)], 100, 15, 100),  # keeps decreasing: the cap
+    ([10.0 - 0.01 * i for i in range(30)] + [20.0] * 70, 100, 15, 45),  # block 31..45 rose: stop at its end
+    ([10.0 - 0.01 * i for i in range(15)] + [9.0] * 14 + [100.0] + [1.0] * 70, 100, 15, 30),  # mean of 16..30 rose
+    ([5.0] * 100, 100, 15, 100),  # equal block means do not stop it (their `pre - cur < 0`)
+    ([1e6] * 15 + [1.0] * 85, 100, 15, 100),  # the first block only sets the reference, however large
+    ([3.0, 2.0, 4.0, 1.0, 0.5, 0.25, 5.0, 6.0, 0.1, 0.1], 10, 2, 8),  # blocks 2.5, 2.5, 0.375, 5.5: rose at 8
+    ([1.0, 2.0, 3.0, 4.0, 5.0], 5, 15, 5),  # no check before the cap
+])
+def test_aggressive_inner_loop_stops_at_cap_or_first_rising_block(seed, monkeypatch, losses, cap, every, expected):
+    tr, model, opt, state = _agg_setup(seed, aggressive_max_inner=cap, aggressive_check_every=every)
+    assert _he_inner_count(losses, cap, every) == expected  # the hand count agrees with He et al.'s loop
+    n, calls, xb = _scripted_inner(tr, model, opt, state, losses, monkeypatch)
+    assert n == expected and len(calls) == expected
+    assert all(o is opt for o, _ in calls)
+
+
+def test_aggressive_inner_loop_matches_he_et_al_on_random_losses(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        cap, every = int(rng.integers(1, 60)), int(rng.integers(1, 20))
+        losses = (np.cumsum(rng.normal(-0.05, 1.0, cap)) + 100).tolist()
+        tr, model, opt, state = _agg_setup(seed, aggressive_max_inner=cap, aggressive_check_every=every)
+        n, _, _ = _scripted_inner(tr, model, opt, state, losses, monkeypatch)
+        assert n == _he_inner_count(losses, cap, every)
+
+
+def test_aggressive_inner_batches_are_current_then_random_slots_of_the_permutation(seed, monkeypatch):
+    tr, model, opt, state = _agg_setup(seed, batch_size=64, aggressive_max_inner=40, aggressive_check_every=15)
+    losses = [10.0 - 0.01 * i for i in range(40)]
+    n, calls, xb = _scripted_inner(tr, model, opt, state, losses, monkeypatch)
+    assert n == 40 and calls[0][1] is xb  # the first encoder step uses the batch the decoder step will use
+    replay = torch.Generator().manual_seed(seed)  # the run's index generator, replayed
+    assert torch.equal(torch.randperm(tr.n, generator=replay), state["perm"])  # the permutation _batch drew
+    slots = tr.n // 64
+    for _, b in calls[1:]:  # each later batch: a full slot of the current permutation, drawn with g_idx
+        j = int(torch.randint(slots, (1,), generator=replay))
+        assert torch.equal(b, tr.X[state["perm"][j * 64:(j + 1) * 64]])
+    assert len({float(b.sum()) for _, b in calls[1:]}) > 1
+
+
+def _param_spy(monkeypatch):
+    """Wrap Trainer._step: per call, the names of the parameters its optimizer owns and of those that changed."""
+    from hcdiag.train import _Joint
+
+    log, real = [], Trainer._step
+
+    def spy(self, model, opt, state, *a, **k):
+        names = {id(p): n for n, p in model.named_parameters()}
+        opts = opt.optimizers if isinstance(opt, _Joint) else (opt,)
+        owned = {names[id(p)] for o in opts for g in o.param_groups for p in g["params"]}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = real(self, model, opt, state, *a, **k)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+        log.append({"opt": opt, "owned": owned, "changed": changed, "joint": isinstance(opt, _Joint)})
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", spy)
+    return log
+
+
+def _scripted_mi(monkeypatch, values):
+    import hcdiag.metrics as metrics_mod
+
+    calls = []
+
+    def fake(mu, logvar, **kw):
+        calls.append(1)
+        return values[len(calls) - 1]
+
+    monkeypatch.setattr(metrics_mod, "mutual_information", fake)
+    return calls
+
+
+def test_aggressive_steps_move_only_their_network_and_keep_both_adams(seed, monkeypatch):
+    _scripted_mi(monkeypatch, [0.5, 0.1])  # aggressive in epochs 1 and 2, plain VAE in epoch 3
+    log = _param_spy(monkeypatch)
+    cfg = make_config(None, seed=seed, **{**AGG, "epochs": 3, "aggressive_max_inner": 6, "aggressive_check_every": 3})
+    run = Trainer(cfg, _data(seed), None).run()
+    model = build_model(run["config"]["model"])
+    names = [n for n, _ in model.named_parameters()]
+    enc = {n for n in names if n.startswith(("encoder", "enc_"))}
+    dec = set(names) - enc
+    assert enc and dec
+    steps = 3  # ceil(600 / 200) decoder steps per epoch
+    is_enc = [c["owned"] == enc for c in log]
+    is_dec = [c["owned"] == dec for c in log]
+    joint = [c["joint"] for c in log]
+    assert all(e or d or j for e, d, j in zip(is_enc, is_dec, joint))
+    for c in log:  # nothing outside the stepped optimizer moves
+        assert c["changed"] <= c["owned"]
+    assert set().union(*(c["changed"] for c in log if c["owned"] == enc)) == enc
+    assert set().union(*(c["changed"] for c in log if c["owned"] == dec and not c["joint"])) == dec
+    assert set().union(*(c["changed"] for c in log if c["joint"])) == enc | dec
+    # order: (inner encoder steps, one decoder step) per batch while aggressive, then joint steps only
+    dec_pos = [i for i, d in enumerate(is_dec) if d]
+    assert len(dec_pos) == 2 * steps and sum(joint) == steps and all(joint[dec_pos[-1] + 1:])
+    n_enc = sum(is_enc)
+    h = run["history"]["inner_steps"]
+    assert torch.isnan(h[0]) and h[3] == 0.0
+    assert n_enc == pytest.approx(float(h[1] + h[2]) * steps)
+    assert all(is_enc[i - 1] for i in dec_pos)  # every decoder step follows at least one encoder step
+    # the same two Adams run the whole time: the joint optimizer holds them, their step counts add up
+    enc_opt = next(c["opt"] for c, e in zip(log, is_enc) if e)
+    dec_opt = next(c["opt"] for c, d in zip(log, is_dec) if d)
+    assert all(c["opt"].optimizers == (enc_opt, dec_opt) for c in log if c["joint"])
+    assert all(int(s["step"]) == n_enc + steps for s in enc_opt.state.values())
+    assert all(int(s["step"]) == 3 * steps for s in dec_opt.state.values())
+
+
+@pytest.mark.parametrize("mi,ended", [
+    ([0.2, 0.5, 0.4, 0.9, 1.0], 3),  # fell at epoch 3; the later rise does not turn it back on
+    ([-0.1, 0.5, 0.6, 0.7, 0.8], 1),  # the first epoch is compared with 0 (their pre_mi = 0)
+    ([0.3, 0.3, 0.2, 0.9, 1.0], 3),  # equal MI is not a fall
+    ([0.1, 0.2, 0.3, 0.4, 0.5], None),  # never fell: aggressive for the whole run
+])
+def test_aggressive_mode_ends_when_mi_falls_and_never_returns(seed, monkeypatch, tmp_path, mi, ended):
+    from hcdiag.runfile import load_run
+
+    calls = _scripted_mi(monkeypatch, mi)
+    inner_calls = []
+    real_inner = Trainer._aggressive_inner
+    monkeypatch.setattr(Trainer, "_aggressive_inner",
+                        lambda self, *a: inner_calls.append(self.cfg) or real_inner(self, *a))
+    cfg = make_config(None, seed=seed, **{**AGG, "epochs": 5, "aggressive_max_inner": 4, "aggressive_check_every": 2})
+    Trainer(cfg, _data(seed), tmp_path / "a.pt").run()
+    run = load_run(tmp_path / "a.pt").data  # validated: the new keys are part of the schema
+    n_agg = ended or 5
+    assert run["aggressive"]["ended_epoch"] == ended
+    assert run["aggressive"]["mi"].tolist() == mi[:n_agg] and len(calls) == n_agg  # MI only while aggressive
+    inner = run["history"]["inner_steps"]
+    assert inner.shape == run["history"]["step"].shape and torch.isnan(inner[0])
+    assert inner[1:n_agg + 1].tolist() == [4.0] * n_agg  # cap 4, checks at 2 (vs +inf) and 4: always 4 steps
+    assert inner[n_agg + 1:].tolist() == [0.0] * (5 - n_agg)
+    assert len(inner_calls) == 3 * n_agg  # one inner loop per decoder step of an aggressive epoch
+
+
+def test_aggressive_runs_are_deterministic_and_resume_reproduces_them(seed, tmp_path, monkeypatch):
+    """Two runs with one seed give the same weights and record; the second is killed right after the
+    baseline is saved (references pending) and resumed, which must keep the aggressive record."""
+    cfg = make_config(None, seed=seed, **{**AGG, "epochs": 3, "aggressive_max_inner": 8, "aggressive_check_every": 3})
+    x = _data(seed)
+    a = Trainer(cfg, x, tmp_path / "a.pt").run()
+    real = Trainer._save
+
+    def dying_save(self, *args, **kw):
+        real(self, *args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, x, tmp_path / "b.pt").run()
+    monkeypatch.setattr(Trainer, "_save", real)
+    b = Trainer(cfg, x, tmp_path / "b.pt").run(resume=True)
+    assert b["status"]["complete"] and a["snapshot_order"] == b["snapshot_order"]
+    for name in a["snapshot_order"]:
+        for k, v in a["snapshots"][name].items():
+            assert torch.equal(v, b["snapshots"][name][k]), (name, k)
+    torch.testing.assert_close(a["history"]["inner_steps"], b["history"]["inner_steps"], rtol=0, atol=0, equal_nan=True)
+    assert a["aggressive"]["ended_epoch"] == b["aggressive"]["ended_epoch"]
+    assert torch.equal(a["aggressive"]["mi"], b["aggressive"]["mi"])
+
+
+def test_run_file_checks_the_aggressive_record():
+    from hcdiag.runfile import example_run, validate_run
+
+    run = example_run(method="aggressive")
+    h = len(run["history"]["step"])
+    run["history"]["inner_steps"] = torch.tensor([float("nan")] + [7.5] * (h - 1), dtype=torch.float64)
+    run["aggressive"] = {"ended_epoch": 3, "mi": torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64)}
+    validate_run(run)  # consistent: accepted
+    run["aggressive"]["ended_epoch"] = None  # aggressive the whole run
+    validate_run(run)
+    bad = [({"ended_epoch": 2, "mi": run["aggressive"]["mi"]},
+            "aggressive.ended_epoch is 2 but aggressive.mi holds 3 epoch(s); MI is estimated at the end of every "
+            "aggressive epoch, the last one included: fix the producer."),
+           ({"ended_epoch": 0, "mi": torch.zeros(0)}, "aggressive.ended_epoch must be an int >= 1; got 0."),
+           ({"ended_epoch": 1}, "aggressive.mi is missing; a run file needs it"),
+           ({"mi": [0.1]}, "aggressive.mi must be a tensor; got list"),
+           ({"mi": torch.zeros(2, 2)}, "aggressive.mi must be a 1-D tensor; got shape (2, 2)")]
+    for record, msg in bad:
+        run["aggressive"] = record
+        with pytest.raises(InputError, match=re.escape(msg)):
+            validate_run(run)
+    run["aggressive"] = {"ended_epoch": None, "mi": torch.zeros(1)}
+    run["history"]["inner_steps"] = torch.zeros(h + 1)
+    with pytest.raises(InputError, match=re.escape(f"history.step has h={h} but history.inner_steps has h={h + 1}")):
+        validate_run(run)
+
+
+@pytest.mark.parametrize("field,value", [("aggressive_max_inner", 0), ("aggressive_max_inner", -5),
+                                         ("aggressive_check_every", 0), ("aggressive_check_every", -1)])
+def test_aggressive_config_errors(field, value, tmp_path, capsys, seed):
+    from hcdiag.cli import main
+
+    msg = f"The '{field}' parameter must be an integer >= 1. Got {value}."
+    with pytest.raises(InputError, match=re.escape(msg)):
+        make_config("smoke", method="aggressive", **{field: value})
+    np.save(tmp_path / "x.npy", _data(seed))
+    flag = "--" + field.replace("_", "-")
+    code = main(["train", str(tmp_path / "x.npy"), "--out", str(tmp_path / "r.pt"), "--method", "aggressive",
+                 flag, str(value), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_aggressive_cli_flags_reach_the_run(tmp_path, capsys, seed):
+    from hcdiag.cli import main
+    from hcdiag.runfile import load_run
+
+    np.save(tmp_path / "x.npy", _data(seed))
+    argv = ["train", str(tmp_path / "x.npy"), "--out", str(tmp_path / "r.pt"), "--method", "aggressive", "--quiet",
+            "--aggressive-max-inner", "3", "--aggressive-check-every", "2", "--epochs", "2", "--batch-size", "300",
+            "--enc-widths", "8", "--dec-widths", "8", "--latent-dim", "2", "--r0", "4", "--k", "3",
+            "--em-backend", "sklearn", "--eval-rows", "100", "--references", "none"]
+    assert main(argv) == 0
+    run = load_run(tmp_path / "r.pt").data
+    assert run["config"]["train"]["aggressive_max_inner"] == 3 and run["config"]["train"]["aggressive_check_every"] == 2
+    # cap 3 with a check at step 2 (against +inf, so it never stops there): 3 encoder steps, both epochs
+    assert run["history"]["inner_steps"][1:].tolist() == [3.0, 3.0]
 
 
 def test_simultaneous_step_sums_every_active_clustering(seed):
