@@ -662,7 +662,9 @@ def figure4(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
                     n_samples)[0] for j in jobs]
     recs = _run(jobs, out, workers, progress)
     rows = ablation_rows(recs, preset)
+    # the run files trained by this call (a folder written by ``hcdiag verify`` is reused: none)
     meta = {"preset": preset, "datasets": datasets, "seeds": 1, "out_dir": str(out), "n_runs": len(recs),
+            "trained": [r["run"] for r in recs if r["trained"]],
             "reduced": _reduced(overrides, n_samples, reduced), "seconds": time.perf_counter() - t0}
     return Figure4Result("figure4", "Figure 4: ablations of HCT" + (" (REDUCED)" if reduced else ""), rows, meta)
 

@@ -1,7 +1,9 @@
 """hcdiag verify: the grid, the executors (local pool and submitit's local executor), the claims table."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hcdiag import verify as V
@@ -59,6 +61,8 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
         assert (tmp_path / f).exists(), f
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["schema"] == "hcdiag.verify/1" and len(res["inconsistencies"]) >= 10
+    # regression: the closed form and linear VAE ran at the preset's latent dimension (8), not the grid's (2)
+    assert res["phase"]["synthetic"]["latent_dim"] == TINY["latent_dim"]
     van = next(r for r in doc["claims"] if r["claim"].startswith("Vanilla VAE collapses"))
     run = load_run(tmp_path / "main/synthetic/vanilla_m2_scaled_s0.pt")
     m = build_model(run.config["model"])
@@ -97,3 +101,163 @@ def test_strict_exits_1_when_a_claim_fails(tiny_grid, tmp_path, capsys):
     failing = any(r["verdict"] in ("fails", "mixed") for r in doc["claims"])
     assert main(["verify", "--out", str(tmp_path), "--workers", "1", "--strict"]) == (1 if failing else 0)
     assert failing  # a tiny run at 2 lambda_max cannot keep KL > 2.5: some claim fails
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the paper preset's grid, end to end at a tiny scale
+
+# sizes only: everything structural (methods, multiples, conventions, ablations, R0 = 16, K = 8, EM backend,
+# epoch_unit='epochs', eps, beta schedule, references) stays the paper preset's and the paper grid's
+PAPER_TINY = dict(enc_widths=(8,), dec_widths=(8,), latent_dim=2, batch_size=128, epochs=1, epochs_per_round=1,
+                  refine_cap=2, stage3_epochs=1, eval_rows=200)
+
+
+@pytest.fixture
+def paper_tiny_grid(monkeypatch):
+    real = V.GRIDS["paper"]
+    g = {**real, "phase_multiples": [0.5, 2.0], "phase_epochs": 1, "n_samples": {"synthetic": 600},
+         "overrides": dict(PAPER_TINY)}
+    monkeypatch.setitem(V.GRIDS, "paper", g)
+    return real, g
+
+
+def _final_kl(path) -> float:
+    """Independent recomputation: the model rebuilt from the run file, KL (nats) of its final snapshot."""
+    from hcdiag.metrics import kl_total
+    from hcdiag.models import build_model, encode_decode
+    from hcdiag.runfile import load_run
+
+    run = load_run(path)
+    m = build_model(run.config["model"])
+    m.load_state_dict(run.snapshot("final"))
+    mu, lv, _ = encode_decode(m, run.eval_x.float())
+    return kl_total(mu, lv)
+
+
+def test_ablation_jobs_take_the_grid_overrides_but_keep_their_own_value(monkeypatch):
+    # regression: ablation jobs used to drop the grid's overrides (a tiny grid trained them at full size); the
+    # overrides here set every ablated setting itself, so the ablation's own value must win each time
+    ov = dict(PAPER_TINY, r0=4, eps=1e-2, beta_end=5.0, keep_ratio=0.5)
+    monkeypatch.setitem(V.GRIDS, "paper", {**V.GRIDS["paper"], "overrides": ov})
+    abl = [j for j in V.build_grid("paper", ["synthetic"], 1) if j.group == "ablation"]
+    want = [(k, v) for k, vs in V.ABLATIONS.items() for v in vs]
+    assert [j.tag for j in abl] == [f"{k}{v:g}" for k, v in want]
+    for j, (key, value) in zip(abl, want):
+        got = dict(j.overrides)
+        assert got[key] == value
+        assert {k: v for k, v in got.items() if k not in (key, "references", "uneven")} == \
+               {k: v for k, v in ov.items() if k != key}
+        # R0 not a power of two and keep ratios other than 1/2 need uneven halving
+        assert got.get("uneven", False) == (key == "keep_ratio" or (key == "r0" and value & (value - 1) != 0))
+        assert got["references"] == ()
+
+
+@pytest.mark.parametrize("key", list(V.ABLATIONS))
+def test_ablation_verdict_is_inconclusive_when_every_value_ties(key, seed):
+    # regression: identical runs (e.g. no eps reached within refine_cap, so the eps runs are one run) "held"
+    kl = float(np.random.default_rng(seed).uniform(0.0, 3.0))
+    vals = V.ABLATIONS[key]
+    assert V._ablation_verdict(key, [(v, kl) for v in vals]) == (
+        "inconclusive", f"every tested {key} gives the same final KL: the setting changed nothing in training")
+    assert V._ablation_verdict(key, []) == ("inconclusive", "no final KL measured")
+    # a single differing value is evidence again: the paper's best value strictly best -> holds
+    best = V.PAPER_ABLATION[key][2]
+    best = best[0] if isinstance(best, tuple) else best
+    pts = [(v, kl + (1.0 if v == best else 0.0)) for v in vals]
+    if key == "r0":  # KL non-decreasing in R0 up to 16: a step up at R0 >= 16
+        pts = [(v, kl + (1.0 if v >= best else 0.0)) for v in vals]
+    elif key == "eps":  # smaller eps never worse
+        pts = [(v, kl + (1.0 if v <= best else 0.0)) for v in vals]
+    assert V._ablation_verdict(key, pts)[0] == "holds"
+
+
+def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, monkeypatch, one_thread):
+    from hcdiag import artefacts
+    from hcdiag.data import load
+    from hcdiag.runfile import load_run
+    from hcdiag.theory import linear_vae_optimum
+    from hcdiag.train import PRESETS
+
+    real, g = paper_tiny_grid
+    # the tiny grid is the paper grid in everything but its sizes
+    assert {k: v for k, v in g.items() if k not in ("phase_multiples", "phase_epochs", "n_samples", "overrides")} == \
+           {k: v for k, v in real.items() if k not in ("phase_multiples", "phase_epochs", "n_samples", "overrides")}
+    assert set(g["phase_multiples"]) <= set(real["phase_multiples"]) and g["ablations"] is True
+    assert not set(PAPER_TINY) & (set(V.ABLATIONS) | {"epoch_unit", "r0", "k", "em_backend", "eps", "mode"})
+    jobs = V.build_grid("paper", ["synthetic"], 1)
+    labels = {(j.method, j.tag) for j in jobs if j.group == "main"}
+    assert labels == set(real["methods"])
+    assert {j.loss for j in jobs if j.method == "hct" and j.group == "main"} == {"literal", "scaled", "mean"}
+    assert len([j for j in jobs if j.group == "ablation"]) == sum(map(len, V.ABLATIONS.values()))
+
+    doc = V.verify(tmp_path, preset="paper", datasets=["synthetic"], seeds=1, workers=1)
+    assert doc["meta"]["n_runs"] == len(jobs)
+
+    # every job's run file is complete, trained with the tiny sizes and the paper preset's structure
+    for j in jobs:
+        run = load_run(tmp_path / j.name)
+        assert run.complete and (tmp_path / j.name).with_suffix(".checks.json").exists(), j.name
+        t = run.config["train"]
+        assert t["epoch_unit"] == "epochs" and t["latent_dim"] == PAPER_TINY["latent_dim"], j.name
+        assert t["epochs"] == (g["phase_epochs"] if j.group == "phase" else PAPER_TINY["epochs"]), j.name
+        if j.group == "ablation":
+            key = next(k for k in V.ABLATIONS if j.tag.startswith(k))
+            assert t[key] == pytest.approx(dict(j.overrides)[key]), j.name  # the ablated value survived
+            assert run.r0 == t["r0"]
+            if key != "r0":
+                assert t["r0"] == PRESETS["paper"]["r0"]
+        if j.method == "hct" and run.r0 > 2:
+            kept = [len(r["kept"]) for r in run.data["rounds"]]
+            n = run.r0
+            for k in kept:  # the rounds follow the keep ratio (uneven halving for 1/3 and 2/3)
+                assert k == max(2, min(n - 1, round(n * t["keep_ratio"])))
+                n = k
+            assert kept[-1] == 2
+
+    # the claims table: one ablation row per ablated setting, its numbers the final KL of the run files
+    kls = {j.name: _final_kl(tmp_path / j.name) for j in jobs if j.group == "ablation"}
+    for key, vals in V.ABLATIONS.items():
+        (row,) = [r for r in doc["claims"] if r["claim"] == f"Ablation: {V.PAPER_ABLATION[key][1]}"]
+        assert row["verdict"] in ("holds", "fails", "inconclusive")
+        assert row["conditions"] == "synthetic, preset paper"
+        names = [j.name for j in jobs if j.group == "ablation" and j.tag.startswith(key)]
+        printed = [p.split(": ") for p in row["ours"].split(" (")[0].split(", ")]
+        assert [float(v) for v, _ in printed] == pytest.approx(vals, rel=1e-5)
+        for (_, k), name in zip(printed, names):
+            assert float(k) == pytest.approx(kls[name], rel=5e-3, abs=1e-12)  # printed with 3 digits
+        assert row["verdict"] == V._ablation_verdict(key, [(v, kls[n]) for v, n in zip(vals, names)])[0]
+
+    # the report, its figures and the phase diagram at the latent dimension the phase runs were trained with
+    for f in ("report.md", "report.html", "results.json", "phase_synthetic.png", "table1_synthetic_m2.png",
+              "table1_synthetic_m5.png", *(f"memory_synthetic_{c}_m{m:g}.png" for c in real["losses"]
+                                           for m in real["multiples"])):
+        assert (tmp_path / f).exists(), f
+    res = json.loads((tmp_path / "results.json").read_text())
+    ph = res["phase"]["synthetic"]
+    assert ph["latent_dim"] == PAPER_TINY["latent_dim"]
+    x = load("synthetic", n_samples=600).x.astype(np.float64)
+    lam = np.sort(np.linalg.eigvalsh(np.cov(x.T, bias=True)))[::-1]
+    for r in ph["rows"]:
+        assert r["kl_theory"] == pytest.approx(linear_vae_optimum(lam, r["s2"], PAPER_TINY["latent_dim"]).kl,
+                                               rel=1e-6, abs=1e-9)
+
+    # Figure 4 from the same folder: nothing retrained, the same numbers
+    stamps = {n: (tmp_path / n).stat().st_mtime_ns for n in kls}
+
+    def no_training(*a, **k):
+        raise AssertionError("figure4 retrained a run that verify had written")
+
+    monkeypatch.setattr("hcdiag.train.Trainer.run", no_training)
+    fig4 = artefacts.figure4("paper", ["synthetic"], 1, tmp_path, workers=1)
+    assert fig4.meta["trained"] == [] and not fig4.meta["reduced"]
+    assert {n: (tmp_path / n).stat().st_mtime_ns for n in kls} == stamps
+    pts = [r for r in fig4.rows if r["verdict"] == "reported"]
+    assert sorted(str(Path(r["runs"][0]).relative_to(tmp_path)) for r in pts) == sorted(kls)
+    for r in pts:
+        assert r["values"]["kl"] == pytest.approx(kls[str(Path(r["runs"][0]).relative_to(tmp_path))], rel=1e-6, abs=1e-9)
+    claims = {r["claim"][len("Ablation: "):]: r["verdict"] for r in doc["claims"] if r["claim"].startswith("Ablation: ")}
+    for r in fig4.rows:
+        if r["verdict"] != "reported":
+            assert r["verdict"] == claims[r["paper"]]
+    saved = artefacts.save_figures(fig4, tmp_path / "fig4")
+    assert sorted(Path(p).name for p in saved) == sorted(f"figure4_{k}.png" for k in V.ABLATIONS)
