@@ -242,10 +242,14 @@ class Trainer:
     data : hcdiag.data.Dataset (or an array of shape (n, N))
     out : path of the run file, or None to keep it in memory only
     progress : Progress or None
+    em_cache : folder of stage-0 EM results shared between runs (see
+        :func:`hcdiag.clusterings.fit_clusterings_cached`), or None to fit every time. It changes no
+        result: the cached set is the one this run would fit.
     """
 
     def __init__(self, cfg: TrainConfig, data, out: str | os.PathLike | None = None, *,
-                 progress: Progress | None = None, lambda_max: float | None = None):
+                 progress: Progress | None = None, lambda_max: float | None = None,
+                 em_cache: str | os.PathLike | None = None):
         from hcdiag.validation import as_data_matrix
 
         self.cfg = cfg
@@ -262,6 +266,7 @@ class Trainer:
         self.progress = progress or Progress(enabled=False, summaries=False)
         self.device = resolve_device(cfg.device)
         self._lambda_max = lambda_max
+        self.em_cache = em_cache
         self.timings: dict[str, float] = {}
         self._centroid_cache: dict[tuple, tuple] = {}
 
@@ -530,16 +535,21 @@ class Trainer:
         return _finalize_history(run)
 
     def _new_run(self) -> dict:
-        from hcdiag.clusterings import fit_clusterings
+        from hcdiag.clusterings import fit_clusterings, fit_clusterings_cached
 
         c = self.cfg
         t0 = time.perf_counter()
         self.progress.update(f"stage 0: EM x{c.r0} (k={c.k}, {c.covariance}, {c.em_backend})")
-        cs = fit_clusterings(self.x_np, c.r0, c.k, covariance=c.covariance, backend=c.em_backend, init=c.em_init,
-                             seed=c.seed, device=self.device, uneven=c.uneven or c.keep_ratio != 0.5)
+        em = dict(covariance=c.covariance, backend=c.em_backend, init=c.em_init, seed=c.seed, device=self.device,
+                  uneven=c.uneven or c.keep_ratio != 0.5)
+        hit = False
+        if self.em_cache is not None:
+            cs, hit = fit_clusterings_cached(self.em_cache, self.x_np, c.r0, c.k, **em)
+        else:
+            cs = fit_clusterings(self.x_np, c.r0, c.k, **em)
         self.timings["stage0_em"] = time.perf_counter() - t0
-        self.progress.summary(f"stage 0: {c.r0} EM runs in {self.timings['stage0_em']:.1f} s, "
-                              f"mean log-lik {float(np.mean(cs.loglik)):.4g}")
+        self.progress.summary(f"stage 0: {c.r0} EM runs {'read from the cache' if hit else 'fitted'} in "
+                              f"{self.timings['stage0_em']:.1f} s, mean log-lik {float(np.mean(cs.loglik)):.4g}")
         self.centroids = torch.as_tensor(cs.centroids, dtype=torch.float32, device=self.device)
         clusterings = {
             "centroids": torch.as_tensor(cs.centroids, dtype=torch.float32),

@@ -174,7 +174,9 @@ def run_job(job: Job, out_dir: str) -> dict:
         except InputError:
             complete = False
     if not complete:
-        Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False)).run(resume=True)
+        # stage 0 is shared: every job of a seed fits the same clusterings of the same data
+        Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
+                em_cache=Path(out_dir) / "em-cache").run(resume=True)
         trained = True
     checks_path = path.with_suffix(".checks.json")
     if trained or not checks_path.exists():

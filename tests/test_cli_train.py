@@ -84,3 +84,22 @@ def test_resume_on_another_config_names_the_keys(data_file, tmp_path, capsys):
     line = _err(capsys, "train", data_file, "--out", out, "--resume", *FAST, "--lr", "0.01", "--multiple", "3")
     assert "was written with another config (keys differ: multiple, s2, train.lr, train.multiple" in line
     assert out.read_bytes() == before  # nothing lost
+
+
+def test_em_cache_is_shared_between_runs_and_changes_no_result(data_file, tmp_path, capsys):
+    from hcdiag.runfile import load_run
+
+    cache = tmp_path / "em"
+    runs = []
+    for i, extra in enumerate(([], ["--em-cache", cache], ["--em-cache", cache, "--method", "vanilla"])):
+        out = tmp_path / f"r{i}.pt"
+        assert main(["train", str(data_file), "--out", str(out), *FAST, *map(str, extra)]) == 0
+        runs.append(load_run(out))
+    capsys.readouterr()
+    assert len(list(cache.glob("em-*.npz"))) == 1
+    for run in runs[1:]:
+        for key in ("centroids", "weights", "loglik"):
+            assert np.array_equal(run.data["clusterings"][key].numpy(), runs[0].data["clusterings"][key].numpy())
+    # the same HCT run with and without the cache: the same trained weights
+    a, b = runs[0].snapshot("final"), runs[1].snapshot("final")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)

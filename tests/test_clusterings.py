@@ -328,3 +328,53 @@ def test_cuda_batched_em_matches_cpu(seed, covariance):
     # same float64 arithmetic, different reduction order: equal up to rounding
     np.testing.assert_allclose(gpu.loglik, cpu.loglik, rtol=1e-6)
     np.testing.assert_allclose(gpu.loglik, gpu.score(x), rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ the stage-0 cache
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_cache_returns_the_fit_it_would_make_and_keys_on_data_and_settings(seed, backend, tmp_path):
+    from hcdiag.clusterings import fit_clusterings_cached
+
+    x = gmm_data(np.random.default_rng(seed), n=300, dim=3)
+    kw = dict(covariance="full", backend=backend, seed=seed, device="cpu")
+    direct = fit_clusterings(x, 4, 3, **kw)
+    first, hit1 = fit_clusterings_cached(tmp_path, x, 4, 3, **kw)
+    again, hit2 = fit_clusterings_cached(tmp_path, x, 4, 3, **kw)
+    assert (hit1, hit2) == (False, True)
+    for cs in (first, again):
+        for name in ("centroids", "weights", "covariances", "seeds", "loglik", "n_iter", "converged"):
+            np.testing.assert_array_equal(getattr(cs, name), getattr(direct, name), err_msg=name)
+        assert (cs.covariance_type, cs.backend, cs.init) == (direct.covariance_type, direct.backend, direct.init)
+    assert len(list(tmp_path.glob("em-*.npz"))) == 1
+    # another seed, another K, or one changed data value: another entry, never the cached one
+    y = x.copy()
+    y[0, 0] += 1.0
+    for args, over in (((x, 4, 3), {"seed": seed + 1}), ((x, 4, 2), {}), ((y, 4, 3), {})):
+        cs, hit = fit_clusterings_cached(tmp_path, *args, **{**kw, **over})
+        assert not hit
+        np.testing.assert_array_equal(cs.centroids, fit_clusterings(*args, **{**kw, **over}).centroids)
+    assert len(list(tmp_path.glob("em-*.npz"))) == 4 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cache_refits_an_unreadable_entry(seed, tmp_path):
+    from hcdiag.clusterings import fit_clusterings_cached
+
+    x = gmm_data(np.random.default_rng(seed), n=200, dim=2)
+    fit_clusterings_cached(tmp_path, x, 2, 2, seed=seed)
+    (entry,) = tmp_path.glob("em-*.npz")
+    entry.write_bytes(b"not a zip file")
+    cs, hit = fit_clusterings_cached(tmp_path, x, 2, 2, seed=seed)
+    assert not hit
+    np.testing.assert_array_equal(cs.centroids, fit_clusterings(x, 2, 2, seed=seed).centroids)
+    assert fit_clusterings_cached(tmp_path, x, 2, 2, seed=seed)[1]
+
+
+def test_cache_folder_that_cannot_be_made(tmp_path):
+    from hcdiag.clusterings import fit_clusterings_cached
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=r"^Cannot create the EM cache folder .*file/em: .*; choose a writable folder\.$"):
+        fit_clusterings_cached(blocker / "em", np.zeros((4, 2), np.float32) + np.arange(4)[:, None], 2, 2)

@@ -61,6 +61,8 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
         assert (tmp_path / f).exists(), f
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["schema"] == "hcdiag.verify/1" and len(res["inconsistencies"]) >= 10
+    # every job of the seed shares one stage-0 fit (same data, same EM settings)
+    assert len(list((tmp_path / "em-cache").glob("em-*.npz"))) == 1
     # regression: the closed form and linear VAE ran at the preset's latent dimension (8), not the grid's (2)
     assert res["phase"]["synthetic"]["latent_dim"] == TINY["latent_dim"]
     van = next(r for r in doc["claims"] if r["claim"].startswith("Vanilla VAE collapses"))

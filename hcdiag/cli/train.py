@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--references", default=None,
                    help="references to train: comma list of collapsed,vanilla,control, or 'none'")
     p.add_argument("--quiet", action="store_true", help="no per-round summaries on stderr")
+    p.add_argument("--em-cache", default=None, metavar="DIR",
+                   help="share stage-0 EM fits between runs through this folder (same data and settings: "
+                        "fitted once; changes no result)")
     for flag, _field, typ, hlp in _OVERRIDES:
         p.add_argument(flag, type=typ, default=None, help=hlp)
     add_device_argument(p)
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["references"] = refs
     cfg = make_config(args.preset, **overrides)
     data = load_data(args)
-    trainer = Trainer(cfg, data, args.out, progress=Progress(summaries=not args.quiet))
+    trainer = Trainer(cfg, data, args.out, progress=Progress(summaries=not args.quiet), em_cache=args.em_cache)
     try:
         run_dict = trainer.run(resume=args.resume)
     except NumericalError as exc:
