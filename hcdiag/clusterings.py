@@ -342,7 +342,8 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
     convention, the baselines, the phase runs: they record the same clusterings' losses) would fit it
     again; a grid of 39 paper-preset runs per seed shares a handful of distinct fits. One process fits a
     key while the others wait on a lock file (``fcntl.flock``; where the file system has no locks, each
-    fits on its own and the last atomic write wins: same result, more work). Returns ``(set, hit)``.
+    fits on its own and the last atomic write wins: same result, more work). Settings that change no
+    result (``progress``, ``n_jobs``, ``uneven``) are not part of the key. Returns ``(set, hit)``.
     The file is written atomically; an unreadable one is refitted and replaced.
     """
     import hashlib
@@ -355,7 +356,7 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
     xa, _ = as_data_matrix(x, name="data", min_rows=1)
     xa = np.ascontiguousarray(xa, dtype=np.float32)
     settings = {"r0": int(r0), "k": int(k), **{n: (resolve_device(v).type if n == "device" else v)
-                                              for n, v in sorted(kw.items()) if n not in ("progress", "n_jobs")}}
+                                              for n, v in sorted(kw.items()) if n not in ("progress", "n_jobs", "uneven")}}
     h = hashlib.sha256()
     h.update(repr(xa.shape).encode())
     h.update(memoryview(xa).cast("B"))
