@@ -727,6 +727,61 @@ def test_i3_fails_on_a_positive_but_insignificant_trend(seed):
     assert res.verdict == "fails" and "not significant at 5%" in res.summary
 
 
+MLP_WIDE = {"family": "mlp", "input_dim": 32, "latent_dim": 6, "enc_widths": [24, 16], "dec_widths": [16, 24],
+            "activation": "elu", "image_shape": None, "channels": []}
+
+
+def test_i3_reports_the_permutation_aligned_distance_of_every_snapshot(seed):
+    """Snapshot i is the collapsed reference moved by ``t_i D`` (t_i = 0.001 i) with its units shuffled:
+    weight matching undoes the shuffle, so the aligned distance is ``t_i ||D||`` and rises with rho = 1,
+    whatever the raw distance (dominated by the shuffle) does; the verdict still follows the raw one."""
+    from scipy.stats import spearmanr
+
+    from hcdiag.alignment import aligned_distance, permutation_spec, permute
+
+    g = torch.Generator().manual_seed(seed)
+    dim = MLP_WIDE["input_dim"]
+    col = build_model(MLP_WIDE, seed=seed).state_dict()
+    step = {k: torch.randn(v.shape, generator=g) for k, v in col.items()}
+    spec = permutation_spec(MLP_WIDE)
+    shuffles = {s: {n: torch.randperm(k, generator=g) for n, k in spec.sizes.items()} for s in ORDER}
+    states = {s: permute({k: v + 0.001 * i * step[k] for k, v in col.items()}, shuffles[s], spec)
+              for i, s in enumerate(ORDER)}
+    run = hand_run(seed, centroids=(3 * torch.randn(R0, K, dim, generator=g)).tolist(), center=[0.0] * dim,
+                   model=MLP_WIDE, states=states, references=())
+    run["references"] = {"collapsed": {"config": {"s2": 20.0, "multiple": 10.0, "method": "vanilla",
+                                                  "model": dict(MLP_WIDE)}, "state": col}}
+    validate_run(run)
+    res = inertia.check_i3(ctx_of(run))
+    v = res.values
+    direct = [aligned_distance(col, run["snapshots"][s], MLP_WIDE) for s in ORDER]
+    assert v["aligned_param_distance"] == pytest.approx(direct, rel=1e-12)
+    norm = naive_param_distance(step, {k: torch.zeros_like(t) for k, t in step.items()})
+    np.testing.assert_allclose(v["aligned_param_distance"], [0.001 * i * norm for i in range(len(ORDER))],
+                               rtol=1e-5, atol=1e-6)
+    raw = [naive_param_distance(run["snapshots"][s], col) for s in ORDER]
+    np.testing.assert_allclose(v["param_distance"], raw, rtol=1e-6)
+    assert all(a <= r for a, r in zip(v["aligned_param_distance"], v["param_distance"]))
+    assert v["aligned_spearman_rho"] == 1.0
+    assert v["aligned_p_value"] == pytest.approx(spearmanr(range(len(ORDER)), direct).pvalue)
+    moved = [sum(int((p != torch.arange(p.numel())).sum()) for p in shuffles[s].values()) for s in ORDER]
+    assert v["alignment"]["moved_units"] == moved  # each shuffle undone: its inverse moves as many units
+    assert v["alignment"]["groups"] == spec.sizes and v["alignment"]["converged"] is True
+    sp = spearmanr(range(len(ORDER)), raw)  # the verdict rule is the raw distance's, unchanged
+    assert res.verdict == ("holds" if sp.statistic > 0 and sp.pvalue < 0.05 else "fails")
+    assert (f"permutation-aligned distance {direct[0]:.3g} -> {direct[-1]:.3g}, rho = 1.00 "
+            f"({sum(v['alignment']['moved_units'])} unit(s) moved by weight matching)") in res.summary
+
+
+def test_i3_aligned_distance_equals_the_raw_one_without_hidden_units_to_match(seed):
+    """MLP0 (no hidden layer): only the latent dimensions can be matched, and the collapsed reference's
+    heads are zero, so no permutation changes the distance."""
+    res = inertia.check_i3(ctx_of(hand_run(seed)))
+    assert res.values["aligned_param_distance"] == res.values["param_distance"]
+    assert res.values["alignment"]["moved_units"] == [0] * len(ORDER)
+    assert res.values["alignment"]["groups"] == {"latent": N}
+
+
 def test_i3_is_inconclusive_for_a_constant_distance_or_no_reference(seed):
     base = hand_run(seed)
     states = {s: lin_state(CSTAR, xbar=base["eval"]["xbar"]) for s in ORDER}

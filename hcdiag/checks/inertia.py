@@ -112,9 +112,25 @@ def _spearman(values: list[float]) -> tuple[float, float]:
     return float(r.statistic), float(r.pvalue)
 
 
+def _aligned_distances(ctx: RunContext, ref: dict, states: list[dict]) -> dict:
+    """I3's permutation-aligned distances: each snapshot's hidden units (and latent dimensions) permuted
+    onto the collapsed reference's by weight matching (:mod:`hcdiag.alignment`), so that a distance that
+    only reflects relabelled units is not read as movement. Extra evidence: the verdict does not use it."""
+    from hcdiag.alignment import permutation_spec, weight_matching
+
+    wms = [weight_matching(ref, st, ctx.model_cfg, device=ctx.device) for st in states]
+    d = [w.distance for w in wms]
+    rho, p = _spearman(d)
+    return {"aligned_param_distance": d, "aligned_spearman_rho": rho, "aligned_p_value": p,
+            "alignment": {"method": "weight matching (Ainsworth et al. 2023), snapshot onto the collapsed reference",
+                          "groups": permutation_spec(ctx.model_cfg).sizes, "moved_units": [w.moved for w in wms],
+                          "passes": [w.n_iter for w in wms], "converged": all(w.converged for w in wms)}}
+
+
 def check_i3(ctx: RunContext) -> CheckResult:
     """I3: parameter and function-space distance to the collapsed model over training, with the vanilla
-    reference's distance beside it (paper 5.3, Figure 2 right)."""
+    reference's distance beside it (paper 5.3, Figure 2 right), and the permutation-aligned parameter
+    distance (claims.md: hidden units matched by weight matching) as extra evidence."""
     claim = "The distance to the collapsed solution increases as training progresses (Figure 2 right)."
     col = (ctx.run.references or {}).get("collapsed")
     if col is None:
@@ -129,7 +145,8 @@ def check_i3(ctx: RunContext) -> CheckResult:
     rho, p = _spearman(param)
     rho_f, p_f = _spearman(func)
     values = {"snapshots": names, "param_distance": param, "function_distance": func, "spearman_rho": rho,
-              "p_value": p, "function_spearman_rho": rho_f, "function_p_value": p_f}
+              "p_value": p, "function_spearman_rho": rho_f, "function_p_value": p_f,
+              **_aligned_distances(ctx, col["state"], [ctx.state(s) for s in names])}
     van = (ctx.run.references or {}).get("vanilla")
     if van is not None and van.get("snapshots"):
         vn = list(van.get("snapshot_order") or van["snapshots"].keys())
@@ -139,6 +156,9 @@ def check_i3(ctx: RunContext) -> CheckResult:
                       vanilla_spearman_rho=_spearman(vdist)[0])
     ref_note = (f"; beside it, the vanilla reference's distance has rho = {values['vanilla_spearman_rho']:.2f}"
                 if "vanilla_spearman_rho" in values else "; no vanilla reference to compare with")
+    ad, moved = values["aligned_param_distance"], sum(values["alignment"]["moved_units"])
+    aligned_note = (f"; permutation-aligned distance {ad[0]:.3g} -> {ad[-1]:.3g}, rho = "
+                    f"{values['aligned_spearman_rho']:.2f} ({moved} unit(s) moved by weight matching)" if ad else "")
     if not np.isfinite(rho):
         return inconclusive("I3", claim, "section 5.3", "fewer than 3 snapshots or a constant distance", **values)
     # "increases" needs a trend that is positive AND distinguishable from no trend (Spearman test, 5%)
@@ -147,4 +167,4 @@ def check_i3(ctx: RunContext) -> CheckResult:
     return CheckResult("I3", claim, "section 5.3", verdict, values,
                        witness=None if verdict == "holds" else {"spearman_rho": rho, "p_value": p},
                        summary=f"parameter distance {param[0]:.3g} -> {param[-1]:.3g}, Spearman rho = {rho:.2f}, "
-                               f"p = {p:.2g}{why} (function space rho = {rho_f:.2f}){ref_note}")
+                               f"p = {p:.2g}{why} (function space rho = {rho_f:.2f}){aligned_note}{ref_note}")
