@@ -53,11 +53,15 @@ def clustering_losses_over_training(run, ax=None):
 
 def distance_to_collapsed(i3_values: dict, ax=None):
     """Paper Figure 2 (right): parameter and function-space distance to the collapsed model, with the
-    vanilla reference beside it."""
+    permutation-aligned distance and the vanilla reference beside it."""
     fig, ax = axes(ax)
     v = i3_values
     x = np.arange(len(v["param_distance"]))
     ax.plot(x, v["param_distance"], "o-", color="C0", label="HCT: ||Theta_s - Theta_collapse||")
+    if v.get("aligned_param_distance"):
+        moved = sum(v.get("alignment", {}).get("moved_units", []))
+        ax.plot(x, v["aligned_param_distance"], "x--", color="C2",
+                label=f"HCT, hidden units permutation-aligned ({moved} moved)")
     if v.get("vanilla_param_distance"):
         xv = np.linspace(0, len(x) - 1, len(v["vanilla_param_distance"]))
         ax.plot(xv, v["vanilla_param_distance"], "s--", color="C7", label="vanilla reference (same s2)")
