@@ -83,11 +83,25 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     (["--datasets", "imagenet"], "--datasets: unknown dataset(s) imagenet; choose among synthetic"),
     (["--seeds", "0"], "--seeds must be an integer >= 1. Got 0."),
     (["--losses", "sum"], "--losses: unknown convention(s) sum; choose among literal, scaled, mean."),
+    (["--groups", "main,tables"], "--groups: unknown group(s) tables; choose among main, phase, ablation."),
+    (["--groups", ","], "--groups: unknown group(s) (none given); choose among main, phase, ablation."),
 ])
 def test_verify_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, msg):
     code = main(["verify", "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "o").exists()  # nothing written for bad input
+
+
+@pytest.mark.parametrize("groups", [["main"], ["phase"]])
+def test_groups_run_only_those_parts_of_the_grid(tiny_grid, tmp_path, groups):
+    doc = V.verify(tmp_path, preset="smoke", datasets=["synthetic"], seeds=1, workers=1, groups=groups)
+    assert doc["meta"]["groups"] == groups
+    ran = {p.parts[-3] for p in tmp_path.glob("*/synthetic/*.pt")}
+    assert ran == set(groups)
+    everything = V.build_grid("smoke", ["synthetic"], 1)
+    assert doc["meta"]["n_runs"] == sum(j.group in groups for j in everything)
+    assert (tmp_path / "report.md").exists()
 
 
 def test_verify_out_is_a_file(tmp_path, capsys):

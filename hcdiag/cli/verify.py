@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", default="synthetic", help="comma list: synthetic, fashion-mnist, mnist, cifar10, digits")
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
     p.add_argument("--losses", default=None, help="comma list of loss conventions (default literal,scaled,mean)")
+    p.add_argument("--groups", default=None,
+                   help="comma list of the grid's parts to run: main, phase, ablation (default: all the preset has)")
     p.add_argument("--executor", default="local", choices=["local", "submitit"], help="local process pool or a SLURM job array")
     p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core, or per GPU)")
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
@@ -37,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
         bad = [l for l in losses if l not in ("literal", "scaled", "mean")]
         if bad:
             raise InputError(f"--losses: unknown convention(s) {', '.join(bad)}; choose among literal, scaled, mean.")
+    groups = [x.strip() for x in args.groups.split(",") if x.strip()] if args.groups is not None else None
     if args.seeds < 1:
         raise InputError(f"--seeds must be an integer >= 1. Got {args.seeds}.")
     doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
-                 device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses,
+                 device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses, groups=groups,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
     rows = doc["claims"]
     table = claims_text(rows)
