@@ -351,7 +351,16 @@ def _reduced(overrides, n_samples, extra: str = "") -> str:
 
 
 def _run(jobs: list[Job], out: Path, workers, progress) -> list[dict]:
-    return collect(execute(jobs, str(out), workers=workers or 1, progress=progress))
+    """Run (or reuse) the jobs; a run that failed is named on stderr and left out of the artefact."""
+    import sys
+
+    from hcdiag.verify import failures
+
+    records = execute(jobs, str(out), workers=workers or 1, progress=progress)
+    if progress is None:  # the progress lines already name failed runs
+        for f in failures(records):
+            print(f"hcdiag: run {f['run']} failed and is left out: {f['error']}", file=sys.stderr)
+    return collect(records)
 
 
 def _kl_au(recs: list[dict], snapshot: Callable[[dict], str]) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -202,8 +202,42 @@ def run_job(job: Job, out_dir: str) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to stop this worker when the verify process that started it dies (killed,
+    crashed), instead of training on as an orphan and writing into the output folder."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the parent died before the request was made
+            os._exit(1)
+
+
+def _failure(job: Job, exc: BaseException) -> dict:
+    """The record of a job that did not finish: it is reported, and the other jobs go on."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hcdiag.errors import HcdiagError
+
+    if isinstance(exc, BrokenProcessPool):
+        msg = "its worker process died (killed, or out of memory); run verify again to resume it"
+    elif isinstance(exc, HcdiagError):
+        msg = str(exc)
+    else:
+        msg = f"{type(exc).__name__}: {exc}"
+    return {"job": asdict(job), "run": None, "checks": None, "trained": False, "seconds": 0.0,
+            "error": msg.splitlines()[0] if msg else type(exc).__name__}
+
+
 def _init_worker(gpu_ids: list[int] | None, counter):
-    """Pin each worker to one GPU (one run per GPU) before torch initialises CUDA."""
+    """Pin each worker to one GPU (one run per GPU) before torch initialises CUDA; stop with the parent."""
+    _die_with_parent()
     if gpu_ids:
         with counter.get_lock():
             i = counter.value
@@ -223,24 +257,36 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         n_gpu = torch.cuda.device_count() if any(j.device in ("auto", "cuda") for j in jobs) else 0
         workers = workers or (n_gpu or max(1, os.cpu_count() or 1))
         workers = max(1, min(workers, len(jobs)))
+        results: list[dict | None] = [None] * len(jobs)
+
+        def done(i: int, rec: dict) -> None:
+            results[i] = rec
+            if progress:
+                n = sum(r is not None for r in results)
+                what = f"FAILED: {rec['error']}" if rec.get("error") else f"{rec['seconds']:.1f} s"
+                progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what})")
+
         if workers == 1:
-            out = []
             for i, j in enumerate(jobs):
-                out.append(run_job(j, out_dir))
-                if progress:
-                    progress(f"[{i + 1}/{len(jobs)}] {j.name} ({out[-1]['seconds']:.1f} s)")
-            return out
+                try:
+                    rec = run_job(j, out_dir)
+                except Exception as exc:  # one failed run is reported; the grid goes on
+                    rec = _failure(j, exc)
+                done(i, rec)
+            return results
         ctx = mp.get_context("spawn")
         counter = ctx.Value("i", 0)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(list(range(n_gpu)) or None, counter)) as pool:
-            futs = [pool.submit(run_job, j, out_dir) for j in jobs]
-            out = []
-            for i, f in enumerate(futs):
-                out.append(f.result())
-                if progress:
-                    progress(f"[{i + 1}/{len(jobs)}] {jobs[i].name} ({out[-1]['seconds']:.1f} s)")
-            return out
+            futs = {pool.submit(run_job, j, out_dir): i for i, j in enumerate(jobs)}
+            for f in as_completed(futs):  # progress in the order runs finish, not the order submitted
+                i = futs[f]
+                try:
+                    rec = f.result()
+                except Exception as exc:
+                    rec = _failure(jobs[i], exc)
+                done(i, rec)
+            return results
     if executor == "submitit":
         try:
             import submitit
@@ -258,9 +304,13 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         sj = ex.map_array(run_job, jobs, [out_dir] * len(jobs))
         out = []
         for i, s in enumerate(sj):
-            out.append(s.result())
+            try:
+                out.append(s.result())
+            except Exception as exc:  # submitit re-raises the job's error (or its own, for a lost job)
+                out.append(_failure(jobs[i], exc))
             if progress:
-                progress(f"[{i + 1}/{len(jobs)}] {jobs[i].name} (job {s.job_id})")
+                what = f"FAILED: {out[-1]['error']}" if out[-1].get("error") else f"job {s.job_id}"
+                progress(f"[{i + 1}/{len(jobs)}] {jobs[i].name} ({what})")
         return out
     raise InputError(f"--executor must be local or submitit. Got {executor!r}.")
 
@@ -307,12 +357,20 @@ def _combine(verdicts: list[str]) -> str:
 
 
 def collect(records: list[dict]) -> list[dict]:
-    """Load each record's checks document (and its job) for aggregation."""
+    """Load each finished record's checks document (and its job) for aggregation; failed runs (``error``)
+    are left out here and listed by :func:`failures`."""
     out = []
     for r in records:
+        if r.get("error"):
+            continue
         doc = json.loads(Path(r["checks"]).read_text())
         out.append({**r, "doc": doc})
     return out
+
+
+def failures(records: list[dict]) -> list[dict]:
+    """The runs that did not finish: run file name and the one-line reason."""
+    return [{"run": Job(**r["job"]).name, "error": r["error"]} for r in records if r.get("error")]
 
 
 def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) -> list[dict]:
@@ -633,6 +691,10 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
           f"{meta['n_runs']} runs, {meta['seconds']:.0f} s wall time. Verdicts: holds / fails / mixed (differs "
           "across seeds) / inconclusive / reported (a number with no claim to test).", "",
           "## Claims", "", "| claim | section | paper | ours | verdict | conditions |", "|---|---|---|---|---|---|"]
+    if meta.get("failed"):
+        md[3:3] = ["## Failed runs", "", f"{len(meta['failed'])} run(s) did not finish; the claims below use the "
+                   "others. Run verify again with the same flags to retry them (finished runs are kept).", ""] + \
+                  [f"- `{f['run']}`: {f['error']}" for f in meta["failed"]] + [""]
     for r in rows:
         md.append("| " + " | ".join(str(r[k]).replace("|", "/") for k in ("claim", "section", "paper", "ours", "verdict",
                                                                            "conditions")) + " |")
@@ -665,17 +727,17 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
     if bad:
         raise InputError(f"--datasets: unknown dataset(s) {', '.join(bad)}; choose among {', '.join(DATASETS)}.")
     jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups)
+    # fail early, before any training or writing, on a dataset that cannot be loaded
+    from hcdiag.data import load
+
+    for ds in datasets:
+        load(ds, n_samples=GRIDS.get(preset, {}).get("n_samples", {}).get(ds) or 100, data_dir=data_dir)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder.")
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise InputError(f"--out {out} is not writable; choose another folder.")
-    # fail early, before any training, on a dataset that cannot be loaded
-    from hcdiag.data import load
-
-    for ds in datasets:
-        load(ds, n_samples=GRIDS.get(preset, {}).get("n_samples", {}).get(ds) or 100, data_dir=data_dir)
     if progress:
         progress(f"verify: {len(jobs)} runs ({preset} preset) into {out}")
     records = execute(jobs, str(out), executor=executor, workers=workers, progress=progress, slurm=slurm)
@@ -689,7 +751,7 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
                           data_dir=data_dir)
     diff = diffusion_table(datasets, phase)
     rows = claims_table(recs, phase, diff, preset)
-    meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "n_runs": len(recs),
+    meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "n_runs": len(recs), "failed": failures(records),
             "groups": list(groups) if groups else [x for x in GROUPS if x != "ablation" or g["ablations"]],
             "seconds": time.perf_counter() - t0, "executor": executor}
     files = write_report(out, rows, phase, diff, recs, meta)

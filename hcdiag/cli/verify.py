@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core, or per GPU)")
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--strict", action="store_true", help="exit 1 when a claim fails")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a claim fails or a run failed")
     p.add_argument("--out", required=True, help="output folder (runs, report.md, report.html, results.json, figures)")
     add_format_argument(p)
 
@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
             f"{sum(r['verdict'] == 'mixed' for r in rows)} mixed, {sum(r['verdict'] == 'inconclusive' for r in rows)} inconclusive"
             f" ({doc['meta']['n_runs']} runs, {doc['meta']['seconds']:.0f} s)\nreport: {args.out}/report.md, "
             f"{args.out}/report.html, {args.out}/results.json")
+    failed = doc["meta"].get("failed", [])
+    if failed:
+        text += (f"\n{len(failed)} run(s) FAILED (listed in the report; run again to retry): "
+                 + "; ".join(f"{f['run']}: {f['error']}" for f in failed))
     emit(args, doc, text)
-    if args.strict and any(r["verdict"] in ("fails", "mixed") for r in rows):
+    if args.strict and (failed or any(r["verdict"] in ("fails", "mixed") for r in rows)):
         return 1
     return 0
