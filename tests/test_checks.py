@@ -290,6 +290,16 @@ def test_n3_holds_when_inclusion_is_provable_and_counts_every_probe(seed):
     assert res.values["parameter_probes"] is True
 
 
+def test_n3_names_each_kind_of_probe_in_words():
+    label = regions._probe_label
+    assert label({"probe": "snapshot", "snapshot": "round1"}) == "snapshot round1"
+    assert label({"probe": "perturbation", "snapshot": "stage3_2", "radius": 0.1, "draw": 2}) == \
+        "perturbation of stage3_2 (radius 0.1)"
+    assert label({"probe": "line", "from": "refined", "to": "stage3_0", "alpha": 0.25}) == \
+        "line refined -> stage3_0 at alpha 0.25"
+    assert label({"probe": "control", "pair": [3, 5]}) == "control (trained on the final pair only)"
+
+
 def test_n3_fails_with_the_no_history_control_as_witness(seed):
     run = hand_run(seed, references=("collapsed", "control"))  # control at (0.5, -0.1)
     ctx = ctx_of(run)
@@ -300,6 +310,7 @@ def test_n3_fails_with_the_no_history_control_as_witness(seed):
     assert res.verdict == "fails" and res.values["probes"] == len(ORDER) + 1
     w = res.witness
     assert (w["probe"], w["in"], w["not_in"]) == ("control", "F_1", "F_0")
+    assert "strongest: control (trained on the final pair only) in F_1, L/eps = " in res.summary
     np.testing.assert_allclose(w["losses"], ctrl, rtol=1e-6)
     assert w["L_earlier_over_eps"] == pytest.approx(max(ctrl[ids0]) / eps0, rel=1e-6)
     assert w["L_later_over_eps"] == pytest.approx(max(ctrl[ids1]) / eps1, rel=1e-6)

@@ -120,6 +120,19 @@ def probes(ctx: RunContext, radii=(0.01, 0.03, 0.1, 0.3), draws: int = 3, alphas
         yield {"probe": "control", "pair": ctrl["config"].get("pair")}, ctx.losses_of_state(ctrl["state"])
 
 
+def _probe_label(w: dict) -> str:
+    """A probe in words: 'snapshot round1', 'perturbation of stage3_2 (radius 0.1)', 'line round0 -> round1
+    at alpha 0.5', 'control (no history)'."""
+    kind = w["probe"]
+    if kind == "snapshot":
+        return f"snapshot {w['snapshot']}"
+    if kind == "perturbation":
+        return f"perturbation of {w['snapshot']} (radius {w['radius']:g})"
+    if kind == "line":
+        return f"line {w['from']} -> {w['to']} at alpha {w['alpha']:g}"
+    return "control (trained on the final pair only)" if kind == "control" else str(kind)
+
+
 def check_n3(ctx: RunContext, **probe_kw) -> CheckResult:
     """N3: falsification search for a witness ``Theta in F_{t+1} \\ F_t``."""
     claim = "Set inclusion F_{t+1} ⊂ F_t: no parameters lie in a later region but outside an earlier one."
@@ -147,7 +160,7 @@ def check_n3(ctx: RunContext, **probe_kw) -> CheckResult:
     if first is not None:
         return CheckResult("N3", claim, SECTION, "fails", values, witness=first, tolerance=ctx.tol,
                            summary=f"{len(witnesses)} of {n_probes} probes lie in a later region but not an earlier one; "
-                                   f"strongest: {first['probe']} {first.get('snapshot', '')} in {first['in']}, "
+                                   f"strongest: {_probe_label(first)} in {first['in']}, "
                                    f"L/eps = {first['L_earlier_over_eps']:.3g} for {first['not_in']}")
     if not ctx.has_parameters:
         return inconclusive("N3", claim, SECTION, "no witness among the stored outputs; parameter probes need an "
