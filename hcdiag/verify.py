@@ -523,13 +523,18 @@ def _ablation_verdict(key: str, pts: list[tuple[float, float]]) -> tuple[str, st
 
     Every value giving the same final KL is no evidence for any of them: the setting changed nothing in
     training (e.g. refinement never reached any of the eps values within ``refine_cap``, so the eps runs
-    are the same run), and the verdict is inconclusive rather than a "holds" by ties."""
+    are the same run), and the verdict is inconclusive rather than a "holds" by ties. Every value collapsed
+    (final KL < 0.01) fails: the paper's claim is about KL levels above 2, and the order of collapsed runs is
+    noise."""
     best = PAPER_ABLATION[key][2]
     kls = dict(pts)
     if not kls:
         return "inconclusive", "no final KL measured"
     if len(kls) > 1 and all(math.isclose(k, min(kls.values()), rel_tol=1e-9, abs_tol=1e-12) for k in kls.values()):
         return "inconclusive", f"every tested {key} gives the same final KL: the setting changed nothing in training"
+    if max(kls.values()) < 0.01:  # as for "HCT has the highest KL": an order among collapsed runs is noise
+        return "fails", (f"every tested {key} collapsed (final KL <= {max(kls.values()):.3g} < 0.01): no setting "
+                         "prevents collapse, so which one is 'best' is noise (Figures 4 and 8 show KL > 2)")
     arg = max(kls, key=kls.get)
     if key == "r0":  # improves up to 16: KL non-decreasing in R0 over the values <= 16
         up = sorted(v for v in kls if v <= best)

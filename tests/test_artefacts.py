@@ -242,7 +242,7 @@ def test_table2_ms_ssim_equals_direct_computation_from_run_files(t2):
 
 def test_ablation_verdicts_follow_the_paper_claims(seed):
     rng = np.random.default_rng(seed)
-    kl = np.sort(rng.uniform(0, 3, 3))
+    kl = np.sort(rng.uniform(0.02, 3, 3))  # not collapsed
     assert verify._ablation_verdict("r0", list(zip([2, 4, 8], kl)))[0] == "holds"
     assert verify._ablation_verdict("r0", list(zip([2, 4, 8], kl[::-1])))[0] == "fails"
     assert verify._ablation_verdict("r0", [(32, 1.0), (16, 0.5), (2, 0.1)])[0] == "holds"  # 32 is beyond 16
@@ -251,6 +251,10 @@ def test_ablation_verdicts_follow_the_paper_claims(seed):
     assert verify._ablation_verdict("keep_ratio", [(1 / 3, kl[0]), (2 / 3, kl[1])])[0] == "inconclusive"
     assert verify._ablation_verdict("keep_ratio", [(1 / 3, kl[0]), (1 / 2, kl[2]), (2 / 3, kl[1])])[0] == "holds"
     assert verify._ablation_verdict("beta_end", [(1.0, kl[2]), (2.0, kl[0])])[0] == "fails"
+    # every setting collapsed (KL < 0.01): the order that would 'hold' is noise, and the claim fails
+    tiny = np.sort(rng.uniform(1e-8, 1e-3, 3))
+    verdict, why = verify._ablation_verdict("r0", list(zip([2, 4, 8], tiny)))
+    assert verdict == "fails" and why.startswith(f"every tested r0 collapsed (final KL <= {tiny[2]:.3g} < 0.01)")
 
 
 def test_reduced_ablation_grid_matches_verify_naming():
