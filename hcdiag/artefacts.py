@@ -186,7 +186,7 @@ class Figure2Result(ArtefactResult):
 @dataclass(frozen=True)
 class Figure4Result(ArtefactResult):
     def plot(self, ax=None, *, key: str = "r0"):
-        """Final KL (nats) against one ablated setting; the paper's best value marked."""
+        """Final KL (nats) against one ablated setting; the paper's best value and the collapse threshold marked."""
         rows = [r for r in self.rows if r["values"].get("key") == key and r["values"].get("kl") is not None]
         fig, ax = axes(ax)
         ax.plot([r["values"]["value"] for r in rows], [r["values"]["kl"] for r in rows], "o-", color="C3",
@@ -195,6 +195,10 @@ class Figure4Result(ArtefactResult):
         for b in (best if isinstance(best, tuple) else (best,)):
             ax.axvline(b, ls=":", color="k", lw=1)
         ax.plot([], [], ls=":", color="k", label="paper's best value")
+        kls = [r["values"]["kl"] for r in rows]
+        if kls and min(kls) > 0:  # log scale, so that collapsed runs (KL < 0.01) are not read as an order
+            ax.set_yscale("log")
+            ax.axhline(0.01, ls="--", color="k", lw=1, label="collapse threshold (KL = 0.01)")
         if key in ("r0", "eps"):
             ax.set_xscale("log", base=2 if key == "r0" else 10)
         ax.set_xlabel({"r0": "R0 (initial clusterings)", "eps": "refinement eps", "beta_end": "beta (stage 3 end)",

@@ -336,3 +336,15 @@ def test_figure2_script_reuses_the_table1_run(t1, tiny_dir):
                                                     and r["values"].get("method") == "hct"))
     assert doc["data"]["run"] == hct["runs"][0]
     assert all(Path(f).exists() for f in doc["figures"])
+
+
+def test_figure4_plot_marks_the_collapse_threshold_on_a_log_axis(seed):
+    rng = np.random.default_rng(seed)
+    kls = rng.uniform(1e-8, 1e-5, 5)
+    rows = [{"values": {"key": "r0", "value": v, "kl": float(k)}} for v, k in zip([2, 4, 8, 16, 32], kls)]
+    fig = artefacts.Figure4Result("figure4", "t", rows, {}).plot(key="r0")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), kls)
+    assert any(list(l.get_ydata()) == [0.01, 0.01] for l in ax.lines)
+    assert "collapse threshold (KL = 0.01)" in [t.get_text() for t in ax.get_legend().get_texts()]
