@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from hcdiag.errors import InputError
-from hcdiag.models import MODEL_FAMILIES, ModelConfig, parameter_vector
+from hcdiag.models import MODEL_FAMILIES, ModelConfig, parameter_distance
 
 
 @dataclass(frozen=True)
@@ -197,14 +197,6 @@ def permute(state: dict, perms: dict[str, torch.Tensor], arch: ModelConfig | dic
     return {k: (_permuted(v, spec.axes[k], perms) if k in spec.axes else v) for k, v in state.items()}
 
 
-def _distance(a: dict, b: dict) -> float:
-    """``||a - b||_2`` over the floating tensors of ``a``, in float64, computed as check I3 computes the raw
-    distance (``parameter_vector`` differences, in ``a``'s key order) so that equal means bit-equal."""
-    keys = [k for k in a if torch.is_floating_point(a[k])]
-    return float(torch.linalg.vector_norm(parameter_vector({k: a[k] for k in keys}) -
-                                          parameter_vector({k: b[k] for k in keys})))
-
-
 @dataclass(frozen=True)
 class WeightMatching:
     """Outcome of :func:`weight_matching`: the permutations (``perms[group]``, LongTensor), model B
@@ -277,8 +269,8 @@ def weight_matching(state_a: dict, state_b: dict, arch: ModelConfig | dict, *, l
     converged = not stale
     perms = {n: perms[n].cpu() if n in perms else torch.arange(k) for n, k in spec.sizes.items()}
     out = permute(state_b, perms, spec)
-    raw = _distance(state_a, state_b)
-    dist = _distance(state_a, out) if any(not torch.equal(p, torch.arange(p.numel())) for p in perms.values()) else raw
+    raw = parameter_distance(state_a, state_b)
+    dist = parameter_distance(state_a, out) if any(not torch.equal(p, torch.arange(p.numel())) for p in perms.values()) else raw
     if dist > raw:  # float64 rounding of a gain at the 1e-12 level at most: the identity is a candidate too
         perms = {n: torch.arange(k) for n, k in spec.sizes.items()}
         out, dist = dict(state_b), raw

@@ -222,5 +222,13 @@ def parameter_vector(state: dict) -> torch.Tensor:
     return torch.cat([v.detach().reshape(-1).double().cpu() for v in state.values() if torch.is_floating_point(v)])
 
 
+def parameter_distance(a: dict, b: dict) -> float:
+    """``||a - b||_2`` over the floating tensors of state dict ``a`` (matched by name in ``b``, so the key
+    order of ``b`` does not matter), in float64."""
+    keys = [k for k in a if torch.is_floating_point(a[k])]
+    return float(torch.linalg.vector_norm(parameter_vector({k: a[k] for k in keys}) -
+                                          parameter_vector({k: b[k] for k in keys})))
+
+
 __all__ = ["ModelConfig", "MLPVAE", "ConvVAE", "LinearVAE", "MODEL_FAMILIES", "WIDTH_PRESETS", "build_model",
-           "encode_decode", "parameter_vector"]
+           "encode_decode", "parameter_vector", "parameter_distance"]

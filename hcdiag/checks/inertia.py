@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from hcdiag.checks.base import CheckResult, RunContext, inconclusive
 from hcdiag.checks.exclusion import witness_state
 from hcdiag.checks.regions import _lerp
-from hcdiag.models import parameter_vector
+from hcdiag.models import parameter_distance
 
 SECTION = "Corollary 4.5"
 
@@ -137,10 +136,9 @@ def check_i3(ctx: RunContext) -> CheckResult:
         return inconclusive("I3", claim, "section 5.3", "the run has no collapsed reference model")
     if not ctx.has_parameters:
         return inconclusive("I3", claim, "section 5.3", "parameter distances need an architecture hcdiag can rebuild")
-    pc = parameter_vector(col["state"])
     _, _, xc = ctx.outputs_of_state(col["state"])
     names = [s for s in ctx.order if ctx.state(s) is not None]  # snapshots with outputs only have no distance
-    param = [float(torch.linalg.vector_norm(parameter_vector(ctx.state(s)) - pc)) for s in names]
+    param = [parameter_distance(col["state"], ctx.state(s)) for s in names]
     func = [float(((ctx.outputs(s)[2] - xc) ** 2).sum(1).mean()) for s in names]
     rho, p = _spearman(param)
     rho_f, p_f = _spearman(func)
@@ -150,7 +148,7 @@ def check_i3(ctx: RunContext) -> CheckResult:
     van = (ctx.run.references or {}).get("vanilla")
     if van is not None and van.get("snapshots"):
         vn = list(van.get("snapshot_order") or van["snapshots"].keys())
-        vdist = [float(torch.linalg.vector_norm(parameter_vector(van["snapshots"][s]) - pc)) for s in vn]
+        vdist = [parameter_distance(col["state"], van["snapshots"][s]) for s in vn]
         vfunc = [float(((ctx.outputs_of_state(van["snapshots"][s])[2] - xc) ** 2).sum(1).mean()) for s in vn]
         values.update(vanilla_snapshots=vn, vanilla_param_distance=vdist, vanilla_function_distance=vfunc,
                       vanilla_spearman_rho=_spearman(vdist)[0])
