@@ -19,6 +19,22 @@ def axes(ax=None, figsize=(6.4, 4.0)):
     return ax.figure, ax
 
 
+# the history series (docs/runfile.md) each figure of a run needs besides history.step; every one is optional
+# in a run file, so a figure whose series are absent is left out of a report, never a crash
+HISTORY_FIGURES = {"clustering_losses_over_training": ("losses",), "kl_and_active_units": ("kl",)}
+
+
+def missing_series(run, figure: str) -> str | None:
+    """Why the history figure ``figure`` (a key of ``HISTORY_FIGURES``) cannot be drawn from ``run``, or None."""
+    h = run.history
+    if h is None:
+        return "the run file has no history"
+    if h.get("step") is None or not len(h["step"]):
+        return "history holds no rows"
+    absent = [f"history.{k}" for k in HISTORY_FIGURES[figure] if h.get(k) is None]
+    return f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} absent" if absent else None
+
+
 def clustering_losses_over_training(run, ax=None):
     """Paper Figure 2 (left): l_C of every clustering over training, retained vs discarded, eps_t lines."""
     fig, ax = axes(ax)
@@ -99,26 +115,30 @@ def path_curves(i2_values: dict, ax=None):
 
 
 def kl_and_active_units(run, ax=None):
-    """Paper Figure 3: KL and active units (Burda) over training, stages shaded."""
+    """Paper Figure 3: KL and active units (Burda) over training, stages shaded (``history.au`` and
+    ``history.stage`` are drawn when present)."""
     fig, ax = axes(ax)
     h = run.history
     steps = np.asarray(h["step"])
     ax.plot(steps, np.asarray(h["kl"]), color="C0", label="KL (nats, eval rows)")
     ax.axhline(0.01, ls=":", color="C0", lw=0.8, label="collapse threshold 0.01")
-    stage = np.asarray(h["stage"])
+    stage = np.asarray(h["stage"]) if h.get("stage") is not None else np.zeros(len(steps), dtype=int)
     for s, col in ((2, "C2"), (3, "C4")):
         if (stage == s).any():
             ax.axvspan(steps[stage == s].min(), steps[stage == s].max(), color=col, alpha=0.1,
                        label={2: "refinement", 3: "stage 3"}[s])
     ax.set_xlabel("training step")
     ax.set_ylabel("KL(q(z|x) || p(z)) (nats)")
-    ax2 = ax.twinx()
-    ax2.step(steps, np.asarray(h["au"]), where="post", color="C1", label="active units (Burda)")
-    ax2.set_ylabel("active units")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7)
-    ax.set_title("KL and active units over training (paper Fig. 3)")
+    handles, labels = ax.get_legend_handles_labels()
+    if h.get("au") is not None:
+        ax2 = ax.twinx()
+        ax2.step(steps, np.asarray(h["au"]), where="post", color="C1", label="active units (Burda)")
+        ax2.set_ylabel("active units")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=7)
+    ax.set_title("KL and active units over training (paper Fig. 3)" if h.get("au") is not None
+                 else "KL over training (paper Fig. 3; history.au is absent)")
     fig.tight_layout()
     return fig
 

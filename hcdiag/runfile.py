@@ -46,7 +46,8 @@ HISTORY_SERIES = ("epoch", "stage", "loss", "recon", "kl", "cluster", "au", "inn
 
 _ALLOWED = "tensors, dicts, lists, tuples, str, int, float, bool and None"
 _DOCS = "see docs/runfile.md"
-_PARTIAL_HINT = "load it with partial=True (--partial) to check a run still training"
+_PARTIAL_HINT = ("load it with partial=True (on the command line: hcdiag check-barrier --partial) to check a run "
+                 "still training")
 
 
 # --------------------------------------------------------------------------------------------

@@ -266,6 +266,54 @@ def test_snapshots_that_do_not_fit_config_model(seed, tmp_path, capsys):
     assert msg.startswith("a state_dict in the run does not fit config.model (family 'linear'; missing: ")
 
 
+def test_partial_runs_are_checked_with_partial(seed, tmp_path, capsys):
+    """Regression: the message advertised --partial, which check-barrier did not have."""
+    from hcdiag.runfile import example_run
+
+    p = save_run(example_run(seed=seed % 1000, complete=False), tmp_path / "run.pt")
+    assert one_error_line(capsys, p) == (
+        f"{p}: status says the run is not complete (it stopped at stage 'stage1'); wait for training to finish, or "
+        "load it with partial=True (on the command line: hcdiag check-barrier --partial) to check a run still "
+        "training.")
+    code, out, err = cli(capsys, p, "--partial", "--format", "json")
+    doc = json.loads(out)
+    res = {c["id"]: c for c in doc["checks"]}
+    assert code == 1 and err == "" and doc["status"] == "inconclusive"
+    for cid, why in (("N1", "the run has 1 feasible region(s); nesting needs at least 2"),
+                     ("T1", "the run has no refinement, so no eps_T"), ("T2b", "the run has no refinement"),
+                     ("I1", "the run has no refinement and stage 3")):
+        assert res[cid]["verdict"] == "inconclusive" and res[cid]["reason"].startswith(why), cid
+    assert res["KL"]["verdict"] in ("holds", "fails")  # the snapshots it has are checked
+    code, out, _ = cli(capsys, p, "--partial")
+    assert "run: partial (stopped at stage 'stage1'); checks whose stage is missing are inconclusive" in out
+
+
+@pytest.mark.parametrize("absent,left_out,why", [
+    (("losses",), ["fig_clustering_losses.png"], "history.losses is absent"),
+    (("kl",), ["fig_kl_au.png"], "history.kl is absent"),
+    (("kl", "losses", "au", "stage"), ["fig_clustering_losses.png", "fig_kl_au.png"], None),
+    (("au", "stage"), [], None),  # Figure 3 draws KL alone
+])
+def test_a_report_without_some_history_series_leaves_their_figures_out(seed, tmp_path, capsys, absent, left_out, why):
+    """Regression: --report crashed with a traceback and exit 1 when history lacked losses or kl."""
+    run = with_history(hand_run(seed))
+    for key in absent:
+        del run["history"][key]
+    p = save_run(run, tmp_path / "run.pt")
+    out_dir = tmp_path / "report"
+    code, out, err = cli(capsys, p, "--report", out_dir)
+    assert code == 1 and "Traceback" not in err  # T2 fails on this run, as with every series present
+    figs = {"fig_clustering_losses.png", "fig_kl_au.png", "fig_distance.png", "fig_paths.png"}
+    files = {q.name for q in out_dir.iterdir()}
+    assert files == (figs - set(left_out)) | {"report.md", "report.html", "results.json"}
+    md = (out_dir / "report.md").read_text()
+    for f in left_out:
+        reason = why or {"fig_clustering_losses.png": "history.losses is absent", "fig_kl_au.png": "history.kl is absent"}[f]
+        assert f"- `{f}`: {reason}" in md and f"]({f})" not in md
+        assert f"{f} ({reason})" in out
+    assert ("## Figures left out" in md) == bool(left_out)
+
+
 def test_report_overall_follows_the_required_checks(run_path, tmp_path, capsys):
     """Regression: report.md said 'Overall: fails' (all checks) while --require N1 exited 0."""
     out_dir = tmp_path / "rep"

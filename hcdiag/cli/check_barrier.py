@@ -18,12 +18,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md, report.html, results.json and figures here")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="evaluation device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the N3 perturbation probes and MI estimates (default 0)")
+    p.add_argument("--partial", action="store_true",
+                   help="check a run still training (or stopped by an error): the stages it lacks make their checks "
+                        "inconclusive, and everything it has is checked")
     add_format_argument(p)
 
 
-def write_report(results, run, out_dir, *, run_path, tolerance, require=None) -> list[str]:
+def write_report(results, run, out_dir, *, run_path, tolerance, require=None, left_out: list | None = None) -> list[str]:
     """Write ``report.md``, ``report.html``, ``results.json`` and PNG figures into ``out_dir``; returns
-    the file names. Each file is written to a temporary name and renamed: no half-written files."""
+    the file names. Each file is written to a temporary name and renamed: no half-written files. A history
+    figure whose series the run lacks is left out, and ``report.md`` says which and why; pass a list as
+    ``left_out`` to receive ``(file name, why)`` of each."""
     import json
     from pathlib import Path
 
@@ -37,11 +42,16 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None) ->
     out.mkdir(parents=True, exist_ok=True)
     by_id = {r.id: r for r in results}
     figs = []
-    if run.history is not None and len(run.history.get("step", [])):
-        figs.append(("Loss of every clustering over training, retained and discarded, with the eps_t lines "
-                     "(paper Figure 2 left).", "fig_clustering_losses.png", plots.clustering_losses_over_training(run)))
-        figs.append(("KL (nats) and active units over training (paper Figure 3).", "fig_kl_au.png",
-                     plots.kl_and_active_units(run)))
+    skipped = left_out if left_out is not None else []
+    for caption, fname, draw in (
+            ("Loss of every clustering over training, retained and discarded, with the eps_t lines "
+             "(paper Figure 2 left).", "fig_clustering_losses.png", plots.clustering_losses_over_training),
+            ("KL (nats) and active units over training (paper Figure 3).", "fig_kl_au.png", plots.kl_and_active_units)):
+        why = plots.missing_series(run, draw.__name__)
+        if why is None:
+            figs.append((caption, fname, draw(run)))
+        else:
+            skipped.append((fname, why))
     i3 = by_id.get("I3")
     if i3 is not None and "param_distance" in i3.values:
         figs.append(("Parameter and function-space distance to the collapsed model, with the vanilla reference "
@@ -53,6 +63,9 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None) ->
     images = report.figure_pngs(figs)
     md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs],
                          require=require)
+    if skipped:
+        note = "\n".join(["## Figures left out", ""] + [f"- `{f}`: {why}" for f, why in skipped])
+        md = md.replace("\n## Details\n", f"\n{note}\n\n## Details\n", 1)
     files = {**images, "report.md": md.encode(), "report.html": report.html(md, images).encode(),
              "results.json": json.dumps(report.to_json_doc(results, run_path=run_path, tolerance=tolerance,
                                                            require=require), indent=2).encode()}
@@ -81,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         rp = Path(args.report)
         if rp.exists() and not rp.is_dir():
             raise InputError(f"--report {rp} is a file; give a folder.")
-    run_obj = load_run(args.run)
+    run_obj = load_run(args.run, partial=args.partial)
     if args.report:
         try:  # before the checks run: a folder that cannot be made is bad input, not a traceback at the end
             rp.mkdir(parents=True, exist_ok=True)
@@ -97,8 +110,16 @@ def run(args: argparse.Namespace) -> int:
     doc = to_json_doc(results, run_path=args.run, tolerance=args.tolerance, require=require)
     text = text_table(results) + f"\n\noverall: {doc['status']} (tau = {args.tolerance:g}"
     text += f", deciding checks: {','.join(require)})" if require else ")"
+    if not run_obj.complete:
+        st = run_obj.status
+        text += (f"\nrun: partial (stopped at stage {st.get('stage')!r}); checks whose stage is missing are "
+                 "inconclusive")
     if args.report:
-        files = write_report(results, run_obj, args.report, run_path=args.run, tolerance=args.tolerance, require=require)
+        left_out: list = []
+        files = write_report(results, run_obj, args.report, run_path=args.run, tolerance=args.tolerance, require=require,
+                             left_out=left_out)
         text += f"\nreport: {args.report}/ ({', '.join(files)})"
+        if left_out:
+            text += "\nfigures left out: " + "; ".join(f"{f} ({why})" for f, why in left_out)
     emit(args, doc, text)
     return exit_status(results, require)
