@@ -10,7 +10,9 @@ Safety: a run file holds only tensors, dicts, lists, tuples, str, int, float, bo
 it loads with ``torch.load(weights_only=True)``; nothing else is ever unpickled, and no code
 from a file runs. Writing is atomic (temporary file in the same folder, fsync, ``os.replace``).
 
-This module is downstream-neutral: it imports neither the trainer nor the models.
+This module never imports the trainer or the checks. It imports :mod:`hcdiag.models` (upstream of the run
+file) lazily, and only to learn the parameter names and shapes a ``config.model`` gives (validation, on
+PyTorch's meta device: nothing is allocated) and to compute the outputs of :func:`example_run`'s snapshots.
 
 >>> import tempfile, os
 >>> run = example_run(R0=4, K=3, N=5, m=20, n=2)
@@ -48,6 +50,7 @@ _ALLOWED = "tensors, dicts, lists, tuples, str, int, float, bool and None"
 _DOCS = "see docs/runfile.md"
 _PARTIAL_HINT = ("load it with partial=True (on the command line: hcdiag check-barrier --partial) to check a run "
                  "still training")
+RESP_ROW_TOL = 1e-4  # |sum_k resp[c, i, k] - 1| allowed in clusterings.resp (float32 storage of K probabilities)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +88,7 @@ class _Validator:
         self.run = run
         self.partial = partial
         self.dims: dict[str, tuple[int, str]] = {}  # dim name -> (value, key it came from)
+        self._expected: dict[str, dict] = {}  # config.model (repr) -> {parameter name: shape}
 
     # ---- helpers -------------------------------------------------------------------------
     def need(self, d: dict, key: str, where: str, what: str = "") -> Any:
@@ -259,20 +263,69 @@ class _Validator:
                 self._shape_list(shape, "config.dataset.image_shape", allowed=(2, 3))  # grayscale: [H, W]
         model = cfg.get("model")
         if model is not None:
-            self.dict_at(model, "config.model")
-            self.str_at(self.need(model, "family", "config.model"), "config.model.family", MODEL_FAMILIES)
-            self.int_at(self.need(model, "input_dim", "config.model"), "config.model.input_dim", lo=1)
-            self.int_at(self.need(model, "latent_dim", "config.model"), "config.model.latent_dim", lo=1)
-            for key in ("enc_widths", "dec_widths", "channels"):
-                if model.get(key) is not None:
-                    self._int_list(model[key], f"config.model.{key}")
-            if model.get("activation") is not None:
-                self.str_at(model["activation"], "config.model.activation")
-            shape = model.get("image_shape")
-            if model["family"] == "conv" and shape is None:
-                raise InputError("config.model.image_shape is missing; a conv model needs [C, H, W] to be rebuilt.")
-            if shape is not None:
-                self._shape_list(shape, "config.model.image_shape")
+            self.model_dict(model, "config.model")
+
+    def model_dict(self, model: Any, where: str) -> dict:
+        """A ``config.model`` dict (the run's or a reference's): its fields, then that hcdiag can build it."""
+        self.dict_at(model, where)
+        self.str_at(self.need(model, "family", where), f"{where}.family", MODEL_FAMILIES)
+        self.int_at(self.need(model, "input_dim", where), f"{where}.input_dim", lo=1)
+        self.int_at(self.need(model, "latent_dim", where), f"{where}.latent_dim", lo=1)
+        for key in ("enc_widths", "dec_widths", "channels"):
+            if model.get(key) is not None:
+                self._int_list(model[key], f"{where}.{key}")
+        if model.get("activation") is not None:
+            from hcdiag.models import _ACTIVATIONS
+
+            self.str_at(model["activation"], f"{where}.activation", tuple(_ACTIVATIONS))
+        shape = model.get("image_shape")
+        if model["family"] == "conv" and shape is None:
+            raise InputError(f"{where}.image_shape is missing; a conv model needs [C, H, W] to be rebuilt.")
+        if shape is not None:
+            self._shape_list(shape, f"{where}.image_shape")
+        return model
+
+    def expected_state(self, model: dict, where: str) -> dict[str, tuple[int, ...]]:
+        """``{parameter name: shape}`` of the model ``model`` (a validated ``config.model`` at ``where``),
+        built once per config on PyTorch's meta device, so no parameter memory is allocated."""
+        key = repr(sorted((k, repr(v)) for k, v in model.items()))
+        cache = self._expected
+        if key not in cache:
+            from hcdiag.models import MODEL_FAMILIES as CLASSES
+            from hcdiag.models import ModelConfig
+
+            try:
+                cfg = ModelConfig.from_dict(model)
+                with torch.device("meta"):
+                    net = CLASSES[cfg.family](cfg)
+            except InputError as exc:
+                raise InputError(f"{where} cannot be built: {str(exc).rstrip('.')}; fix {where}, {_DOCS}.") from None
+            except Exception as exc:  # noqa: BLE001 (a config the constructors cannot use: one line, no traceback)
+                raise InputError(f"{where} cannot be built ({type(exc).__name__}: {exc}); fix {where}, {_DOCS}.") from None
+            cache[key] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        return cache[key]
+
+    def state_fits(self, state: dict, where: str, model: dict, model_where: str) -> None:
+        """A state_dict at ``where`` must be exactly that of the model ``model`` (at ``model_where``) describes:
+        the same parameter names, the same shapes, floating and finite values."""
+        want = self.expected_state(model, model_where)
+        family = model.get("family")
+        for key in state:
+            if key not in want:
+                raise InputError(f"{where} has unexpected key {key!r} for {model_where} (family {family!r}); store "
+                                 f"exactly the state_dict of the model {model_where} describes (its parameter names "
+                                 "and shapes are listed in docs/runfile.md, 'Parameter names').")
+        for key, shape in want.items():
+            if key not in state:
+                raise InputError(f"{where} lacks key {key!r}, which the model of {model_where} (family {family!r}) "
+                                 "has; store its full state_dict (parameter names and shapes: docs/runfile.md, "
+                                 "'Parameter names').")
+            t = state[key]
+            if tuple(t.shape) != shape:
+                raise InputError(f"{where}.{key} has shape {tuple(t.shape)} but the model of {model_where} "
+                                 f"(family {family!r}) has {shape}; {model_where} must describe the model that was "
+                                 "trained (widths, latent_dim, input_dim, channels).")
+            self.tensor_at(t, f"{where}.{key}", t.ndim, finite=True)
 
     def _int_list(self, v: Any, where: str) -> list[int]:
         if not isinstance(v, (list, tuple)):
@@ -352,6 +405,17 @@ class _Validator:
             self.agree("R0", resp.shape[0], "clusterings.resp")
             self.agree("m", resp.shape[1], "clusterings.resp")
             self.agree("K", resp.shape[2], "clusterings.resp")
+            neg = int((resp < 0).sum())
+            if neg:
+                raise InputError(f"clusterings.resp holds {neg} negative value(s); responsibilities are probabilities "
+                                 "(>= 0, each row summing to 1): store the GMM's posterior P(k | x) on eval.x.")
+            off = (resp.double().sum(2) - 1).abs() > RESP_ROW_TOL  # (R0, m)
+            if bool(off.any()):
+                c, i = (int(v) for v in off.nonzero()[0])
+                raise InputError(f"clusterings.resp rows must sum to 1 (within {RESP_ROW_TOL:g}); {int(off.sum())} of "
+                                 f"{off.numel()} do not (first: clustering {c}, eval row {i}, sum "
+                                 f"{float(resp[c, i].double().sum()):.6g}): store each clustering's posterior "
+                                 "P(k | x) on eval.x, normalised over its K components.")
         hct = self.run["config"].get("hct")
         if isinstance(hct, dict) and hct.get("r0") is not None:
             self.agree("R0", self.int_at(hct["r0"], "config.hct.r0", lo=1), "config.hct.r0")
@@ -376,20 +440,15 @@ class _Validator:
             if snaps and run["config"].get("model") is None and not outs:
                 raise InputError("snapshots are given but config.model is missing, so hcdiag cannot rebuild the model; "
                                  "add config.model or store outputs per snapshot.")
+            model = run["config"].get("model")
+            if model is not None:
+                for name, state in snaps.items():
+                    self.state_fits(state, f"snapshots.{name}", model, "config.model")
         if outs is not None:
             self.dict_at(outs, "outputs")
             for name, out in outs.items():
                 self.str_at(name, "an outputs key")
-                where = f"outputs.{name}"
-                self.dict_at(out, where)
-                mu = self.tensor_at(self.need(out, "mu", where), f"{where}.mu", 2, finite=True)
-                lv = self.tensor_at(self.need(out, "logvar", where), f"{where}.logvar", 2, finite=True)
-                xh = self.tensor_at(self.need(out, "xhat", where), f"{where}.xhat", 2, finite=True)
-                for t, key in ((mu, "mu"), (lv, "logvar"), (xh, "xhat")):
-                    self.agree("m", t.shape[0], f"{where}.{key}")
-                self.agree("n", mu.shape[1], f"{where}.mu")
-                self.agree("n", lv.shape[1], f"{where}.logvar")
-                self.agree("N", xh.shape[1], f"{where}.xhat")
+                self.outputs_at(out, f"outputs.{name}", "n")
                 if name not in names:
                     names.append(name)
         self.snapshot_names = names
@@ -407,6 +466,19 @@ class _Validator:
                                  "list every snapshot once, in training order.")
         if not names and not self.partial:
             raise InputError(f"snapshots and outputs are both empty; a complete run needs at least one snapshot; {_PARTIAL_HINT}.")
+
+    def outputs_at(self, out: Any, where: str, latent: str) -> None:
+        """``{"mu": [m, n], "logvar": [m, n], "xhat": [m, N]}`` on eval.x, finite; ``latent`` names the
+        dimension n must agree with (``"n"`` for the run's own outputs)."""
+        self.dict_at(out, where)
+        mu = self.tensor_at(self.need(out, "mu", where), f"{where}.mu", 2, finite=True)
+        lv = self.tensor_at(self.need(out, "logvar", where), f"{where}.logvar", 2, finite=True)
+        xh = self.tensor_at(self.need(out, "xhat", where), f"{where}.xhat", 2, finite=True)
+        for t, key in ((mu, "mu"), (lv, "logvar"), (xh, "xhat")):
+            self.agree("m", t.shape[0], f"{where}.{key}")
+        self.agree(latent, mu.shape[1], f"{where}.mu")
+        self.agree(latent, lv.shape[1], f"{where}.logvar")
+        self.agree("N", xh.shape[1], f"{where}.xhat")
 
     def _is_hct(self) -> bool:
         cfg = self.run["config"]
@@ -521,6 +593,7 @@ class _Validator:
         if refs is None:
             return
         self.dict_at(refs, "references")
+        run_model = self.run["config"].get("model")
         for name in REFERENCE_NAMES:
             ref = refs.get(name)
             if ref is None:
@@ -531,13 +604,57 @@ class _Validator:
             self.float_at(self.need(cfg, "s2", f"{where}.config"), f"{where}.config.s2", positive=True)
             self.float_at(self.need(cfg, "multiple", f"{where}.config"), f"{where}.config.multiple", positive=True)
             self.str_at(self.need(cfg, "method", f"{where}.config"), f"{where}.config.method")
-            model = self.dict_at(self.need(cfg, "model", f"{where}.config", "to rebuild it"), f"{where}.config.model")
-            self.int_at(self.need(model, "input_dim", f"{where}.config.model"), f"{where}.config.model.input_dim", lo=1)
-            self.agree("N", model["input_dim"], f"{where}.config.model.input_dim")
-            state = self.dict_at(self.need(ref, "state", where), f"{where}.state")
-            for key, value in state.items():
-                if not isinstance(value, torch.Tensor):
-                    raise InputError(f"{where}.state.{key} must be a tensor (a state_dict holds tensors); got {_kind(value)}.")
+            # its own config.model, else the run's (a reference of the run's architecture need not repeat it)
+            model, model_where = cfg.get("model"), f"{where}.config.model"
+            if model is not None:
+                self.model_dict(model, model_where)
+                self.agree("N", model["input_dim"], f"{model_where}.input_dim")
+            else:
+                model, model_where = run_model, "config.model"
+            state, outs = ref.get("state"), ref.get("outputs")
+            if state is None and (outs is None or name != "collapsed"):
+                what = ("its parameters (a state_dict) or, for a model hcdiag cannot rebuild, its outputs on eval.x"
+                        if name == "collapsed" else "its parameters (a state_dict of its config.model)")
+                raise InputError(f"{where}.state is missing; a reference needs {what}; {_DOCS}.")
+            if state is not None:
+                self.dict_at(state, f"{where}.state")
+                for key, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        raise InputError(f"{where}.state.{key} must be a tensor (a state_dict holds tensors); got {_kind(value)}.")
+                if model is None:
+                    alt = f", or store {where}.outputs instead" if name == "collapsed" else ""
+                    raise InputError(f"{where}.state is given but neither {where}.config.model nor config.model says "
+                                     f"how to rebuild it; add {where}.config.model{alt}.")
+                self.state_fits(state, f"{where}.state", model, model_where)
+            elif self.run.get("snapshots") and run_model is not None:
+                raise InputError(f"{where} has outputs but no state, while the run's snapshots can be rebuilt; the "
+                                 f"parameter-space checks (I2 paths, I3 distances) need its parameters: store {where}.state "
+                                 "(a state_dict of config.model).")
+            if outs is not None:
+                self.outputs_at(outs, f"{where}.outputs", f"n of {where}")
+                if model is not None and state is not None:
+                    self.agree(f"n of {where}", int(model["latent_dim"]), f"{model_where}.latent_dim")
+            snaps = ref.get("snapshots")
+            if snaps is not None:  # the vanilla reference's training trajectory (I3's baseline distance)
+                self.dict_at(snaps, f"{where}.snapshots")
+                if snaps and model is None:
+                    raise InputError(f"{where}.snapshots are given but neither {where}.config.model nor config.model "
+                                     f"says how to rebuild them; add {where}.config.model.")
+                for sname, sd in snaps.items():
+                    self.str_at(sname, f"a {where}.snapshots key")
+                    self.dict_at(sd, f"{where}.snapshots.{sname}")
+                    for key, value in sd.items():
+                        if not isinstance(value, torch.Tensor):
+                            raise InputError(f"{where}.snapshots.{sname}.{key} must be a tensor (a state_dict holds "
+                                             f"tensors); got {_kind(value)}.")
+                    self.state_fits(sd, f"{where}.snapshots.{sname}", model, model_where)
+                order = ref.get("snapshot_order")
+                if order is not None:
+                    if not isinstance(order, (list, tuple)) or sorted(map(str, order)) != sorted(snaps) \
+                            or len(set(order)) != len(order):
+                        raise InputError(f"{where}.snapshot_order must list every name of {where}.snapshots once, in "
+                                         f"training order; got {list(order) if isinstance(order, (list, tuple)) else _kind(order)} "
+                                         f"for {sorted(snaps)}.")
             if ref.get("metrics") is not None:
                 self.dict_at(ref["metrics"], f"{where}.metrics")
 
@@ -943,7 +1060,10 @@ def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *,
 
     The default state_dicts are random parameters of ``hcdiag.models.LinearVAE`` (the ``linear``
     family), so the snapshots rebuild. For another architecture pass ``model`` (the ``config.model``
-    dict) and ``state_fn(name) -> state_dict``.
+    dict) and ``state_fn(name) -> state_dict``. The parameters are random, but every number hcdiag
+    recomputes is computed here as a trainer would: the outputs of a snapshot with parameters are its
+    model's (``xhat = f(mu(x))`` on eval.x), and ``rounds[t].losses``/``eps``, ``refinement.eps_T`` and
+    ``reached`` are eq. 8 on those outputs (docs/runfile.md, "Numbers hcdiag recomputes").
     """
     if method == "hct" and (R0 < 2 or R0 & (R0 - 1)):
         raise InputError(f"The 'R0' parameter must be a power of two >= 2 for method='hct'. Got {R0}.")
@@ -970,27 +1090,45 @@ def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *,
 
     make_state = state_fn or default_state
 
-    # the training record: stage-1 rounds halve the active set down to 2, then refinement, stage 3
-    names = ["init"]
-    rounds = []
-    if method == "hct":
-        active = list(range(R0))
-        t = 0
-        while len(active) > 2:
-            losses = randn(R0).abs()  # l_C of EVERY clustering at the end of round t
-            kept = sorted(sorted(active, key=lambda c: float(losses[c]))[: len(active) // 2])
-            rounds.append({"round": t, "active": torch.tensor(active), "kept": torch.tensor(kept),
-                           "losses": losses, "eps": float(losses[kept].max()), "snapshot": f"round{t}"})
-            names.append(f"round{t}")
-            active, t = kept, t + 1
-        pair = active
-        if not complete:
-            rounds, names = rounds[:1], names[: 1 + min(1, len(rounds))]
+    def rebuilt(state):
+        """(mu, logvar, xhat) of ``state`` on eval.x as the checks compute them, or None if it does not load."""
+        from hcdiag.models import build_model, encode_decode
+
+        try:
+            net = build_model(cfg_model)
+            net.load_state_dict(state)
+        except Exception:  # noqa: BLE001 (a deliberately wrong state_fn: the run is then refused on validation)
+            return None
+        return tuple(t.to(dtype) for t in encode_decode(net, x.float()))
+
+    def eq8(xhat):  # l_C = mean_x min_k ||xhat(x) - mu_k^C||^2 for every clustering, float64 (R0,)
+        d = ((xhat.double()[None, :, None, :] - centroids.double()[:, None]) ** 2).sum(-1)  # (R0, m, K)
+        return d.min(dim=2).values.mean(dim=1)
+
+    # the snapshots of the training record: init, one per stage-1 round (halving R0 down to 2), refined, stage 3
+    n_rounds = int(math.log2(R0)) - 1 if method == "hct" else 0
+    if not complete:
+        n_rounds = min(1, n_rounds)
     stage3_names = ["stage3_0", "stage3_1"]
+    names = ["init"] + [f"round{t}" for t in range(n_rounds)]
     if complete:
-        if method == "hct":
-            names += ["refined"] + stage3_names
-        names.append("final")
+        names += (["refined"] + stage3_names if method == "hct" else []) + ["final"]
+    states = {name: make_state(name) for name in names} if snapshots else {}
+    outs = {}
+    for name in names:
+        outs[name] = rebuilt(states[name]) if snapshots else None
+        if outs[name] is None:
+            outs[name] = (randn(m, n), randn(m, n), randn(m, N))
+    losses_at = {name: eq8(outs[name][2]) for name in names}
+
+    rounds, active = [], list(range(R0))
+    for t in range(n_rounds):
+        losses = losses_at[f"round{t}"]  # l_C of EVERY clustering at the end of round t
+        kept = sorted(sorted(active, key=lambda c: (float(losses[c]), c))[: len(active) // 2])
+        rounds.append({"round": t, "active": torch.tensor(active), "kept": torch.tensor(kept),
+                       "losses": losses.to(dtype), "eps": float(losses[kept].max()), "snapshot": f"round{t}"})
+        active = kept
+    pair = active
     run: dict = {
         "format": FORMAT,
         "version": VERSION,
@@ -1021,16 +1159,16 @@ def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *,
         "snapshot_order": names,
     }
     if method == "hct" and complete:
-        e = 3
-        ref_losses = randn(e, 2).abs()
-        run["refinement"] = {"pair": torch.tensor(pair), "reached": False, "eps": 1e-4,
-                             "eps_T": float(ref_losses[-1].max()), "epochs": e, "losses": ref_losses,
-                             "snapshot": "refined"}
+        e, eps = 3, 1e-4
+        l_ab = losses_at["refined"][pair]  # (2,)
+        ref_losses = torch.cat([randn(e - 1, 2).abs(), l_ab.to(dtype)[None]])  # the last row is the refined model's
+        run["refinement"] = {"pair": torch.tensor(pair), "reached": bool(float(l_ab.max()) < eps), "eps": eps,
+                             "eps_T": float(l_ab.max()), "epochs": e, "losses": ref_losses, "snapshot": "refined"}
         run["stage3"] = {"clustering": pair[0], "epochs": 4, "snapshots": stage3_names}
     if snapshots:
-        run["snapshots"] = {name: make_state(name) for name in names}
+        run["snapshots"] = states
     if outputs:
-        run["outputs"] = {name: {"mu": randn(m, n), "logvar": randn(m, n), "xhat": randn(m, N)} for name in names}
+        run["outputs"] = {name: dict(zip(("mu", "logvar", "xhat"), outs[name])) for name in names}
     if history:
         h = 2 * len(names)
         run["history"] = {"step": torch.arange(h, dtype=torch.int64) * 10, "epoch": torch.arange(h, dtype=dtype) / 2,

@@ -256,14 +256,22 @@ def test_a_report_folder_under_a_file(run_path, tmp_path, capsys):
 
 
 def test_snapshots_that_do_not_fit_config_model(seed, tmp_path, capsys):
+    """save_run used to write such a file and check-barrier refused it later; now save_run refuses it
+    (issue 9), and a file written around save_run is refused when it is read, naming the key."""
+    from hcdiag.errors import InputError
     from hcdiag.runfile import example_run
 
     model = {"family": "linear", "input_dim": 5, "latent_dim": 2, "enc_widths": [], "dec_widths": [],
              "activation": "relu", "image_shape": None, "channels": []}
     other_names = lambda name: {"encoder.weight": torch.zeros(2, 5), "decoder.bias": torch.zeros(5)}  # noqa: E731
-    p = save_run(example_run(seed=seed % 1000, model=model, state_fn=other_names), tmp_path / "run.pt")
-    msg = one_error_line(capsys, p)
-    assert msg.startswith("a state_dict in the run does not fit config.model (family 'linear'; missing: ")
+    run = example_run(seed=seed % 1000, model=model, state_fn=other_names)
+    why = ("snapshots.init has unexpected key 'encoder.weight' for config.model (family 'linear'); store exactly the "
+           "state_dict of the model config.model describes (its parameter names and shapes are listed in "
+           "docs/runfile.md, 'Parameter names').")
+    with pytest.raises(InputError, match=f"^refusing to write .*run.pt: {re.escape(why)}$"):
+        save_run(run, tmp_path / "run.pt")
+    p = saved(tmp_path, run)
+    assert one_error_line(capsys, p) == f"{p}: {why}"
 
 
 def test_partial_runs_are_checked_with_partial(seed, tmp_path, capsys):

@@ -109,12 +109,14 @@ def evaluate(model_cfg, state, x):
 def hand_run(seed: int = 0, *, m: int = 60, centroids=GEOMETRY, model=MLP0, states: dict | None = None,
              kept=((0, 1, 2), (0, 1)), pair=(0, 1), reached: bool = True, references=("collapsed",),
              control_c=(0.5, -0.1), collapsed_c=None, collapsed_enc="zero", resp: bool = True, center=(10.0, 4.0),
-             s2: float = 2.0, beta_end: float = 4.0, loss: str = "literal") -> dict:
+             s2: float = 2.0, beta_end: float = 4.0, loss: str = "literal", refine_eps: float | None = None) -> dict:
     """A complete, valid hct run dict with the default geometry (see the module docstring).
 
     ``states`` maps snapshot names (ORDER) to state dicts (default: init at (10, 10), every later
-    snapshot at c* with the "data" encoder). The recorded ``eps_t``, ``eps_T`` and round losses are
-    computed here by :func:`naive_losses` from the snapshots, as a trainer would record them.
+    snapshot at c* with the "data" encoder). The recorded ``eps_t``, ``eps_T``, round losses and
+    ``reached`` are computed here by :func:`naive_losses` from the snapshots, as a trainer would record them
+    (hcdiag recomputes them and refuses a file that disagrees). ``reached`` picks the refinement's target:
+    ``refine_eps`` (default 1.0, above the default geometry's eps_T = 0.25, when ``reached``; else 1e-4).
     """
     g = torch.Generator().manual_seed(seed)
     cents = torch.tensor(centroids, dtype=torch.float32)
@@ -133,6 +135,7 @@ def hand_run(seed: int = 0, *, m: int = 60, centroids=GEOMETRY, model=MLP0, stat
                        "snapshot": f"round{t}"})
         active = list(kp)
     lT = losses["refined"]
+    eps = refine_eps if refine_eps is not None else (1.0 if reached else 1e-4)
     centered = (x - xbar).double()
     eig = torch.linalg.eigvalsh(centered.T @ centered / (m - 1)).flip(0).clamp_min(0).float()
     if resp:
@@ -151,7 +154,7 @@ def hand_run(seed: int = 0, *, m: int = 60, centroids=GEOMETRY, model=MLP0, stat
                         "loglik": -torch.ones(r0), "covariance_type": "diag",
                         **({"resp": resp_t} if resp else {})},
         "rounds": rounds,
-        "refinement": {"pair": torch.tensor(list(pair)), "reached": reached, "eps": 1e-4,
+        "refinement": {"pair": torch.tensor(list(pair)), "reached": bool(max(lT[list(pair)]) < eps), "eps": eps,
                        "eps_T": float(max(lT[list(pair)])), "epochs": 7,
                        "losses": torch.tensor([[1.0, 1.0], [float(lT[pair[0]]), float(lT[pair[1]])]]),
                        "snapshot": "refined"},
@@ -406,17 +409,23 @@ def test_t2_witness_in_the_mlp_architecture_has_kl_zero_and_loss_delta_star(seed
     assert run["refinement"]["eps_T"] >= ds * (1 - 1e-6) and res.verdict == "fails"  # it can never hold honestly
 
 
-def test_t2_holds_only_for_a_recorded_eps_T_below_delta_star(seed):
-    # C1 far from C0 (delta* = 9); the run RECORDS eps_T = 0.25, below what any model can reach (a producer's
-    # claim, e.g. measured on other rows): only then does T2 hold
+def test_t2_uses_the_recomputed_eps_T_and_a_recorded_one_below_delta_star_is_refused(seed):
+    """C1 far from C0 (delta* = 9). A run that RECORDS eps_T = 0.25, below what any model can reach (a
+    producer's claim, e.g. measured on other rows), used to make T2 hold. Now run_checks refuses the file
+    (the refined snapshot gives eps_T = l_1 = 5.5^2 = 30.25), and T2 itself reads the recomputed eps_T."""
     geometry = [GEOMETRY[0], [[6.0, 0.0], [20.0, 6.0]], GEOMETRY[2], GEOMETRY[3]]
     run = hand_run(seed, centroids=geometry)
+    eps_T = max(snapshot_losses(run, "refined")[[0, 1]])
+    assert eps_T == pytest.approx(30.25, rel=1e-6)
     run["refinement"]["eps_T"] = 0.25
+    with pytest.raises(InputError, match=r"^refinement\.eps_T is 0\.25 but the refined snapshot gives 30\.25\d* on "
+                                         r"eval\.x \(max\(l_a, l_b\) over refinement\.pair \[0, 1\]; tolerance "):
+        run_checks(run, select=["T2"])
     res = exclusion.check_t2(ctx_of(run))
     ds = naive_delta_star_pair(geometry[0], geometry[1])
     assert ds == 9.0 and res.values["delta_star"] == ds
-    assert res.verdict == "holds" and res.witness is None
-    assert res.values["witness_historical_loss"] == ds > 0.25 * 1.05
+    assert res.values["eps_T"] == pytest.approx(eps_T, rel=1e-9)
+    assert res.verdict == "fails" and res.values["witness_historical_loss"] == ds <= eps_T
 
 
 def test_t2_shared_centroid_drives_delta_star_to_zero(seed):
@@ -445,7 +454,7 @@ def test_t2b_holds_when_eps_was_reached_and_reports_the_collapsed_floor(seed, co
     floor = naive_floor(run["eval"]["xbar"], [GEOMETRY[0], GEOMETRY[1]], beta=4.0, s2=2.0, convention=convention)
     assert res.verdict == "holds" and res.values["reached"] is True and res.values["epochs"] == 7
     assert res.values["collapsed_floor"] == pytest.approx(floor, rel=1e-12)
-    assert res.values["eps_below_collapsed_floor"] is (1e-4 < floor)
+    assert res.values["eps_below_collapsed_floor"] is (1.0 < floor)
     assert (res.values["beta"], res.values["s2"], res.values["convention"]) == (4.0, 2.0, convention)
 
 
@@ -567,6 +576,7 @@ def test_t3_fails_when_the_collapsed_reference_sits_on_a_centroid(seed):
 
 def naive_teacher_information(T) -> float:
     T = np.asarray(T, np.float64)
+    T = T / T.sum(1, keepdims=True)  # T4 renormalises the stored (float32) responsibilities
     mean = T.mean(0)
     h = lambda p: -sum(v * math.log(v) for v in p if v > 0)  # noqa: E731
     return h(mean) - sum(h(row) for row in T) / len(T)
@@ -901,17 +911,17 @@ def test_an_outputs_only_run_gets_every_check_that_needs_no_parameters(seed):
     full = by_id(run_checks(run))
     outs = by_id(run_checks(outputs_only(run)))
     reasons = {"N3": "parameter probes need an architecture hcdiag can rebuild",
-               "T3": "the collapsed reference cannot be rebuilt (outputs only)",
                "I2": "parameter paths need an architecture hcdiag can rebuild",
                "I3": "parameter distances need an architecture hcdiag can rebuild"}
     for cid, why in reasons.items():
         assert outs[cid].verdict == "inconclusive" and why in outs[cid].reason, cid
-    for cid in ("N1", "N2", "T1", "T2b", "I1", "T4", "KL", "AU"):  # the same verdicts and numbers from outputs
+    # the same verdicts and numbers from outputs; T3 (and T4's certificate of the collapsed reference) rebuild
+    # the reference from ITS OWN config.model, which the outputs-only run keeps
+    for cid in ("N1", "N2", "T1", "T2b", "I1", "T3", "T4", "KL", "AU"):
         assert outs[cid].verdict == full[cid].verdict != "inconclusive", cid
-        # (T4 also certifies the collapsed reference when it can rebuild it: a parameter extra)
-        want = {k: v for k, v in full[cid].values.items() if k != "collapsed_reference"}
         assert strip_seconds(json.loads(json.dumps(outs[cid].values, default=str))) == \
-            strip_seconds(json.loads(json.dumps(want, default=str))), cid
+            strip_seconds(json.loads(json.dumps(full[cid].values, default=str))), cid
+    assert outs["T3"].values["evaluated_from"] == "references.collapsed.state"
     # T2 builds its witness in output space: KL 0, historical loss delta*
     t2 = outs["T2"]
     assert t2.verdict == "fails" and t2.values["witness_built_in"] == "output space (outputs only)"
@@ -978,13 +988,17 @@ def test_a_run_with_parameters_for_some_snapshots_only(seed):
 def test_state_dicts_that_do_not_fit_the_model_are_bad_input(seed):
     run = hand_run(seed)
     run["snapshots"]["final"] = {("encoder." + k): v for k, v in run["snapshots"]["final"].items()}
-    with pytest.raises(InputError, match=r"^a state_dict in the run does not fit config\.model \(family 'mlp'; "
-                                         r"missing: enc_mu\.weight, .*; unexpected: encoder\.enc_mu\.weight, .*\); "
-                                         r"store snapshots of the model config\.model describes\.$"):
+    # refused by the run file's validation now (issue 9), before any check runs
+    with pytest.raises(InputError, match=r"^snapshots\.final has unexpected key 'encoder\.enc_mu\.weight' for "
+                                         r"config\.model \(family 'mlp'\); store exactly the state_dict of the model "
+                                         r"config\.model describes \(its parameter names and shapes are listed in "
+                                         r"docs/runfile\.md, 'Parameter names'\)\.$"):
         run_checks(run, select=["KL"])
     run = hand_run(seed)
     run["snapshots"]["final"]["dec_out.bias"] = torch.zeros(3)
-    with pytest.raises(InputError, match=r"shape mismatch: dec_out\.bias \(3,\) vs \(2,\)\)"):
+    with pytest.raises(InputError, match=r"^snapshots\.final\.dec_out\.bias has shape \(3,\) but the model of "
+                                         r"config\.model \(family 'mlp'\) has \(2,\); config\.model must describe "
+                                         r"the model that was trained"):
         run_checks(run, select=["KL"])
 
 

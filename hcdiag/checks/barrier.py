@@ -12,6 +12,7 @@ from typing import Callable
 
 from hcdiag.checks import collapse, exclusion, inertia, regions
 from hcdiag.checks.base import CheckResult, RunContext
+from hcdiag.checks.evidence import verify
 from hcdiag.errors import InputError
 
 CHECKS: dict[str, Callable[[RunContext], CheckResult]] = {
@@ -65,6 +66,8 @@ def run_checks(run, *, select=None, tolerance: float = 0.05, device="cpu", seed:
         run = load_run(run)
     ids = parse_ids(select) if not (isinstance(select, list) and all(s in CHECKS for s in select)) else select
     ctx = RunContext(run, tolerance=tolerance, device=device, seed=seed)
+    verify(ctx)  # stored numbers the run's own models contradict are refused; the checks use recomputed ones
+    ctx.take_defaults()
     results = []
     for cid in ids:
         t0 = time.perf_counter()
@@ -72,6 +75,7 @@ def run_checks(run, *, select=None, tolerance: float = 0.05, device="cpu", seed:
             progress(f"check {cid} ...")
         res = CHECKS[cid](ctx)
         res.values.setdefault("seconds", time.perf_counter() - t0)
+        res.values["defaults"] = ctx.take_defaults()  # the absent fields this check read as defaults
         if res.tolerance is None and res.verdict != "inconclusive":
             res.tolerance = tolerance
         results.append(res)

@@ -64,10 +64,17 @@ class Region:
     snapshot: str  # the snapshot at which it was formed
 
 
+# the config.model fields each family reads, with the value hcdiag builds when the field is absent
+_MODEL_FIELDS = {"mlp": ("enc_widths", "dec_widths", "activation"), "conv": ("channels", "activation"), "linear": ()}
+
+
 class RunContext:
     """Deterministic evaluation of a run's models on its fixed evaluation rows, cached per snapshot.
 
-    ``xhat = f(mu(x))`` (no sampling), so the same file always gives the same numbers.
+    ``xhat = f(mu(x))`` (no sampling), so the same file always gives the same numbers. Numbers the run
+    file stores but hcdiag can recompute (round losses, eps_t, eps_T, whether eps was reached) are
+    served recomputed (:attr:`evidence`, :mod:`hcdiag.checks.evidence`). Every default a check falls
+    back on because a field is absent is recorded (:meth:`setting`) and reported in its JSON.
     """
 
     def __init__(self, run, *, tolerance: float = 0.05, device: str | torch.device = "cpu", seed: int = 0,
@@ -84,6 +91,48 @@ class RunContext:
         self._out: dict[str, tuple] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._model = None
+        self._ref_out: dict[tuple[str, str], tuple] = {}
+        self._evidence = None
+        self._defaults: list[dict] = []
+        self._model_defaults = self._absent_model_fields(self.model_cfg, "config.model")
+
+    # -- defaults of absent fields, reported per check ----------------------------------------------------
+    def note_default(self, key: str, default: Any, why: str) -> None:
+        """Record that the check being run used ``default`` for the absent run-file field ``key``."""
+        entry = {"key": key, "default": default, "why": why}
+        if entry not in self._defaults:
+            self._defaults.append(entry)
+
+    def setting(self, key: str, default: Any, why: str | None = None) -> Any:
+        """The run-file field at the dotted path ``key`` (e.g. ``'config.loss'``, ``'refinement.beta'``);
+        when it is absent or None, ``default``, recorded so the check's JSON says so (``values["defaults"]``)."""
+        node: Any = self.run.data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                self.note_default(key, default, why or f"{key} is absent from the run file")
+                return default
+        return node
+
+    def take_defaults(self) -> list[dict]:
+        """The defaults recorded since the last call (``run_checks`` calls it after each check)."""
+        out, self._defaults = self._defaults, []
+        return out
+
+    @staticmethod
+    def _absent_model_fields(cfg: dict | None, where: str) -> list[dict]:
+        if not cfg:
+            return []
+        from hcdiag.models import ModelConfig
+
+        base = ModelConfig().to_dict()
+        return [{"key": f"{where}.{f}", "default": base[f], "why": f"{where}.{f} is absent; hcdiag builds the "
+                 f"{cfg.get('family')} model with its default"}
+                for f in _MODEL_FIELDS.get(cfg.get("family"), ()) if cfg.get(f) is None]
+
+    def _rebuilt(self) -> None:
+        for d in self._model_defaults:
+            self.note_default(**d)
 
     # -- models ------------------------------------------------------------------------------------------
     @property
@@ -101,6 +150,7 @@ class RunContext:
         return self._model
 
     def outputs_of_state(self, state: dict):
+        self._rebuilt()
         return encode_decode(self.model(state), self.x, self.batch_size)
 
     def state(self, name: str) -> dict | None:
@@ -110,8 +160,10 @@ class RunContext:
 
     def outputs(self, name: str):
         """``(mu (m, n), logvar (m, n), xhat (m, N))`` of a snapshot, from its parameters or stored outputs."""
+        st = self.state(name)
+        if st is not None:
+            self._rebuilt()
         if name not in self._out:
-            st = self.state(name)
             if st is not None:
                 self._out[name] = self.outputs_of_state(st)
             else:
@@ -139,18 +191,80 @@ class RunContext:
     # -- the run's structure -----------------------------------------------------------------------------
     @property
     def order(self) -> list[str]:
+        if self.run.data.get("snapshot_order") is None and self.run.snapshot_names:
+            self.note_default("snapshot_order", "the snapshots keys, then the outputs keys",
+                              "snapshot_order is absent, so training order is read from the keys")
         return list(self.run.snapshot_names)
 
+    @property
+    def evidence(self):
+        """The recomputed numbers (:class:`hcdiag.checks.evidence.Evidence`), computed once."""
+        if self._evidence is None:
+            from hcdiag.checks.evidence import recompute
+
+            self._evidence = recompute(self)
+        return self._evidence
+
     def regions(self) -> list[Region]:
-        """F_0 ... F_{T-1} from the stage-1 rounds, then F_T from the refinement (claims.md)."""
-        out = []
-        for r in self.run.rounds or []:
-            out.append(Region(f"F_{int(r['round'])}", tuple(int(i) for i in r["kept"]), float(r["eps"]), str(r["snapshot"])))
-        ref = self.run.refinement
-        if ref:
-            out.append(Region("F_T", tuple(int(i) for i in ref["pair"]), float(ref["eps_T"]),
-                              str(ref.get("snapshot", "refined"))))
+        """F_0 ... F_{T-1} from the stage-1 rounds, then F_T from the refinement (claims.md); their eps are
+        RECOMPUTED from the round's / refined snapshot on eval.x (Def. 4.2), never the stored numbers."""
+        ev = self.evidence
+        out = [Region(f"F_{r.round}", r.kept, r.eps, r.snapshot) for r in ev.rounds]
+        if ev.refinement is not None:
+            out.append(Region("F_T", ev.refinement.pair, ev.refinement.eps_T, ev.refinement.snapshot))
         return out
+
+    @property
+    def refinement_eps_T(self) -> float | None:
+        """``max(l_a, l_b)`` at the refined snapshot on eval.x, recomputed; None without a refinement."""
+        ref = self.evidence.refinement
+        return None if ref is None else ref.eps_T
+
+    @property
+    def refinement_reached(self) -> bool | None:
+        """Whether the refinement reached its target, recomputed: ``eps_T < refinement.eps``; None without one."""
+        ref = self.evidence.refinement
+        return None if ref is None else ref.reached
+
+    # -- references ----------------------------------------------------------------------------------------
+    def reference_model_config(self, name: str) -> tuple[dict | None, str]:
+        """``(config.model, where it is)`` of reference ``name``: its own, else the run's."""
+        ref = (self.run.references or {}).get(name) or {}
+        own = (ref.get("config") or {}).get("model")
+        return (own, f"references.{name}.config.model") if own is not None else (self.model_cfg, "config.model")
+
+    def reference_outputs(self, name: str, source: str | None = None):
+        """``(mu (m, n), logvar (m, n), xhat (m, N))`` of reference ``name`` on eval.x, float32: rebuilt from
+        its ``state`` (with its own config.model, else the run's) when it has one, else its stored ``outputs``;
+        ``source='state'`` or ``'outputs'`` picks one. None when the reference (or that source) is absent."""
+        ref = (self.run.references or {}).get(name)
+        if ref is None:
+            return None
+        cfg, _ = self.reference_model_config(name)
+        if source is None:
+            source = "state" if ref.get("state") is not None and cfg is not None else "outputs"
+        if (name, source) not in self._ref_out:
+            if source == "state":
+                if ref.get("state") is None or cfg is None:
+                    return None
+                for d in self._absent_model_fields(cfg, self.reference_model_config(name)[1]):
+                    self.note_default(**d)
+                if cfg == self.model_cfg:
+                    out = self.outputs_of_state(ref["state"])
+                else:
+                    model = build_model(cfg, device=self.device)
+                    try:
+                        model.load_state_dict(ref["state"])
+                    except RuntimeError:
+                        raise InputError(_mismatch(cfg, model.state_dict(), ref["state"])) from None
+                    out = encode_decode(model, self.x, self.batch_size)
+            else:
+                o = ref.get("outputs")
+                if o is None:
+                    return None
+                out = tuple(o[k].float().to(self.device) for k in ("mu", "logvar", "xhat"))
+            self._ref_out[(name, source)] = out
+        return self._ref_out[(name, source)]
 
     def final_region(self) -> Region | None:
         regs = self.regions()

@@ -137,16 +137,24 @@ def check_t2b(ctx: RunContext) -> CheckResult:
 
 def check_t3(ctx: RunContext) -> CheckResult:
     """T3: the constructed collapsed model (paper 5.3: vanilla at s2 = 10 lambda_max): is it collapsed,
-    how spread are its reconstructions, and is ``l_C >= delta_C`` for every clustering?"""
+    how spread are its reconstructions, and is ``l_C >= delta_C`` for every clustering?
+
+    The reference is evaluated on eval.x from its parameters when they rebuild (``references.collapsed.state``
+    with its own ``config.model``, else the run's), else from its stored ``references.collapsed.outputs``."""
     claim = ("The constructed collapsed solution (vanilla VAE at s2 = 10 lambda_max) is collapsed and has "
              "l_C >= delta_C for every clustering.")
     ref = (ctx.run.references or {}).get("collapsed")
-    if ref is None or not ctx.has_parameters:
-        return inconclusive("T3", claim, "section 5.3", "the run has no collapsed reference model"
-                            if ref is None else "the collapsed reference cannot be rebuilt (outputs only)")
+    if ref is None:
+        return inconclusive("T3", claim, "section 5.3", "the run has no collapsed reference model")
+    out = ctx.reference_outputs("collapsed")
+    if out is None:
+        return inconclusive("T3", claim, "section 5.3", "the collapsed reference can be neither rebuilt (no state "
+                            "with a config.model) nor read (no references.collapsed.outputs)")
+    source = ("references.collapsed.state" if ref.get("state") is not None
+              and ctx.reference_model_config("collapsed")[0] is not None else "references.collapsed.outputs")
     from hcdiag.metrics import kl_total
 
-    mu, lv, xhat = ctx.outputs_of_state(ref["state"])
+    mu, lv, xhat = out
     kl = kl_total(mu, lv)
     spread = float(((xhat - xhat.mean(0)) ** 2).sum(1).mean())
     total_var = float(((ctx.x - ctx.x.mean(0)) ** 2).sum(1).mean())
@@ -157,7 +165,7 @@ def check_t3(ctx: RunContext) -> CheckResult:
     values = {"kl": kl, "collapsed": kl < 0.01, "spread": spread, "total_variance": total_var,
               "spread_ratio": spread / total_var if total_var > 0 else float("nan"),
               "losses": losses.tolist(), "delta_C": dC.tolist(), "below_delta": below,
-              "multiple": ref["config"].get("multiple"), "tolerance": ctx.tol}
+              "multiple": ref["config"].get("multiple"), "tolerance": ctx.tol, "evaluated_from": source}
     if kl >= 0.01:
         return CheckResult("T3", claim, "section 5.3", "fails", values, witness={"kl": kl},
                            summary=f"the 'collapsed' reference is not collapsed: KL = {kl:.3g} >= 0.01")
@@ -181,23 +189,42 @@ def check_t4(ctx: RunContext, *, margin: float = 0.05, snapshot: str = "final") 
     if resp is None:
         return inconclusive("T4", claim, "companion notes (seed 000)", "the run file stores no responsibilities "
                             "(clusterings.resp) for the teacher")
+    from hcdiag.checks.evidence import require_finite
+
     names = ctx.order
+    if not names:
+        return inconclusive("T4", claim, "companion notes (seed 000)", "the run stores no snapshot or outputs yet")
     snap = snapshot if snapshot in names else names[-1]
+    if snap != snapshot:
+        ctx.note_default(f"snapshots.{snapshot}", snap, f"no snapshot is named {snapshot!r}: T4 certifies the "
+                         "last one in training order")
     st3 = ctx.run.stage3
     ref = ctx.run.refinement
     cid = int(st3["clustering"]) if st3 else (int(ref["pair"][0]) if ref else 0)
+    if not st3:
+        ctx.note_default("stage3.clustering", cid, "stage3 is absent: the teacher is the clustering of "
+                         + ("refinement.pair[0]" if ref else "id 0 (no refinement either)"))
     T = resp[cid].double()
+    T = T / T.sum(1, keepdim=True)  # rows validated to sum to 1 within RESP_ROW_TOL: remove float32 rounding
     m = T.shape[0]
     fit, ev = torch.arange(0, m, 2), torch.arange(1, m, 2)  # fixed split: even rows fit, odd rows evaluate
 
     def cert(mu):
         return certify_nonconstant(mu[fit].double().cpu(), T[fit], mu[ev].double().cpu(), T[ev], margin=margin)
 
+    require_finite(ctx, snap, ("mu",))  # names the snapshot and key, not the witness's argument
     c = cert(ctx.outputs(snap)[0])
     values = {"snapshot": snap, "clustering": cid, **c.to_dict()}
-    col = (ctx.run.references or {}).get("collapsed")
-    if col is not None and ctx.has_parameters:
-        values["collapsed_reference"] = cert(ctx.outputs_of_state(col["state"])[0]).to_dict()
+    col_out = ctx.reference_outputs("collapsed")
+    if col_out is not None:
+        bad = int((~torch.isfinite(col_out[0])).sum())
+        if bad:
+            from hcdiag.errors import InputError
+
+            raise InputError(f"the encoder mean of references.collapsed rebuilt from references.collapsed.state holds "
+                             f"{bad} non-finite value(s) (NaN or inf) of {col_out[0].numel()} on eval.x; its parameters "
+                             "overflow there: store a finite collapsed reference.")
+        values["collapsed_reference"] = cert(col_out[0]).to_dict()
     if c.certified:
         return CheckResult("T4", claim, "companion notes (seed 000)", "holds", values,
                            summary=f"certified: alignment loss {c.loss:.4g} < I_T - margin = "
