@@ -634,3 +634,32 @@ def test_any_example_run_round_trips(k, K, N, m, n, seed, outputs):
         for (key, x), (_, y) in zip(walk(a), walk(r.data)):
             if isinstance(x, torch.Tensor):
                 assert bits(x) == bits(y), key
+
+
+# ---- the documented parameter names (docs/runfile.md) -------------------------------------------
+
+
+def _doc_tables() -> dict[str, tuple[dict, list[tuple[str, tuple]]]]:
+    """``{family: (config, [(name, shape), ...])}`` of the example tables in docs/runfile.md, 'Parameter names'."""
+    import json
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "runfile.md").read_text()
+    out = {}
+    for fam, body in re.findall(r"#### `(\w+)` example\n(.*?)(?=\n#|\n## )", text, flags=re.S):
+        cfg = json.loads(re.search(r"Config: `(\{.*\})`", body).group(1))
+        rows = [(name, tuple(int(v) for v in re.findall(r"\d+", shape)))
+                for name, shape in re.findall(r"^\| `([\w.]+)` \| `(\([\d, ]*\))` \|$", body, flags=re.M)]
+        out[fam] = (cfg, rows)
+    return out
+
+
+def test_the_documented_parameter_names_are_the_real_ones():
+    """The names a producer of its own must use are written by hand in the docs: they must be the real ones."""
+    from hcdiag.models import build_model
+
+    tables = _doc_tables()
+    assert sorted(tables) == ["conv", "linear", "mlp"]
+    for fam, (cfg, rows) in tables.items():
+        assert cfg["family"] == fam and rows
+        real = [(k, tuple(v.shape)) for k, v in build_model(cfg).state_dict().items()]
+        assert rows == real, fam
