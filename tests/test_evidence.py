@@ -35,7 +35,7 @@ MLP_RELU = {"family": "mlp", "input_dim": 2, "latent_dim": 2, "enc_widths": [8],
 
 def naive_tol(stored: float, recomputed: float, S: float) -> float:
     """The loss rule of docs/runfile.md, written out again."""
-    return 1e-3 * max(abs(stored), abs(recomputed)) + 1e-4 * math.sqrt(max(stored, recomputed, 0) * S) + 1e-6 * S
+    return 1e-3 * max(abs(stored), abs(recomputed)) + 1e-4 * math.sqrt(max(stored, recomputed, 0) * S) + 1e-5 * S
 
 
 def naive_scale(x) -> float:
@@ -214,22 +214,48 @@ def test_the_regions_carry_the_recomputed_thresholds(seed):
         np.testing.assert_allclose(r.losses.numpy(), snapshot_losses(run, entry["snapshot"]), rtol=1e-9)
 
 
-def test_float32_losses_of_a_model_on_a_centroid_are_accepted(seed):
-    """Why the loss rule's floor is 1e-6 S and not 1e-7 S: hcdiag's own trainer computes eq. 8 in float32 by
-    ``||xhat||^2 - 2 xhat.mu + ||mu||^2``; on a model that sits on a centroid (N = 784, pixel scale 10) that
-    returns several 1e-7 S where the float64 value is ~0. Such a file is honest and must be accepted."""
+def test_float32_losses_of_models_on_a_centroid_need_the_loss_floor(seed):
+    """Why the loss rule's floor is 1e-5 S and not 1e-7 S: hcdiag's own trainer computes eq. 8 in float32 by
+    ``||xhat||^2 - 2 xhat.mu + ||mu||^2``. On a model that sits on a centroid each row's distance is a clamped
+    rounding error, and the stored loss is up to ~1e-6 S where the float64 value is ~0 (N = 784, pixel scale
+    10). Over 200 such draws some exceed a 1e-7 S floor (about a third do: the chance that none does is
+    ~1e-30), and the rule accepts every one."""
+    from hcdiag.checks.evidence import loss_tolerance
     from hcdiag.metrics import clustering_losses
 
     g = torch.Generator().manual_seed(seed)
-    N, m, R0, K, n = 784, 1024, 2, 2, 2
+    N, m, n = 784, 64, 2
+    refused_at_1e7, worst = 0, 0.0
+    for _ in range(200):
+        x = 10 * torch.rand(m, N, generator=g)
+        cents = 10 * torch.rand(1, 2, N, generator=g)
+        # a linear model on centroid 0: xhat = c + W2 W1 x, the ripple W2 W1 x ~ 1e-5 per row
+        xhat = (x @ (torch.randn(n, N, generator=g) / N).T) @ (1e-5 * torch.randn(N, n, generator=g)).T + cents[0, 0]
+        S = naive_scale(x)
+        stored = float(clustering_losses(xhat, cents)[0])  # float32, as a trainer stores it
+        recomputed = float(clustering_losses(xhat.double(), cents.double())[0])
+        gap = abs(stored - recomputed)
+        tol_1e7 = 1e-3 * max(stored, recomputed) + 1e-4 * math.sqrt(max(stored, recomputed) * S) + 1e-7 * S
+        refused_at_1e7 += gap > tol_1e7
+        worst = max(worst, gap / loss_tolerance(stored, recomputed, S))
+        assert loss_tolerance(stored, recomputed, S) == pytest.approx(naive_tol(stored, recomputed, S), rel=1e-12)
+    assert refused_at_1e7 >= 1 and worst <= 1.0
+
+
+def test_a_trainer_like_file_of_a_model_on_a_centroid_is_accepted(seed):
+    """End to end: a run whose refined model sits on a centroid, eps_T stored as a float32 trainer computes it."""
+    from hcdiag.metrics import clustering_losses
+
+    g = torch.Generator().manual_seed(seed)
+    N, m, R0, K, n = 784, 256, 2, 2, 2
     x = 10 * torch.rand(m, N, generator=g)
     cents = 10 * torch.rand(R0, K, N, generator=g)
     model = {"family": "linear", "input_dim": N, "latent_dim": n, "enc_widths": [], "dec_widths": [],
              "activation": "relu", "image_shape": None, "channels": []}
 
-    def on_centroid(name):  # xhat = centroid 0 of clustering 0, plus a 1e-6 ripple per row
+    def on_centroid(name):  # xhat = centroid 0 of clustering 0, plus a ~1e-5 ripple per row
         return {"enc_logvar": torch.zeros(n), "enc_mu.weight": torch.randn(n, N, generator=g) / N,
-                "enc_mu.bias": torch.zeros(n), "dec_out.weight": 1e-6 * torch.randn(N, n, generator=g),
+                "enc_mu.bias": torch.zeros(n), "dec_out.weight": 1e-5 * torch.randn(N, n, generator=g),
                 "dec_out.bias": cents[0, 0].clone()}
 
     run = example_run(R0=R0, K=K, N=N, m=m, n=n, seed=seed % 1000, model=model, state_fn=on_centroid, history=False)
@@ -239,14 +265,12 @@ def test_float32_losses_of_a_model_on_a_centroid_are_accepted(seed):
     with torch.no_grad():
         xhat = mdl.decode(mdl.encode(x)[0])
     l32 = clustering_losses(xhat, cents).double()  # what a float32 trainer stores
-    l64 = clustering_losses(xhat.double(), cents.double())
     a, b = [int(i) for i in run["refinement"]["pair"]]
     run["refinement"]["eps_T"] = float(max(l32[a], l32[b]))
     run["refinement"]["reached"] = run["refinement"]["eps_T"] < run["refinement"]["eps"]
-    S = naive_scale(x)
-    gap = abs(run["refinement"]["eps_T"] - float(max(l64[a], l64[b])))
-    assert gap > 1e-7 * S  # a 1e-7 S floor would refuse this honest file
-    verify(RunContext(Run(run)))
+    ev = verify(RunContext(Run(run)))
+    assert ev.refinement.eps_T == pytest.approx(float(max(clustering_losses(xhat.double(), cents.double())[[a, b]])),
+                                                rel=1e-9, abs=1e-9 * naive_scale(x))
 
 
 def test_a_partial_run_verifies_the_rounds_it_has(seed):
