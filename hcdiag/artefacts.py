@@ -27,16 +27,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from hcdiag import claims
 from hcdiag.errors import InputError
-from hcdiag.plots import axes
-from hcdiag.verify import (ABLATIONS, PAPER_ABLATION, ablation_rows, DATASETS, GRIDS, PAPER_KL_THRESHOLD, PAPER_TABLE1, Job, _fmt,
-                           _last_round, _ms, _snapshot_row, build_grid, collect, diffusion_table, execute,
-                           phase_diagram)
+from hcdiag.paper import COLLAPSE_KL, DATASETS, LOSS_CONVENTIONS, PAPER_ABLATION, PAPER_TABLE1, PAPER_TABLE2
+from hcdiag.plots import axes, has_path_curves
+from hcdiag.verify import (ABLATIONS, GRIDS, Job, ablation_jobs, ablation_rows, build_grid, collect, diffusion_table,
+                           execute, main_claim_rows, metric, phase_claim_rows, phase_diagram)
 
-# paper Table 2 (CIFAR-10, convolutional encoder/decoder, section 5.6): KL, active units, MS-SSIM
-PAPER_TABLE2 = {"vanilla": (0.18, 2.3, 0.35), "beta2": (0.25, 3.1, 0.38), "anneal": (0.31, 4.2, 0.42),
-                "hct": (3.55, 3, 0.52)}
-# paper section 5.5 (Figure 4 and the text): the best value of each ablation
 # the reduced ablation grid of the smoke preset (Figure 4 at a glance on small synthetic data)
 SMOKE_ABLATIONS = {"r0": [2, 4, 8], "eps": [1e-3, 1e-4]}
 FIGURE5_MULTIPLES = (2.0, 5.0)
@@ -61,7 +58,7 @@ class ArtefactResult:
     COLUMNS = ("item", "conditions", "paper", "ours", "verdict")
 
     def to_dict(self) -> dict:
-        from hcdiag.cli.common import to_jsonable
+        from hcdiag.formats import to_jsonable
 
         return to_jsonable({"schema": "hcdiag.artefact/1", "name": self.name, "title": self.title,
                             "meta": self.meta, "rows": self.rows, "data": self.data})
@@ -94,7 +91,7 @@ class ArtefactResult:
         return "\n".join(lines + ["", self.verdict_line()]) + "\n"
 
     def to_text(self, width: int = 60) -> str:
-        from hcdiag.cli.common import format_table
+        from hcdiag.formats import format_table
 
         def cut(s):
             s = str(s)
@@ -112,26 +109,9 @@ class ArtefactResult:
 class Table1Result(ArtefactResult):
     def plot(self, ax=None, *, dataset: str | None = None, multiple: float = 2.0):
         """KL per method and stage (mean, sd over seeds as error bars) beside the paper's Table 1 KL."""
-        import numpy as np
+        from hcdiag.plots import table1_bars
 
-        ds = dataset or self.meta["datasets"][0]
-        rows = [r for r in self.rows if r["values"].get("dataset") == ds and r["values"].get("multiple") == multiple
-                and r["values"].get("kl") is not None]
-        fig, ax = axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))
-        x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r["values"]["kl"] for r in rows], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
-               color="C3", label="ours")
-        ax.bar(x + 0.2, [r["values"].get("paper_kl") or 0 for r in rows], 0.4, color="C7", label="paper Table 1")
-        thr = PAPER_KL_THRESHOLD.get(ds, 2.0)
-        ax.axhline(thr, ls="--", color="k", lw=1, label=f"paper's text: HCT KL > {thr:g}")
-        ax.axhline(0.01, ls=":", color="C0", lw=1, label="collapse threshold 0.01")
-        ax.set_xticks(x)
-        ax.set_xticklabels([r["values"]["label"] for r in rows], fontsize=7, rotation=45, ha="right")
-        ax.set_ylabel("KL(q(z|x) || p(z)) (nats, eval rows)")
-        ax.set_title(f"Table 1, {ds}, s2 = {multiple:g} lambda_max")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        return fig
+        return table1_bars(self.rows, dataset or self.meta["datasets"][0], multiple, ax=ax)
 
     def figures(self) -> dict:
         out = {}
@@ -178,7 +158,7 @@ class Figure2Result(ArtefactResult):
         if "param_distance" in self.data["checks"].get("I3", {}).get("values", {}):
             out["figure2_right_distance.png"] = self.plot_distance()
         i2 = self.data["checks"].get("I2", {}).get("values", {})
-        if "to_collapsed" in i2 or "to_witness" in i2:
+        if has_path_curves(i2):
             out["figure2_paths.png"] = self.plot_paths()
         return out
 
@@ -198,7 +178,7 @@ class Figure4Result(ArtefactResult):
         kls = [r["values"]["kl"] for r in rows]
         if kls and min(kls) > 0:  # log scale, so that collapsed runs (KL < 0.01) are not read as an order
             ax.set_yscale("log")
-            ax.axhline(0.01, ls="--", color="k", lw=1, label="collapse threshold (KL = 0.01)")
+            ax.axhline(COLLAPSE_KL, ls="--", color="k", lw=1, label=f"collapse threshold (KL = {COLLAPSE_KL:g})")
         if key in ("r0", "eps"):
             ax.set_xscale("log", base=2 if key == "r0" else 10)
         ax.set_xlabel({"r0": "R0 (initial clusterings)", "eps": "refinement eps", "beta_end": "beta (stage 3 end)",
@@ -232,7 +212,7 @@ class Figure5Result(ArtefactResult):
         floor = min([v for v in vals if v > 0] + [1e-3]) / 10  # a KL of exactly 0 still shows on the log axis
         ax.bar(x - 0.2, [max(r["values"]["hct_kl"], floor) for r in rows], 0.4, color="C3", label="HCT (final)")
         ax.bar(x + 0.2, [max(r["values"]["vanilla_kl"] or 0.0, floor) for r in rows], 0.4, color="C7", label="vanilla")
-        ax.axhline(0.01, ls=":", color="C0", label="collapse threshold 0.01")
+        ax.axhline(COLLAPSE_KL, ls=":", color="C0", label=f"collapse threshold {COLLAPSE_KL:g}")
         ax.set_yscale("log")
         ax.set_xticks(x)
         ax.set_xticklabels([f"s2 = {r['values']['multiple']:g} lambda_max" for r in rows])
@@ -367,16 +347,6 @@ def _run(jobs: list[Job], out: Path, workers, progress) -> list[dict]:
     return collect(records)
 
 
-def _kl_au(recs: list[dict], snapshot: Callable[[dict], str]) -> tuple[dict, dict]:
-    kl = _ms([(_snapshot_row(r["doc"], snapshot(r)) or {}).get("kl") for r in recs])
-    au = _ms([(_snapshot_row(r["doc"], snapshot(r)) or {}).get("au") for r in recs])
-    return kl, au
-
-
-def _label(job: dict) -> str:
-    return job["method"] + (f"-{job['tag']}" if job["tag"] else "")
-
-
 def _main_jobs(preset, datasets, seeds, *, device, data_dir, losses) -> list[Job]:
     return [j for j in build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses)
             if j.group == "main"]
@@ -394,8 +364,10 @@ def table1(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seed
 
     Runs the ``main`` group of :func:`hcdiag.verify.build_grid` (the methods of the preset; loss conventions
     ``losses``). HCT's stages are the last round (pre), ``refined`` (post) and ``final`` snapshots; baselines
-    their ``final`` snapshot. Verdicts as ``hcdiag verify``: vanilla KL < 0.01 (text), HCT KL > the text's
-    threshold (2.5 synthetic, 2.0 MNIST / Fashion-MNIST, 3.5 CIFAR-10), other baselines 'reported'.
+    their ``final`` snapshot. The rows are :func:`hcdiag.verify.main_claim_rows`' Table 1 rows (the same rules
+    decide them as in ``hcdiag verify``): vanilla collapses (KL < 0.01, the text), HCT keeps KL above the text's
+    threshold (2.5 synthetic, 2.0 MNIST / Fashion-MNIST, 3.5 CIFAR-10), HCT has the highest KL of the methods
+    of the same convention; other baselines 'reported'.
     """
     datasets = _datasets(datasets)
     _check(preset, seeds)
@@ -404,69 +376,10 @@ def table1(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seed
     jobs = _shrink(_main_jobs(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses),
                    overrides, n_samples)
     recs = _run(jobs, out, workers, progress)
-    rows = _table1_rows(recs, preset)
+    rows = [r for r in main_claim_rows(recs, preset) if r["id"].startswith("table1.")]
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "out_dir": str(out), "n_runs": len(recs),
             "reduced": _reduced(overrides, n_samples), "seconds": time.perf_counter() - t0}
     return Table1Result("table1", "Table 1: posterior collapse metrics, paper beside ours", rows, meta)
-
-
-def _table1_rows(recs: list[dict], preset: str) -> list[dict]:
-    by: dict = {}
-    for r in recs:
-        j = r["job"]
-        by.setdefault((j["dataset"], _label(j), j["multiple"], j["loss"]), []).append(r)
-    rows = []
-    for ds, label, m, loss in sorted(by, key=lambda k: (k[0], k[2], k[1] == "hct", k[1], k[3])):
-        rs = by[(ds, label, m, loss)]
-        paper = PAPER_TABLE1.get(ds, {})
-        thr = PAPER_KL_THRESHOLD.get(ds, 2.0)
-        cond = f"{ds}, s2 = {m:g} lambda_max, loss {loss}, preset {preset}"
-        runs = [r["run"] for r in rs]
-        stages = ((("pre", _last_round), ("post", lambda r: "refined"), ("final", lambda r: "final"))
-                  if label == "hct" else (("final", lambda r: "final"),))
-        for stage, snap in stages:
-            kl, au = _kl_au(rs, snap)
-            key = f"hct:{stage}" if label == "hct" else {"beta-beta2": "beta2", "beta-beta4": "beta4"}.get(label, label)
-            pk = paper.get(key)
-            paper_s = f"KL {pk[0]}, AU {pk[1]}" if pk else "not reported"
-            if label == "hct":
-                item = f"HCT ({stage}-refinement)" if stage != "final" else "HCT (final single-cluster)"
-                paper_s += f"; text: KL > {thr:g}"
-                verdict = "holds" if kl["mean"] is not None and kl["mean"] > thr else "fails"
-            elif label == "vanilla":
-                item = "vanilla VAE"
-                paper_s += "; text: KL < 0.01"
-                verdict = "holds" if kl["mean"] is not None and kl["mean"] < 0.01 else "fails"
-            else:
-                item, verdict = label, "reported"
-            if kl["mean"] is None:
-                verdict = "inconclusive"
-            rows.append({"item": item, "conditions": cond, "paper": paper_s, "ours": f"KL {_fmt(kl)}; AU {_fmt(au)}",
-                         "verdict": verdict, "runs": runs,
-                         "values": {"dataset": ds, "multiple": m, "loss": loss, "method": label, "stage": stage,
-                                    "label": f"{item} [{loss}]" if label == "hct" else item,
-                                    "snapshots": [snap(r) for r in rs], "kl": kl["mean"], "kl_sd": kl["sd"],
-                                    "au": au["mean"], "n": kl["n"], "paper_kl": pk[0] if pk else None,
-                                    "paper_au": pk[1] if pk else None}})
-    # Table 1's key observation (5.4): HCT's final KL is the highest of all methods
-    for ds in sorted({k[0] for k in by}):
-        for m in sorted({k[2] for k in by if k[0] == ds}):
-            base = [(_snapshot_row(r["doc"], "final") or {}).get("kl") for k, v in by.items()
-                    if k[0] == ds and k[2] == m and k[1] != "hct" for r in v]
-            base = [b for b in base if b is not None]
-            for loss in sorted({k[3] for k in by if k[0] == ds and k[2] == m and k[1] == "hct"}):
-                hk, _ = _kl_au(by[(ds, "hct", m, loss)], lambda r: "final")
-                if not base or hk["mean"] is None:
-                    continue
-                rows.append({"item": "HCT has the highest KL of all methods",
-                             "conditions": f"{ds}, s2 = {m:g} lambda_max, loss {loss}, preset {preset}",
-                             "paper": "highest on every dataset (2.49-3.70)",
-                             "ours": f"HCT {hk['mean']:.3g} vs best baseline {max(base):.3g}",
-                             "verdict": "holds" if hk["mean"] > max(base) else "fails",
-                             "runs": [r["run"] for r in by[(ds, "hct", m, loss)]],
-                             "values": {"dataset": ds, "multiple": m, "loss": loss, "hct_kl": hk["mean"],
-                                        "best_baseline_kl": max(base)}})
-    return rows
 
 
 def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds: int = 1,
@@ -497,37 +410,41 @@ def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds:
     try:
         load("cifar10", data_dir=data_dir, n_samples=2)
     except InputError as exc:
-        row = {"item": "Table 2 (all methods)", "conditions": f"cifar10, conv, preset {preset}",
+        row = {"id": "table2", "claim": "Table 2 (all methods)", "item": "Table 2 (all methods)", "section": "5.6, Table 2",
+               "conditions": f"cifar10, conv, preset {preset}",
                "paper": "HCT KL 3.55, AU 3, MS-SSIM 0.52; vanilla KL 0.18, MS-SSIM 0.35",
                "ours": f"{CIFAR_MISSING} ({exc})",
                "verdict": "inconclusive", "runs": [], "values": {"reason": str(exc)}}
         return Table1Result("table2", title, [row], {**meta, "n_runs": 0, "seconds": time.perf_counter() - t0})
     jobs = [replace(j, group="table2", overrides=tuple(sorted({**dict(j.overrides), "arch": "conv"}.items())))
             for j in _main_jobs(preset, ["cifar10"], seeds, device=device, data_dir=data_dir, losses=losses)
-            if _label({"method": j.method, "tag": j.tag}) in ("hct", "vanilla", "beta-beta2", "anneal")]
+            if j.label in ("hct", "vanilla", "beta-beta2", "anneal")]
     recs = _run(_shrink(jobs, overrides, n_samples), out, workers, progress)
+    by_run = {r["run"]: r for r in recs}
     rows, settings = [], None
-    for r1 in _table1_rows(recs, preset):
+    for r1 in main_claim_rows(recs, preset, group="table2"):
         v = r1["values"]
-        if v.get("stage") not in (None, "post") and v.get("method") == "hct":
+        if not r1["id"].startswith("table1.") or (v.get("method") == "hct" and v.get("stage") in ("pre", "final")):
             continue  # Table 2's 'Ours' (3.55, 3) is the post-refinement model (Table 1's CIFAR-10 column)
-        if "method" in v:
+        if "stage" in v:  # a cell: MS-SSIM beside KL and AU
+            if v["method"] == "hct":
+                rs = [by_run[p] for p in r1["runs"]]
+                res = claims.table2_hct([metric(r, "refined") for r in rs], [metric(r, "refined", "au") for r in rs])
+                r1 = res.row(r1["conditions"], item="HCT (post-refinement): non-collapsed", runs=r1["runs"],
+                             **{k: v[k] for k in ("dataset", "multiple", "loss", "method", "stage", "label", "snapshots")})
             key = {"beta-beta2": "beta2"}.get(v["method"], v["method"])
             pk = PAPER_TABLE2.get(key)
             per_run = [_run_ms_ssim(p, snap) for p, snap in zip(r1["runs"], v["snapshots"])]
-            ms = _ms([m["value"] for m in per_run])
+            ms = claims.Stat.of(m["value"] for m in per_run)
             settings = settings or next((m["params"] for m in per_run if m["params"]), None)
             r1 = {**r1, "paper": (f"KL {pk[0]}, AU {pk[1]}, MS-SSIM {pk[2]}" if pk else "not reported"),
-                  "ours": f"{r1['ours']}; MS-SSIM {_fmt(ms)}",
-                  "values": {**v, "paper_kl": pk[0] if pk else None, "paper_au": pk[1] if pk else None,
-                             "ms_ssim": ms["mean"], "ms_ssim_sd": ms["sd"], "ms_ssim_n": ms["n"],
+                  "ours": f"{r1['ours']}; MS-SSIM {ms.text()}",
+                  "values": {**r1["values"], "paper_kl": pk[0] if pk else None, "paper_au": pk[1] if pk else None,
+                             "ms_ssim": ms.mean, "ms_ssim_sd": ms.sd, "ms_ssim_n": ms.n,
                              "ms_ssim_runs": [m["value"] for m in per_run],
                              "ms_ssim_data_range": [m["data_range"] for m in per_run],
                              "ms_ssim_params": [m["params"] for m in per_run],
                              "paper_ms_ssim": pk[2] if pk else None}}
-            if v["method"] == "hct":
-                r1["verdict"] = ("holds" if v["kl"] is not None and v["kl"] >= 0.01 else "fails")
-                r1["item"] = "HCT (post-refinement): non-collapsed"
         rows.append(r1)
     meta["ms_ssim"] = {"between": "eval inputs and xhat = f(mu(x)) at the row's snapshot",
                        "data_range": "max - min of each run's eval inputs", "settings": settings}
@@ -584,10 +501,10 @@ def figure2(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
     out = _out(out_dir)
     t0 = time.perf_counter()
     losses = [loss] if loss else None
-    if loss is not None and loss not in ("literal", "scaled", "mean"):
+    if loss is not None and loss not in LOSS_CONVENTIONS:
         raise InputError(f"--loss must be one of literal, scaled, mean. Got {loss!r}.")
     jobs = [j for j in _main_jobs(preset, datasets[:1], 1, device=device, data_dir=data_dir, losses=losses)
-            if j.method == "hct" and j.seed == 0]
+            if j.label == "hct" and j.seed == 0]
     jobs = [j for j in jobs if j.loss == jobs[0].loss]
     jobs = [replace(j, multiple=float(multiple)) for j in jobs[:1]]
     rec = _run(_shrink(jobs, overrides, n_samples), out, 1, progress)[0]
@@ -595,13 +512,7 @@ def figure2(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
     j = rec["job"]
     cond = f"{j['dataset']}, s2 = {j['multiple']:g} lambda_max, loss {j['loss']}, seed {j['seed']}, preset {preset}"
     rows = []
-    for cid, item, paper in (
-            ("N1", "eps_t shrink over rounds (Lemma 4.3)", "eps_{t+1} <= eps_t"),
-            ("N2", "Figure 2 left: discarded clusterings keep a low loss", "loss on discarded clusterings remains low"),
-            ("N3", "no model of F_{t+1} outside F_t (Lemma 4.3)", "F_{t+1} subset of F_t"),
-            ("I3", "Figure 2 right: distance to the collapsed model grows", "distance increases over training"),
-            ("I2", "paths to collapsed models leave F_T (Corollary 4.5)", "collapsed models lie outside F_T"),
-            ("KL", "final KL >= 0.01 (non-collapsed)", _paper_final_kl(j["dataset"]))):
+    for cid in ("N1", "N2", "N3", "I3", "I2", "KL"):
         c = checks.get(cid)
         if c is None:
             continue
@@ -611,9 +522,11 @@ def figure2(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
             values.update(param_distance=v["param_distance"], snapshots=v["snapshots"], spearman_rho=v["spearman_rho"])
         if cid == "KL":
             values.update(kl=c["values"]["final"]["kl"], snapshot=c["values"]["final"]["snapshot"])
-        rows.append({"item": item, "conditions": cond, "paper": paper,
-                     "ours": c.get("summary") or c.get("reason") or "", "verdict": c["verdict"], "runs": [rec["run"]],
-                     "values": values})
+        row = claims.barrier(cid, [(c["verdict"], c.get("summary") or c.get("reason") or "")]).row(
+            cond, runs=[rec["run"]], **values)
+        if cid == "KL":
+            row["paper"] = _paper_final_kl(j["dataset"])
+        rows.append(row)
     meta = {"preset": preset, "datasets": datasets[:1], "seeds": 1, "out_dir": str(out), "n_runs": 1,
             "reduced": _reduced(overrides, n_samples), "seconds": time.perf_counter() - t0}
     data = {"run": rec["run"], "checks": json.loads(json.dumps(checks))}
@@ -622,7 +535,7 @@ def figure2(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
 
 def _paper_final_kl(ds: str) -> str:
     pk = PAPER_TABLE1.get(ds, {}).get("hct:final")
-    return f"KL {pk[0]} (Table 1, final single-cluster, {ds})" if pk else "KL > 0.01 (5.4)"
+    return f"KL {pk[0]} (Table 1, final single-cluster, {ds})" if pk else f"KL >= {COLLAPSE_KL:g} (5.4)"
 
 
 def _ablation_jobs(preset: str, ds: str, *, device, data_dir, losses) -> tuple[list[Job], str]:
@@ -631,16 +544,8 @@ def _ablation_jobs(preset: str, ds: str, *, device, data_dir, losses) -> tuple[l
                  if j.group == "ablation"], "")
     # the smoke preset: a reduced grid, built exactly as build_grid builds the paper's ablations
     g = GRIDS[preset]
-    loss = (losses or g["losses"])[0]
-    jobs = []
-    for key, vals in SMOKE_ABLATIONS.items():
-        for v in vals:
-            ov = {**g["overrides"], key: v, "references": ()}
-            if key == "keep_ratio" or (key == "r0" and v & (v - 1)):
-                ov["uneven"] = True
-            jobs.append(Job(ds, "hct", 2.0, loss, 0, preset=preset, group="ablation", tag=f"{key}{v:g}",
-                            overrides=tuple(sorted(ov.items())), n_samples=g["n_samples"].get(ds), data_dir=data_dir,
-                            device=device))
+    jobs = ablation_jobs(preset, ds, SMOKE_ABLATIONS, loss=(losses or g["losses"])[0], n_samples=g["n_samples"].get(ds),
+                         data_dir=data_dir, device=device)
     reduced = "reduced ablation grid (" + "; ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vs)}}}"
                                                     for k, vs in SMOKE_ABLATIONS.items()) + "; beta and keep ratio not run)"
     return jobs, reduced
@@ -690,41 +595,24 @@ def figure5(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
     """Paper Figure 5 (section 5.7): final KL of HCT and vanilla at s2 = 2 and 5 lambda_max.
 
     The grid's ``main`` HCT and vanilla jobs at each multiple (the smoke grid has 2 only; 5 is the same job at
-    another multiple), under one loss convention (default the grid's first). Verdict as ``hcdiag verify``:
-    holds when HCT's mean KL >= 0.01 and vanilla's < 0.01.
+    another multiple), under one loss convention (default the grid's first). The rows are
+    :func:`hcdiag.verify.main_claim_rows`' Figure 5 rows (:func:`hcdiag.claims.hct_where_vanilla_collapses`):
+    per seed, HCT's final KL >= 0.01 and vanilla's < 0.01.
     """
     datasets = _datasets(datasets)
     _check(preset, seeds)
     out = _out(out_dir)
     t0 = time.perf_counter()
-    if loss is not None and loss not in ("literal", "scaled", "mean"):
+    if loss is not None and loss not in LOSS_CONVENTIONS:
         raise InputError(f"--loss must be one of literal, scaled, mean. Got {loss!r}.")
     base = [j for j in _main_jobs(preset, datasets, seeds, device=device, data_dir=data_dir,
-                                  losses=[loss] if loss else None) if j.method in ("hct", "vanilla")]
+                                  losses=[loss] if loss else None) if j.label in ("hct", "vanilla")]
     first = base[0].loss
     base = [j for j in base if j.loss == first]
     jobs = list({replace(j, multiple=float(m)).name: replace(j, multiple=float(m))
                  for m in multiples for j in base}.values())
     recs = _run(_shrink(jobs, overrides, n_samples), out, workers, progress)
-    rows = []
-    for ds in datasets:
-        for m in multiples:
-            h = [r for r in recs if r["job"]["dataset"] == ds and r["job"]["method"] == "hct"
-                 and math.isclose(r["job"]["multiple"], m)]
-            v = [r for r in recs if r["job"]["dataset"] == ds and r["job"]["method"] == "vanilla"
-                 and math.isclose(r["job"]["multiple"], m)]
-            hk, _ = _kl_au(h, lambda r: "final")
-            vk, _ = _kl_au(v, lambda r: "final")
-            ok = hk["mean"] is not None and vk["mean"] is not None and hk["mean"] >= 0.01 and vk["mean"] < 0.01
-            verdict = "inconclusive" if hk["mean"] is None or vk["mean"] is None else ("holds" if ok else "fails")
-            rows.append({"item": "HCT non-collapsed where vanilla collapses",
-                         "conditions": f"{ds}, s2 = {m:g} lambda_max, loss {first}, preset {preset}",
-                         "paper": "HCT KL > 0, vanilla KL ~ 0 (Figure 5)",
-                         "ours": f"HCT KL {_fmt(hk)}; vanilla KL {_fmt(vk)}", "verdict": verdict,
-                         "runs": [r["run"] for r in h + v],
-                         "values": {"dataset": ds, "multiple": float(m), "hct_kl": hk["mean"], "hct_kl_sd": hk["sd"],
-                                    "vanilla_kl": vk["mean"], "vanilla_kl_sd": vk["sd"], "n": hk["n"],
-                                    "hct_runs": [r["run"] for r in h], "vanilla_runs": [r["run"] for r in v]}})
+    rows = [r for r in main_claim_rows(recs, preset) if r["id"] == "figure5"]
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "out_dir": str(out), "n_runs": len(recs),
             "reduced": _reduced(overrides, n_samples), "seconds": time.perf_counter() - t0}
     return Figure5Result("figure5", "Figure 5: KL under violating conditions (HCT vs vanilla)", rows, meta)
@@ -738,8 +626,10 @@ def phase(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seeds
 
     Closed form (:func:`hcdiag.theory.phase_table`), trained linear VAE (:func:`hcdiag.linear_vae.fit_linear_vae`,
     ``linear_steps`` Adam steps) and, with ``mlp=True``, the grid's ``phase`` MLP vanilla runs, via
-    :func:`hcdiag.verify.phase_diagram`. Per multiple: verdict holds when the trained linear VAE collapses
-    (KL < 0.01) exactly when s2 >= lambda_max, and, for s2 > lambda_max, the MLP collapses too.
+    :func:`hcdiag.verify.phase_diagram`. The claims are ``hcdiag verify``'s rows (:func:`hcdiag.claims.linear_phase`,
+    P1: the trained linear VAE's KL and active units match the closed form at every multiple, within the stated
+    tolerance; :func:`hcdiag.claims.mlp_phase`, P2: the MLP collapses iff s2 > lambda_max), followed by one
+    ``reported`` row of numbers per multiple.
     """
     from hcdiag.train import PRESETS
 
@@ -755,27 +645,29 @@ def phase(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seeds
         jobs = list({replace(j, multiple=float(m)).name: replace(j, multiple=float(m))
                      for m in mults for j in jobs if j.multiple == jobs[0].multiple}.values())
         recs = _run(_shrink(jobs, overrides, n_samples), out, workers, progress)
-    latent = int((overrides or {}).get("latent_dim", PRESETS[preset]["latent_dim"]))
+    # the latent dimension the MLP runs were trained with (as verify does): the call's, else the grid's overrides
+    latent = int({**g["overrides"], **(overrides or {})}.get("latent_dim", PRESETS[preset]["latent_dim"]))
     ns = {ds: n_samples or g["n_samples"].get(ds) for ds in datasets}
     ph = phase_diagram(datasets, recs, latent_dim=latent, multiples=mults, n_samples=ns, data_dir=data_dir,
                        linear_steps=linear_steps)
-    rows = []
+    rows = phase_claim_rows(ph, preset)
     for ds, d in ph.items():
+        p1 = {o["multiple"]: o for o in next(r for r in rows if r["id"] == "phase.P1" and r["values"]["dataset"] == ds)
+              ["values"]["rows"]}
         for r in d["rows"]:
-            collapsed_lin = r["kl_linear"] < 0.01
-            ok = collapsed_lin == (r["multiple"] >= 1)
-            if r.get("kl_mlp") is not None and r["multiple"] > 1:
-                ok = ok and r["kl_mlp"] < 0.01
+            sub = p1.get(float(r["multiple"]), {})
             mlp_s = f"; MLP KL {r['kl_mlp']:.3g}" if r.get("kl_mlp") is not None else ""
-            rows.append({"item": f"s2 = {r['multiple']:g} lambda_max",
+            rows.append({"id": "phase.point", "claim": f"s2 = {r['multiple']:g} lambda_max",
+                         "item": f"s2 = {r['multiple']:g} lambda_max", "section": "3.2, 5.7",
                          "conditions": f"{ds}, lambda_max = {d['lambda_max']:.4g}, latent {d['latent_dim']}",
-                         "paper": "collapse (KL < 0.01) iff s2 >= lambda_max"
+                         "paper": f"collapse (KL < {COLLAPSE_KL:g}) iff s2 >= lambda_max"
                                   + ("; expected collapsed" if r["multiple"] >= 1 else "; expected KL > 0"),
-                         "ours": f"closed form KL {r['kl_theory']:.3g}; trained linear KL {r['kl_linear']:.3g}{mlp_s}",
-                         "verdict": "holds" if ok else "fails",
+                         "ours": f"closed form KL {r['kl_theory']:.3g}, AU {r['au_theory']}; trained linear KL "
+                                 f"{r['kl_linear']:.3g}, AU {r['au_linear']} (P1 here: {sub.get('verdict', '-')}){mlp_s}",
+                         "verdict": "reported",
                          "runs": [x["run"] for x in recs if x["job"]["dataset"] == ds
                                   and math.isclose(x["job"]["multiple"], r["multiple"])],
-                         "values": {"dataset": ds, **r}})
+                         "values": {"dataset": ds, **r, "p1": sub.get("verdict")}})
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "out_dir": str(out), "n_runs": len(recs),
             "reduced": _reduced(overrides, n_samples, "" if mlp else "no MLP runs"), "seconds": time.perf_counter() - t0}
     return PhaseResult("phase", "Phase transition: closed form vs trained linear VAE vs MLP vanilla", rows, meta,
@@ -814,14 +706,15 @@ def diffusion(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), s
                 for ds in datasets}
     rows = []
     for ds, d in diff.items():
-        for s, v in d["schedules"].items():
+        cond = f"{ds}, lambda_max = {d['lambda_max']:.4g}, T = {T}"
+        rows.append(claims.critical_timestep(d["schedules"], T=T).row(cond, dataset=ds, lambda_max=d["lambda_max"]))
+        for s, v in d["schedules"].items():  # the same rule, one schedule at a time
             tc = v["t_c"]
             ours = (f"t_c = {tc} (fractional {v['t_c_frac']:.2f})" if tc is not None else f"no t_c: {v['t_c_reason']}")
             ours += f"; SNR timestep {v['t_snr']}" if v["t_snr"] is not None else ""
-            rows.append({"item": f"critical timestep, {s} schedule", "conditions": f"{ds}, lambda_max = {d['lambda_max']:.4g}, T = {v['T']}",
-                         "paper": "t_c exists with 1 - abar_tc = lambda_max (eq. 13); no number given",
-                         "ours": ours, "verdict": "holds" if tc is not None else "fails", "runs": [],
-                         "values": {"dataset": ds, "schedule": s, **v}})
+            res = claims.critical_timestep({s: v}, T=T)
+            rows.append({**res.row(cond, item=f"critical timestep, {s} schedule", **{**v, "dataset": ds, "schedule": s}),
+                         "paper": "t_c exists with 1 - abar_tc = lambda_max (eq. 13); no number given", "ours": ours})
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "out_dir": str(out), "n_runs": 0,
             "reduced": f"n_samples={n_samples}" if n_samples else "", "seconds": time.perf_counter() - t0}
     return DiffusionResult("diffusion", "Diffusion: critical timesteps per schedule (eq. 13)", rows, meta,

@@ -21,9 +21,10 @@ from typing import Literal
 import torch
 
 from hcdiag.errors import InputError
+from hcdiag.paper import LOSS_CONVENTIONS
 
 Convention = Literal["literal", "scaled", "mean"]
-CONVENTIONS = ("literal", "scaled", "mean")
+CONVENTIONS = LOSS_CONVENTIONS
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hcdiag.errors import InputError
+from hcdiag.paper import AU_THRESHOLD, COLLAPSE_KL
 
 __all__ = [
     "ActiveUnits",
@@ -48,7 +49,6 @@ __all__ = [
     "sq_dists_to_centroids",
 ]
 
-COLLAPSE_KL = 0.01  # claims.md "Collapse metrics": collapse means KL < 0.01 nats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
-def active_units(mu, *, threshold: float = 0.01, unbiased: bool = True) -> ActiveUnits:
+def active_units(mu, *, threshold: float = AU_THRESHOLD, unbiased: bool = True) -> ActiveUnits:
     """Active units of Burda et al. 2015, as He et al. 2019 ``calc_au``: ``Var_x(mu_j) >= threshold``.
 
     ``mu`` of shape (m, n); the variance over rows is unbiased (``ddof=1``, as ``calc_au``) unless
@@ -341,7 +341,7 @@ class CollapseMetrics:
 
     ``kl`` total nats; ``kl_per_dim`` float64 (n,) on CPU; ``au`` Burda's active units (primary);
     ``au_paper_posterior`` / ``au_paper_variance`` the paper's two variants; ``mi`` nats; ``mse``
-    per coordinate; ``collapsed`` iff ``kl < 0.01``.
+    per coordinate; ``collapsed`` iff ``kl < COLLAPSE_KL`` (0.01 nats, :func:`hcdiag.claims.collapsed`).
     """
 
     kl: float

@@ -95,14 +95,25 @@ def distance_to_collapsed(i3_values: dict, ax=None):
     return fig
 
 
+PATH_KEYS = ("to_collapsed", "to_witness", "to_constant_output")
+
+
+def has_path_curves(i2_values: dict) -> bool:
+    """Whether check I2's values hold a path to draw with :func:`path_curves`."""
+    return any(k in i2_values for k in PATH_KEYS)
+
+
 def path_curves(i2_values: dict, ax=None):
     """I2: historical loss L_(K_T) along straight paths from Theta_T to the collapsed models."""
     fig, ax = axes(ax)
     eps = i2_values["eps_T"]
     for key, label, c in (("to_collapsed", "to the collapsed reference (vanilla, 10 lambda_max)", "C0"),
-                          ("to_witness", "to the T2 witness (KL = 0, inside F_T?)", "C3")):
+                          ("to_witness", "to the T2 witness (KL = 0)", "C3"),
+                          ("to_constant_output", "output space, to the best constant", "C2")):
         if key in i2_values:
-            ax.plot(i2_values[key]["alpha"], i2_values[key]["L"], "o-", ms=3, color=c, label=label)
+            v = i2_values[key]
+            end = "" if "end_inside" not in v else (" [endpoint in F_T]" if v["end_inside"] else " [endpoint outside F_T]")
+            ax.plot(v["alpha"], v["L"], "o-", ms=3, color=c, label=label + end)
     ax.axhline(eps, ls="--", color="k", lw=1, label=f"eps_T = {eps:.3g}")
     ax.axhline(eps * (1 + i2_values.get("tolerance", 0.05)), ls=":", color="k", lw=1, label="eps_T (1 + tau)")
     ax.set_yscale("log")
@@ -121,7 +132,9 @@ def kl_and_active_units(run, ax=None):
     h = run.history
     steps = np.asarray(h["step"])
     ax.plot(steps, np.asarray(h["kl"]), color="C0", label="KL (nats, eval rows)")
-    ax.axhline(0.01, ls=":", color="C0", lw=0.8, label="collapse threshold 0.01")
+    from hcdiag.paper import COLLAPSE_KL
+
+    ax.axhline(COLLAPSE_KL, ls=":", color="C0", lw=0.8, label=f"collapse threshold {COLLAPSE_KL:g}")
     stage = np.asarray(h["stage"]) if h.get("stage") is not None else np.zeros(len(steps), dtype=int)
     for s, col in ((2, "C2"), (3, "C4")):
         if (stage == s).any():
@@ -172,5 +185,30 @@ def phase_diagram(ds: str, ph: dict, ax=None):
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def table1_bars(rows: list[dict], dataset: str, multiple: float, ax=None):
+    """Table 1 side by side: our KL (nats; mean and sd over seeds) per method and stage beside the paper's, from
+    the Table 1 rows of :func:`hcdiag.verify.main_claim_rows` (``values``: ``label``, ``kl``, ``kl_sd``,
+    ``paper_kl``); the text's HCT threshold and the collapse threshold marked."""
+    from hcdiag.paper import COLLAPSE_KL, PAPER_KL_THRESHOLD
+
+    rows = [r for r in rows if r["id"].startswith("table1.") and r["values"].get("dataset") == dataset
+            and r["values"].get("multiple") == multiple and r["values"].get("kl") is not None]
+    fig, ax = axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["values"]["kl"] for r in rows], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
+           color="C3", label="ours")
+    ax.bar(x + 0.2, [r["values"].get("paper_kl") or 0 for r in rows], 0.4, color="C7", label="paper Table 1")
+    thr = PAPER_KL_THRESHOLD.get(dataset, 2.0)
+    ax.axhline(thr, ls="--", color="k", lw=1, label=f"paper's text: HCT KL > {thr:g}")
+    ax.axhline(COLLAPSE_KL, ls=":", color="C0", lw=1, label=f"collapse threshold {COLLAPSE_KL:g}")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["values"]["label"] for r in rows], fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("KL(q(z|x) || p(z)) (nats, eval rows)")
+    ax.set_title(f"Table 1, {dataset}, s2 = {multiple:g} lambda_max")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

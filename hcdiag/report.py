@@ -36,7 +36,7 @@ def exit_status(results: list[CheckResult], require: list[str] | None = None) ->
 
 
 def to_json_doc(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, require=None) -> dict:
-    from hcdiag.cli.common import to_jsonable
+    from hcdiag.formats import to_jsonable
 
     return to_jsonable({"schema": SCHEMA, "run": str(run_path) if run_path else None, "tolerance": tolerance,
                         "require": list(require) if require else [r.id for r in results],
@@ -79,7 +79,7 @@ def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.
 
 
 def _short(d: dict) -> dict:
-    from hcdiag.cli.common import to_jsonable
+    from hcdiag.formats import to_jsonable
 
     out = {}
     for k, v in to_jsonable(d).items():

@@ -35,13 +35,14 @@ from typing import Any
 import torch
 
 from hcdiag.errors import InputError
+from hcdiag.paper import LOSS_CONVENTIONS
+from hcdiag.paper import METHODS as PAPER_METHODS
 
 FORMAT = "hcdiag-run"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-METHODS = ("hct", "vanilla", "beta", "anneal", "freebits", "aggressive")
-LOSS_CONVENTIONS = ("literal", "scaled", "mean")
+METHODS = PAPER_METHODS  # hcdiag's trainer's methods; a producer may name its own (config.method)
 MODEL_FAMILIES = ("mlp", "conv", "linear")
 REFERENCE_NAMES = ("collapsed", "vanilla", "control")
 HISTORY_SERIES = ("epoch", "stage", "loss", "recon", "kl", "cluster", "au", "inner_steps")

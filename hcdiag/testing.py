@@ -14,7 +14,7 @@ from hcdiag.checks.barrier import parse_ids, run_checks
 
 
 def _fmt_values(values: dict) -> str:
-    from hcdiag.cli.common import to_jsonable
+    from hcdiag.formats import to_jsonable
 
     scal = {k: v for k, v in to_jsonable(values).items() if isinstance(v, (int, float, str, bool)) or v is None}
     return json.dumps(scal)

@@ -30,9 +30,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from hcdiag.errors import InputError
-
-#: Burda et al. (2015) active-unit threshold on ``Var_x(mu_j)`` (claims.md, collapse metrics).
-AU_THRESHOLD = 0.01
+from hcdiag.paper import AU_THRESHOLD  # Burda et al. (2015) active-unit threshold on Var_x(mu_j)
 
 Schedule = Literal["linear", "cosine"]
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")

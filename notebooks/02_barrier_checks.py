@@ -92,11 +92,13 @@ print(f"I3 [{r.verdict}] {r.summary or r.reason}")
 # ## Straight paths to collapsed models (Corollary 4.5)
 #
 # Along the segment from the refined model to a collapsed one, the historical loss of the final pair must
-# rise above `eps_T`: the path leaves `F_T`.
+# rise above `eps_T`: the path leaves `F_T`. Only a path whose endpoint lies INSIDE `F_T` is evidence (a path
+# to a model outside `F_T` must leave it): the T2 witness, or, where the architecture cannot express it, the
+# straight path in output space to the best constant. With no such path, I2 is inconclusive.
 
 # %%
 i2 = results["I2"].values
-fig = plots.path_curves(i2) if ("to_collapsed" in i2 or "to_witness" in i2) else None
+fig = plots.path_curves(i2) if plots.has_path_curves(i2) else None
 fig
 
 # %% [markdown]

@@ -251,7 +251,7 @@ def test_t2b_constant_is_the_minimiser(seed, convention):
 
 
 def test_t2b_errors():
-    with pytest.raises(InputError, match=r"The 'convention' parameter must be one of literal, mean, scaled. Got 'sum'"):
+    with pytest.raises(InputError, match=r"The 'convention' parameter must be one of literal, scaled, mean. Got 'sum'"):
         t2b_floor(np.zeros(2), np.zeros(2), beta=1, s2=1, convention="sum")
     with pytest.raises(InputError, match=r"The 'beta' parameter must be a finite float >= 0. Got -1"):
         t2b_floor(np.zeros(2), np.zeros(2), beta=-1, s2=1)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hcdiag import claims
 from hcdiag import verify as V
 from hcdiag.cli import main
 from hcdiag.errors import InputError
@@ -29,6 +30,15 @@ def test_smoke_grid_covers_methods_conventions_and_phase():
     assert len(names) == len(set(names))
     hct = [j for j in jobs if j.method == "hct"]
     assert sorted({j.loss for j in hct}) == ["literal", "mean", "scaled"] and {j.seed for j in hct} == {0, 1}
+    # like for like (issue 9): every baseline runs under every convention HCT runs under
+    main = [j for j in jobs if j.group == "main"]
+    for lab in {j.label for j in main} - {"hct-warmup"}:
+        assert sorted({j.loss for j in main if j.label == lab}) == ["literal", "mean", "scaled"], lab
+    # the beta warm-up from 0 (claims.md), in both presets' grids, under the first convention
+    for preset in ("smoke", "paper"):
+        warm = [j for j in V.build_grid(preset, ["synthetic"], 1) if j.label == "hct-warmup"]
+        assert warm and {j.loss for j in warm} == {"literal"}
+        assert all(dict(j.overrides)["beta_schedule"] == "warmup" for j in warm)
     assert sorted({j.multiple for j in jobs if j.group == "phase"}) == V.GRIDS["smoke"]["phase_multiples"]
     paper = V.build_grid("paper", ["synthetic"], 1)
     abl = [j for j in paper if j.group == "ablation"]
@@ -73,7 +83,7 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     kl = kl_total(mu, lv)
     assert van["ours"].startswith(f"KL {kl:.3g}")
     assert van["verdict"] == ("holds" if kl < 0.01 else "fails")
-    checks = {r.get("check") for r in doc["claims"]}
+    checks = {r["values"].get("check") for r in doc["claims"]}
     assert {"N1", "N2", "N3", "T1", "T2", "T2b", "T3", "T4", "I1", "I2", "I3"} <= checks
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="http' not in html
@@ -173,9 +183,9 @@ def test_ablation_verdict_is_inconclusive_when_every_value_ties(key, seed):
     # regression: identical runs (e.g. no eps reached within refine_cap, so the eps runs are one run) "held"
     kl = float(np.random.default_rng(seed).uniform(0.0, 3.0))
     vals = V.ABLATIONS[key]
-    assert V._ablation_verdict(key, [(v, kl) for v in vals]) == (
+    assert claims._ablation_verdict(key, [(v, kl) for v in vals]) == (
         "inconclusive", f"every tested {key} gives the same final KL: the setting changed nothing in training")
-    assert V._ablation_verdict(key, []) == ("inconclusive", "no final KL measured")
+    assert claims._ablation_verdict(key, []) == ("inconclusive", "no final KL measured")
     # a single differing value is evidence again: the paper's best value strictly best -> holds
     best = V.PAPER_ABLATION[key][2]
     best = best[0] if isinstance(best, tuple) else best
@@ -184,7 +194,7 @@ def test_ablation_verdict_is_inconclusive_when_every_value_ties(key, seed):
         pts = [(v, kl + (1.0 if v >= best else 0.0)) for v in vals]
     elif key == "eps":  # smaller eps never worse
         pts = [(v, kl + (1.0 if v <= best else 0.0)) for v in vals]
-    assert V._ablation_verdict(key, pts)[0] == "holds"
+    assert claims._ablation_verdict(key, pts)[0] == "holds"
 
 
 def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, monkeypatch, one_thread):
@@ -241,7 +251,7 @@ def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, mon
         assert [float(v) for v, _ in printed] == pytest.approx(vals, rel=1e-5)
         for (_, k), name in zip(printed, names):
             assert float(k) == pytest.approx(kls[name], rel=5e-3, abs=1e-12)  # printed with 3 digits
-        assert row["verdict"] == V._ablation_verdict(key, [(v, kls[n]) for v, n in zip(vals, names)])[0]
+        assert row["verdict"] == claims._ablation_verdict(key, [(v, kls[n]) for v, n in zip(vals, names)])[0]
 
     # the report, its figures and the phase diagram at the latent dimension the phase runs were trained with
     for f in ("report.md", "report.html", "results.json", "phase_synthetic.png", "table1_synthetic_m2.png",
@@ -271,10 +281,11 @@ def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, mon
     assert sorted(str(Path(r["runs"][0]).relative_to(tmp_path)) for r in pts) == sorted(kls)
     for r in pts:
         assert r["values"]["kl"] == pytest.approx(kls[str(Path(r["runs"][0]).relative_to(tmp_path))], rel=1e-6, abs=1e-9)
-    claims = {r["claim"][len("Ablation: "):]: r["verdict"] for r in doc["claims"] if r["claim"].startswith("Ablation: ")}
+    ablation_claims = {r["claim"][len("Ablation: "):]: r["verdict"] for r in doc["claims"]
+                       if r["claim"].startswith("Ablation: ")}
     for r in fig4.rows:
         if r["verdict"] != "reported":
-            assert r["verdict"] == claims[r["paper"]]
+            assert r["verdict"] == ablation_claims[r["paper"]]
     saved = artefacts.save_figures(fig4, tmp_path / "fig4")
     assert sorted(Path(p).name for p in saved) == sorted(f"figure4_{k}.png" for k in V.ABLATIONS)
 

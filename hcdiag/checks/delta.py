@@ -31,6 +31,7 @@ import torch
 
 from hcdiag.errors import InputError
 from hcdiag.metrics import as_tensor
+from hcdiag.paper import LOSS_CONVENTIONS
 
 __all__ = [
     "DeltaStar",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 Convention = Literal["literal", "mean", "scaled"]
-CONVENTIONS = ("literal", "mean", "scaled")
+CONVENTIONS = LOSS_CONVENTIONS
 
 
 def _centroids(centroids, name: str = "centroids") -> torch.Tensor:

@@ -57,9 +57,9 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None, le
         figs.append(("Parameter and function-space distance to the collapsed model, with the vanilla reference "
                      "(paper Figure 2 right).", "fig_distance.png", plots.distance_to_collapsed(i3.values)))
     i2 = by_id.get("I2")
-    if i2 is not None and ("to_collapsed" in i2.values or "to_witness" in i2.values):
-        figs.append(("Historical loss along straight paths to the collapsed reference and to the T2 witness "
-                     "(Corollary 4.5).", "fig_paths.png", plots.path_curves(i2.values)))
+    if i2 is not None and plots.has_path_curves(i2.values):
+        figs.append(("Historical loss along straight paths to collapsed models: the collapsed reference, the T2 "
+                     "witness, or the best constant in output space (Corollary 4.5).", "fig_paths.png", plots.path_curves(i2.values)))
     images = report.figure_pngs(figs)
     md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs],
                          require=require)

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hcdiag.cli import common
+    from hcdiag.formats import format_table
     from hcdiag.clusterings import audit, check_r0, fit_clusterings
     from hcdiag.errors import InputError, NumericalError
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
              f"data {x.shape[0]} x {x.shape[1]}", ""]
     rows = [[r, int(cs.seeds[r]), float(cs.loglik[r]), int(cs.n_iter[r]), "yes" if cs.converged[r] else "NO"]
             for r in range(cs.r)]
-    lines.append(common.format_table(["run", "seed", "loglik (nats/sample)", "n_iter", "converged"], rows))
+    lines.append(format_table(["run", "seed", "loglik (nats/sample)", "n_iter", "converged"], rows))
     off = ~np.eye(cs.r, dtype=bool)
     lines.append("")
     if au.ari is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from typing import Any
+
+from hcdiag.formats import to_jsonable
 
 
 def add_format_argument(p: argparse.ArgumentParser) -> None:
@@ -43,28 +43,6 @@ def load_data(args: argparse.Namespace):
     )
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Numpy/torch scalars and arrays to plain JSON; non-finite floats to None."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch tensor
-        obj = obj.detach().cpu().numpy()
-    if np is not None:
-        if isinstance(obj, np.ndarray):
-            return to_jsonable(obj.tolist())
-        if isinstance(obj, np.generic):
-            obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def emit(args: argparse.Namespace, payload: dict, text: str) -> None:
     """Print ``payload`` as JSON or ``text`` as is, per ``--format``."""
     if getattr(args, "format", "text") == "json":
@@ -84,20 +62,3 @@ def parse_float_list(text: str, name: str) -> list[float]:
     if not vals:
         raise InputError(f"The '{name}' option must list at least one number. Got {text!r}.")
     return vals
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A plain aligned text table."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(c: Any) -> str:
-    if isinstance(c, float):
-        if c == 0 or (1e-3 <= abs(c) < 1e5):
-            return f"{c:.4g}"
-        return f"{c:.3e}"
-    return str(c)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from hcdiag.cli.common import add_data_arguments, add_device_argument, add_format_argument, emit, format_table, load_data
+from hcdiag.cli.common import add_data_arguments, add_device_argument, add_format_argument, emit, load_data
+from hcdiag.formats import format_table
 
 NAME = "diffusion"
 HELP = "diffusion critical timestep 1 - alphabar_t = lambda_max (paper eq. 13) and the SNR timestep"

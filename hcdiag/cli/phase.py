@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from hcdiag.cli.common import (add_data_arguments, add_device_argument, add_format_argument, emit, format_table,
+from hcdiag.cli.common import (add_data_arguments, add_device_argument, add_format_argument, emit,
                                load_data, parse_float_list)
+from hcdiag.formats import format_table
 
 NAME = "phase"
 HELP = "closed-form linear-VAE phase table: KL and active dims at s2 = m * lambda_max (paper 3.2, 5.7)"

@@ -3,8 +3,9 @@ and the decoder variances ``s2 = m * lambda_max`` a run would use (paper eq. 4, 
 
 from __future__ import annotations
 
-from hcdiag.cli.common import (add_data_arguments, add_device_argument, add_format_argument, emit, format_table,
+from hcdiag.cli.common import (add_data_arguments, add_device_argument, add_format_argument, emit,
                                load_data, parse_float_list)
+from hcdiag.formats import format_table
 
 NAME = "spectrum"
 HELP = "top eigenvalues of the data covariance (1/n), lambda_max with a bootstrap CI, decoder variances"

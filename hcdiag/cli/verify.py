@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hcdiag.cli.common import add_format_argument
+from hcdiag.paper import LOSS_CONVENTIONS
 
 NAME = "verify"
 HELP = "run the paper's experiments (grid of runs + barrier checks) and write the claims report"
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     losses = [l.strip() for l in args.losses.split(",")] if args.losses else None
     if losses:
-        bad = [l for l in losses if l not in ("literal", "scaled", "mean")]
+        bad = [l for l in losses if l not in LOSS_CONVENTIONS]
         if bad:
             raise InputError(f"--losses: unknown convention(s) {', '.join(bad)}; choose among literal, scaled, mean.")
     groups = [x.strip() for x in args.groups.split(",") if x.strip()] if args.groups is not None else None
