@@ -45,9 +45,11 @@ from hcdiag.device import resolve_device
 from hcdiag.errors import InputError, NumericalError
 from hcdiag.losses import LossWeights, Schedule, gaussian_kl, reparameterize
 from hcdiag.models import WIDTH_PRESETS, ModelConfig, build_model, encode_decode
+from hcdiag.paper import LOSS_CONVENTIONS
+from hcdiag.paper import METHODS as PAPER_METHODS
 
 Method = Literal["hct", "vanilla", "beta", "anneal", "freebits", "aggressive"]
-METHODS = ("hct", "vanilla", "beta", "anneal", "freebits", "aggressive")
+METHODS = PAPER_METHODS
 STAGE_CODES = {"stage0": 0, "stage1": 1, "stage2": 2, "stage3": 3, "baseline": 1, "reference": 4}
 
 
@@ -134,7 +136,7 @@ def _validate_config(c: TrainConfig) -> None:
             raise InputError(f"The '{name}' parameter must be one of {', '.join(map(str, allowed))}. Got {getattr(c, name)!r}.")
 
     choice("method", METHODS)
-    choice("loss", ("literal", "scaled", "mean"))
+    choice("loss", LOSS_CONVENTIONS)
     choice("arch", ("mlp", "conv", "linear"))
     choice("mode", ("cycle", "simultaneous"))
     choice("epoch_unit", ("steps", "epochs"))
@@ -347,7 +349,10 @@ class Trainer:
         out = {"kl": float(kl_per_dim(mu, lv).sum()), "au": int(active_units(mu).count),
                "mse": float(((self.eval_x - xhat) ** 2).mean())}
         if self.centroids is not None:
-            out["losses"] = clustering_losses(xhat, self.centroids).double().cpu()
+            # eq. 8 in float64: these values select the kept clusterings and decide refinement (eps down to
+            # 1e-6), where float32's ||x||^2 - 2 x.mu + ||mu||^2 cancels away the answer (the training loop's
+            # clustering term, a gradient, stays in float32)
+            out["losses"] = clustering_losses(xhat.double(), self.centroids.double()).cpu()
         return out
 
     # -- one optimisation step ---------------------------------------------------------------------------

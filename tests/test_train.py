@@ -469,3 +469,27 @@ def test_config_errors(tmp_path):
         Trainer(make_config(None, k=50, **{k: v for k, v in TINY.items() if k != "k"}), np.ones((20, 3), np.float32) + np.arange(20)[:, None], None)
     with pytest.raises(InputError, match="The 'preset' parameter must be one of smoke, paper"):
         make_config("huge")
+
+
+def test_eval_losses_are_exact_at_tiny_eps_far_from_the_origin(seed):
+    """Regression (issue 9, defect 8): the l_C that select clusterings and decide refinement were float32
+    through ||x||^2 - 2 x.mu + ||mu||^2, +220% off at l ~ 1e-6. A model whose reconstruction is a constant c at
+    a known distance d from a centroid far from the origin must give l_C = d^2 (oracle: float64 difference)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(0, 1.0, size=(300, 6)) + 60.0).astype(np.float32)  # ||x||^2 ~ 2e4
+    tr = Trainer(make_config(None, seed=seed, **{**TINY, "arch": "linear"}), x, None)
+    tr._setup()
+    cent = torch.as_tensor(rng.normal(60.0, 1.0, size=(2, 3, 6)), dtype=torch.float32)
+    tr.centroids = cent
+    model = tr._new_model()
+    step = torch.zeros(6, dtype=torch.float32)
+    step[int(rng.integers(0, 6))] = 1e-3  # a float32-exact offset of c from centroid (0, 0)
+    c = cent[0, 0] + step
+    sd = model.state_dict()
+    sd["dec_out.weight"].zero_()
+    sd["dec_out.bias"].copy_(c)
+    model.load_state_dict(sd)
+    got = tr.evaluate(model)["losses"]
+    want = _naive_losses(np.tile(c.numpy().astype(np.float64), (len(tr.eval_x), 1)), cent.numpy().astype(np.float64))
+    assert want[0] == pytest.approx(float(((c.double() - cent[0, 0].double()) ** 2).sum()), rel=1e-12)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)

@@ -233,6 +233,13 @@ class RunContext:
         own = (ref.get("config") or {}).get("model")
         return (own, f"references.{name}.config.model") if own is not None else (self.model_cfg, "config.model")
 
+    def same_architecture(self, name: str) -> bool:
+        """Whether reference ``name`` has parameters of the run's own architecture (a straight parameter path
+        to it, or a parameter distance, is defined only then)."""
+        ref = (self.run.references or {}).get(name) or {}
+        return ref.get("state") is not None and self.has_parameters and \
+            self.reference_model_config(name)[0] == self.model_cfg
+
     def reference_outputs(self, name: str, source: str | None = None):
         """``(mu (m, n), logvar (m, n), xhat (m, N))`` of reference ``name`` on eval.x, float32: rebuilt from
         its ``state`` (with its own config.model, else the run's) when it has one, else its stored ``outputs``;

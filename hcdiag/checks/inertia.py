@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hcdiag.checks.base import CheckResult, RunContext, inconclusive
 from hcdiag.checks.exclusion import witness_state
 from hcdiag.checks.regions import _lerp
+from hcdiag.claims import collapsed
 from hcdiag.models import parameter_distance
+from hcdiag.paper import COLLAPSE_KL
 
 SECTION = "Corollary 4.5"
 
 
 def check_i1(ctx: RunContext) -> CheckResult:
-    """I1: along stage 3, ``max L_{K_T} / eps_T`` and KL; holds if the model stays in F_T and KL > 0.01."""
+    """I1: along stage 3, ``max L_{K_T} / eps_T`` and KL; holds if the model stays in F_T and no snapshot is
+    collapsed (:func:`hcdiag.claims.collapsed`: KL < 0.01)."""
     from hcdiag.metrics import active_units, kl_total
 
     claim = "Trained afterwards on a single clustering, the model stays in F_T and does not collapse."
@@ -35,8 +39,8 @@ def check_i1(ctx: RunContext) -> CheckResult:
     problems = []
     if worst["ratio"] > 1 + ctx.tol:
         problems.append(f"{worst['snapshot']} leaves F_T (L/eps_T = {worst['ratio']:.3g})")
-    if min_kl <= 0.01:
-        problems.append(f"KL falls to {min_kl:.3g} <= 0.01")
+    if collapsed(min_kl):
+        problems.append(f"KL falls to {min_kl:.3g} < {COLLAPSE_KL:g}")
     if problems:
         return CheckResult("I1", claim, SECTION, "fails", values, witness=worst, tolerance=ctx.tol,
                            summary="; ".join(problems))
@@ -54,12 +58,32 @@ def _summarize_path(curve: dict, eps: float, tol: float) -> dict:
     L = curve["L"]
     out_at = [al for al, l in zip(curve["alpha"], L) if l > eps * (1 + tol)]
     return {**curve, "leaves_at": out_at[0] if out_at else None, "leaves": bool(out_at),
-            "barrier_height": max(L) - max(L[0], L[-1]), "max_L": max(L)}
+            "barrier_height": max(L) - max(L[0], L[-1]), "max_L": max(L),
+            "end_inside": L[-1] <= eps * (1 + tol), "end_ratio": L[-1] / eps if eps > 0 else float("inf")}
+
+
+def _output_path(ctx: RunContext, xhat0, c, ids, points: int) -> dict:
+    """The straight path in OUTPUT space from the refined model's reconstructions to the constant ``c``:
+    ``xhat(alpha) = (1 - alpha) xhat_T(x) + alpha c`` (the historical loss depends on the model only
+    through xhat, so this is the function-space counterpart of a parameter path)."""
+    alphas = np.linspace(0.0, 1.0, points)
+    c = c.to(device=xhat0.device, dtype=xhat0.dtype)
+    L = [ctx.historical(ctx.losses_of_xhat(torch.lerp(xhat0, c.expand_as(xhat0), float(al))), ids) for al in alphas]
+    return {"alpha": alphas.tolist(), "L": L}
+
+
+_PATHS = {"to_witness": "the T2 witness (an exactly collapsed model, KL = 0)",
+          "to_collapsed": "the collapsed reference (vanilla at 10 lambda_max)",
+          "to_constant_output": "the best constant in output space (the architecture cannot express it)"}
 
 
 def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
-    """I2: the straight path from Theta_T to the collapsed reference and to the T2 witness (which lies in
-    F_T); fails when the path to an exactly collapsed model never leaves F_T."""
+    """I2: straight paths from Theta_T to collapsed models: to the T2 witness, to the collapsed reference and,
+    where the architecture cannot express the witness, the output-space path to the best constant.
+
+    Only a path whose endpoint lies INSIDE F_T is evidence (claims.md): a path to a model outside F_T must
+    leave F_T and proves nothing. I2 fails when such a path never leaves F_T, holds when every such path
+    leaves it, and is inconclusive (the curves are still drawn) when no collapsed model inside F_T has a path."""
     from hcdiag.checks.delta import delta_star_pair
 
     claim = ("Gradient descent cannot reach a collapsed solution without passing through regions where "
@@ -67,39 +91,47 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
     reg = ctx.final_region()
     if reg is None:
         return inconclusive("I2", claim, SECTION, "the run has no refinement, so no F_T")
-    if not ctx.has_parameters:
-        return inconclusive("I2", claim, SECTION, "parameter paths need an architecture hcdiag can rebuild")
-    start = ctx.state(reg.snapshot)
-    if start is None:
-        return inconclusive("I2", claim, SECTION, f"the refined snapshot {reg.snapshot!r} has outputs but no parameters")
     values = {"eps_T": reg.eps, "points": points, "tolerance": ctx.tol}
-    col = (ctx.run.references or {}).get("collapsed")
-    if col is not None:
-        values["to_collapsed"] = _summarize_path(_path(ctx, start, col["state"], reg.ids, points), reg.eps, ctx.tol)
+    start = ctx.state(reg.snapshot)
     ds = delta_star_pair(ctx.centroids[reg.ids[0]], ctx.centroids[reg.ids[1]])
-    wsd, why = witness_state(ctx, start, ds.c.double())
-    if wsd is not None:
-        values["to_witness"] = _summarize_path(_path(ctx, start, wsd, reg.ids, points), reg.eps, ctx.tol)
-    else:
-        values["to_witness_unavailable"] = why
-    tw, tc = values.get("to_witness"), values.get("to_collapsed")
-    if tw is not None and not tw["leaves"]:
-        return CheckResult("I2", claim, SECTION, "fails", values,
-                           witness={"path": "to the T2 witness (KL = 0)", "max_L": tw["max_L"], "eps_T": reg.eps},
-                           tolerance=ctx.tol,
-                           summary=f"the straight path to an exactly collapsed model stays in F_T "
-                                   f"(max L = {tw['max_L']:.4g} <= eps_T (1 + tau) = {reg.eps * (1 + ctx.tol):.4g})")
-    parts = []
-    if tw is not None:
-        parts.append(f"path to the T2 witness leaves F_T at alpha = {tw['leaves_at']:.2f}")
-    if tc is not None:
-        parts.append(f"path to the collapsed reference {'leaves F_T at alpha = %.2f' % tc['leaves_at'] if tc['leaves'] else 'stays in F_T'}"
-                     f" (barrier height {tc['barrier_height']:.3g})")
-    if not parts:
-        return inconclusive("I2", claim, SECTION, f"no collapsed model to draw a path to ({why})", **values)
-    verdict = "holds" if (tw is None or tw["leaves"]) and (tc is None or tc["leaves"]) else "fails"
-    return CheckResult("I2", claim, SECTION, verdict, values, tolerance=ctx.tol, summary="; ".join(parts),
-                       witness=None if verdict == "holds" else {"path": "to the collapsed reference", "max_L": tc["max_L"]})
+    why_not = "the run carries no rebuildable architecture (outputs only)"
+    if start is not None:
+        col = (ctx.run.references or {}).get("collapsed")
+        if col is not None and ctx.same_architecture("collapsed"):
+            values["to_collapsed"] = _summarize_path(_path(ctx, start, col["state"], reg.ids, points), reg.eps, ctx.tol)
+        elif col is not None:
+            values["to_collapsed_unavailable"] = ("the collapsed reference has no parameters of the run's architecture "
+                                                  "(another config.model, or outputs only)")
+        wsd, why_not = witness_state(ctx, start, ds.c.double())
+        if wsd is not None:
+            values["to_witness"] = _summarize_path(_path(ctx, start, wsd, reg.ids, points), reg.eps, ctx.tol)
+    elif ctx.has_parameters:
+        why_not = f"the refined snapshot {reg.snapshot!r} has outputs but no parameters"
+    if "to_witness" not in values:
+        values["to_witness_unavailable"] = why_not
+        if reg.snapshot in ctx.order:
+            values["to_constant_output"] = _summarize_path(
+                _output_path(ctx, ctx.outputs(reg.snapshot)[2], ds.c, reg.ids, points), reg.eps, ctx.tol)
+    paths = {k: values[k] for k in _PATHS if k in values}
+    if not paths:
+        return inconclusive("I2", claim, SECTION, f"no path to a collapsed model can be drawn ({why_not})", **values)
+    deciding = {k: v for k, v in paths.items() if v["end_inside"]}
+    values["deciding_paths"] = list(deciding)
+    described = "; ".join(
+        f"path to {_PATHS[k]} " + (f"leaves F_T at alpha = {v['leaves_at']:.2f}" if v["leaves"] else "stays in F_T")
+        + ("" if v["end_inside"] else f" (its endpoint lies outside F_T, L/eps_T = {v['end_ratio']:.3g}: no evidence)")
+        for k, v in paths.items())
+    if not deciding:
+        return inconclusive("I2", claim, SECTION, "no collapsed model inside F_T to draw a path to: " + described
+                            + (f"; the T2 witness: {why_not}" if "to_witness" not in paths else ""), **values)
+    stay = [k for k, v in deciding.items() if not v["leaves"]]
+    if stay:
+        k = stay[0]
+        return CheckResult("I2", claim, SECTION, "fails", values, tolerance=ctx.tol,
+                           witness={"path": f"to {_PATHS[k]}", "max_L": deciding[k]["max_L"], "eps_T": reg.eps},
+                           summary=f"the straight path to {_PATHS[k]} stays in F_T (max L = {deciding[k]['max_L']:.4g} "
+                                   f"<= eps_T (1 + tau) = {reg.eps * (1 + ctx.tol):.4g}); {described}")
+    return CheckResult("I2", claim, SECTION, "holds", values, tolerance=ctx.tol, summary=described)
 
 
 def _spearman(values: list[float]) -> tuple[float, float]:
@@ -109,6 +141,20 @@ def _spearman(values: list[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     r = spearmanr(np.arange(len(values)), values)
     return float(r.statistic), float(r.pvalue)
+
+
+def _distinct(state_of, names: list[str]) -> tuple[list[str], list[str]]:
+    """``names`` without the snapshots whose parameters equal the previous kept snapshot's bitwise, and the
+    names dropped."""
+    kept, dropped, prev = [], [], None
+    for s in names:
+        st = state_of(s)
+        if prev is not None and st.keys() == prev.keys() and all(torch.equal(st[k], prev[k]) for k in st):
+            dropped.append(s)
+            continue
+        kept.append(s)
+        prev = st
+    return kept, dropped
 
 
 def _aligned_distances(ctx: RunContext, ref: dict, states: list[dict]) -> dict:
@@ -136,18 +182,24 @@ def check_i3(ctx: RunContext) -> CheckResult:
         return inconclusive("I3", claim, "section 5.3", "the run has no collapsed reference model")
     if not ctx.has_parameters:
         return inconclusive("I3", claim, "section 5.3", "parameter distances need an architecture hcdiag can rebuild")
+    if not ctx.same_architecture("collapsed"):
+        return inconclusive("I3", claim, "section 5.3", "the collapsed reference has no parameters of the run's "
+                            "architecture (another config.model, or outputs only): no parameter distance to it")
     _, _, xc = ctx.outputs_of_state(col["state"])
-    names = [s for s in ctx.order if ctx.state(s) is not None]  # snapshots with outputs only have no distance
+    # snapshots with outputs only have no distance; a snapshot identical to the one before it (hcdiag's 'final'
+    # is the last stage-3 snapshot) is one point, not two: counted twice it would move Spearman's p
+    names, repeated = _distinct(ctx.state, [s for s in ctx.order if ctx.state(s) is not None])
     param = [parameter_distance(col["state"], ctx.state(s)) for s in names]
     func = [float(((ctx.outputs(s)[2] - xc) ** 2).sum(1).mean()) for s in names]
     rho, p = _spearman(param)
     rho_f, p_f = _spearman(func)
-    values = {"snapshots": names, "param_distance": param, "function_distance": func, "spearman_rho": rho,
+    values = {"snapshots": names, "repeated_snapshots": repeated, "param_distance": param, "function_distance": func,
+              "spearman_rho": rho,
               "p_value": p, "function_spearman_rho": rho_f, "function_p_value": p_f,
               **_aligned_distances(ctx, col["state"], [ctx.state(s) for s in names])}
     van = (ctx.run.references or {}).get("vanilla")
-    if van is not None and van.get("snapshots"):
-        vn = list(van.get("snapshot_order") or van["snapshots"].keys())
+    if van is not None and van.get("snapshots") and ctx.reference_model_config("vanilla")[0] == ctx.model_cfg:
+        vn, _ = _distinct(van["snapshots"].get, list(van.get("snapshot_order") or van["snapshots"].keys()))
         vdist = [parameter_distance(col["state"], van["snapshots"][s]) for s in vn]
         vfunc = [float(((ctx.outputs_of_state(van["snapshots"][s])[2] - xc) ** 2).sum(1).mean()) for s in vn]
         values.update(vanilla_snapshots=vn, vanilla_param_distance=vdist, vanilla_function_distance=vfunc,
