@@ -37,7 +37,7 @@ __all__ = ["Evidence", "RefinementEvidence", "RoundEvidence", "data_scale", "des
 OUTPUT_RTOL = 1e-3
 LOSS_RTOL = 1e-3  # relative: float32 evaluation on another device or with another batch size
 LOSS_SQRT = 1e-4  # l_C moves by about 2 sqrt(l) |d xhat| when xhat moves by float32 rounding
-LOSS_ABS = 1e-5  # the float32 expansion ||x||^2 - 2 x.mu + ||mu||^2 on a model sitting on a centroid (l ~ 0)
+LOSS_ABS = 1e-5  # a producer's float32 expansion ||x||^2 - 2 x.mu + ||mu||^2 on a model sitting on a centroid
 
 _FIX = ("hcdiag recomputes this number from the run's own snapshot and refuses a file that contradicts it: compute "
         "it with eq. 8 on eval.x at that snapshot (docs/runfile.md, 'Numbers hcdiag recomputes').")
@@ -55,7 +55,8 @@ def loss_tolerance(stored: float, recomputed: float, scale: float) -> float:
     ``1e-3 max(|s|, |r|) + 1e-4 sqrt(max(s, r) S) + 1e-5 S`` with ``S = mean_x ||x||^2`` over eval.x
     (:func:`data_scale`). The first term covers float32 evaluation on another device; the second the
     float32 rounding of xhat, which moves l_C by about ``2 sqrt(l) |d xhat|``; the third the float32
-    expansion ``||xhat||^2 - 2 xhat.mu + ||mu||^2`` that trainers (hcdiag's own included) use for eq. 8:
+    expansion ``||xhat||^2 - 2 xhat.mu + ||mu||^2`` that trainers use for eq. 8 (hcdiag's own did before
+    it evaluated in float64; its older run files must still load):
     on a model that sits on a centroid (l ~ 0) each row's distance is a rounding error of a few
     ``2^-24 (||xhat||^2 + ||mu||^2)``, clamped at 0, so the stored mean is up to about ``1e-6 S`` where
     the float64 value is ~0 (measured over hundreds of draws at N = 784 and 3072; a third of them exceed
