@@ -203,3 +203,27 @@ def test_a_reference_of_another_architecture_gets_no_parameter_path_or_distance(
     (ctrl,) = [losses for desc, losses in regions.probes(ctx) if desc["probe"] == "control"]
     want = naive_losses(evaluate(other, run["references"]["control"]["state"], run["eval"]["x"])[2], GEOMETRY)
     np.testing.assert_allclose(ctrl.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# T2 can hold only for a region its own refined model did not form: eps_T >= delta* for every model
+
+
+def test_t2_holds_only_against_a_threshold_below_delta_star(seed, monkeypatch):
+    """delta* is a lower bound of L_(K_T) for EVERY model (claims.md), and eps_T is recomputed from the refined
+    model, so on a valid run T2 always fails. Its 'holds' branch is reachable only for a threshold that was not
+    formed by the run's own model (here patched in): then it holds exactly when delta* > eps (1 + tau)."""
+    from test_checks import naive_delta_star_pair
+
+    from hcdiag.checks.base import Region, RunContext
+
+    geometry = [GEOMETRY[0], [[6.0, 0.0], [20.0, 6.0]], GEOMETRY[2], GEOMETRY[3]]  # delta*(C0, C1) = 9
+    run = hand_run(seed, centroids=geometry)
+    ds = naive_delta_star_pair(geometry[0], geometry[1])
+    real = RunContext.final_region
+    for eps, want in ((ds / 1.05 * 0.999, "holds"), (ds / 1.05 * 1.001, "fails")):
+        monkeypatch.setattr(RunContext, "final_region",
+                            lambda self, eps=eps: Region("F_T", real(self).ids, eps, real(self).snapshot))
+        res = exclusion.check_t2(ctx_of(run))
+        assert res.values["delta_star"] == ds and res.verdict == want, (eps, res.summary)
+        assert (res.witness is None) == (want == "holds")
