@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from hcdiag.errors import InputError
-from hcdiag.paper import AU_THRESHOLD, COLLAPSE_KL
+from hcdiag.claims import collapsed as is_collapsed
+from hcdiag.paper import AU_THRESHOLD
 
 __all__ = [
     "ActiveUnits",
@@ -384,6 +385,6 @@ def collapse_metrics(x, mu, logvar, xhat, *, seed: int = 0) -> CollapseMetrics:
         au_paper_variance=active_units_paper_variance(mu),
         mi=mutual_information(mu, logvar, seed=seed),
         mse=recon_mse(x, xhat),
-        collapsed=kl < COLLAPSE_KL,
+        collapsed=is_collapsed(kl),
         n_rows=int(mu_t.shape[0]),
     )

@@ -47,6 +47,7 @@ PAPER_ABLATION = {
     "beta_end": ("5.5, Figure 8", "beta in [2, 3] gives the best final KL", (2.0, 3.0)),
     "keep_ratio": ("5.5.3", "keep ratio 1/2 performs best", 0.5),
 }
+ABLATION_LABELS = {"r0": "R0", "eps": "eps", "beta_end": "beta", "keep_ratio": "keep ratio"}
 
 # the barrier checks of check-barrier as claims of the paper: (short claim, section); the check's own
 # precise statement is its CheckResult.claim
@@ -65,6 +66,11 @@ BARRIER_CLAIMS = {
     "KL": ("The final model is not collapsed (KL >= 0.01)", "5.1.4, 5.4"),
     "AU": ("At least one latent dimension stays active", "5.1.4, 5.2"),
 }
+
+# check I2's straight paths to collapsed models: key in the check's values -> what the path leads to
+I2_PATHS = {"to_witness": "the T2 witness (an exactly collapsed model, KL = 0)",
+            "to_collapsed": "the collapsed reference (references.collapsed)",
+            "to_constant_output": "the best constant in output space (the architecture cannot express it)"}
 
 INCONSISTENCIES = [
     ("R0", "16 (section 5.5.1) vs 24 (Table 3); 24 is not a power of two, which Algorithm 1 requires"),

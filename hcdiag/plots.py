@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hcdiag.paper import COLLAPSE_KL, I2_PATHS, PAPER_KL_THRESHOLD
+
 
 def axes(ax=None, figsize=(6.4, 4.0)):
     """``(figure, ax)``: the given axes and its figure, or a new headless figure when ``ax`` is None."""
@@ -95,25 +97,20 @@ def distance_to_collapsed(i3_values: dict, ax=None):
     return fig
 
 
-PATH_KEYS = ("to_collapsed", "to_witness", "to_constant_output")
-
-
 def has_path_curves(i2_values: dict) -> bool:
     """Whether check I2's values hold a path to draw with :func:`path_curves`."""
-    return any(k in i2_values for k in PATH_KEYS)
+    return any(k in i2_values for k in I2_PATHS)
 
 
 def path_curves(i2_values: dict, ax=None):
     """I2: historical loss L_(K_T) along straight paths from Theta_T to the collapsed models."""
     fig, ax = axes(ax)
     eps = i2_values["eps_T"]
-    for key, label, c in (("to_collapsed", "to the collapsed reference (vanilla, 10 lambda_max)", "C0"),
-                          ("to_witness", "to the T2 witness (KL = 0)", "C3"),
-                          ("to_constant_output", "output space, to the best constant", "C2")):
+    for (key, what), c in zip(I2_PATHS.items(), ("C3", "C0", "C2")):
         if key in i2_values:
             v = i2_values[key]
             end = "" if "end_inside" not in v else (" [endpoint in F_T]" if v["end_inside"] else " [endpoint outside F_T]")
-            ax.plot(v["alpha"], v["L"], "o-", ms=3, color=c, label=label + end)
+            ax.plot(v["alpha"], v["L"], "o-", ms=3, color=c, label=f"to {what}{end}")
     ax.axhline(eps, ls="--", color="k", lw=1, label=f"eps_T = {eps:.3g}")
     ax.axhline(eps * (1 + i2_values.get("tolerance", 0.05)), ls=":", color="k", lw=1, label="eps_T (1 + tau)")
     ax.set_yscale("log")
@@ -132,8 +129,6 @@ def kl_and_active_units(run, ax=None):
     h = run.history
     steps = np.asarray(h["step"])
     ax.plot(steps, np.asarray(h["kl"]), color="C0", label="KL (nats, eval rows)")
-    from hcdiag.paper import COLLAPSE_KL
-
     ax.axhline(COLLAPSE_KL, ls=":", color="C0", lw=0.8, label=f"collapse threshold {COLLAPSE_KL:g}")
     stage = np.asarray(h["stage"]) if h.get("stage") is not None else np.zeros(len(steps), dtype=int)
     for s, col in ((2, "C2"), (3, "C4")):
@@ -193,8 +188,6 @@ def table1_bars(rows: list[dict], dataset: str, multiple: float, ax=None):
     """Table 1 side by side: our KL (nats; mean and sd over seeds) per method and stage beside the paper's, from
     the Table 1 rows of :func:`hcdiag.verify.main_claim_rows` (``values``: ``label``, ``kl``, ``kl_sd``,
     ``paper_kl``); the text's HCT threshold and the collapse threshold marked."""
-    from hcdiag.paper import COLLAPSE_KL, PAPER_KL_THRESHOLD
-
     rows = [r for r in rows if r["id"].startswith("table1.") and r["values"].get("dataset") == dataset
             and r["values"].get("multiple") == multiple and r["values"].get("kl") is not None]
     fig, ax = axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))

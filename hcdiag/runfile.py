@@ -530,7 +530,13 @@ class _Validator:
         if len(pair) != 2:
             raise InputError(f"refinement.pair must hold 2 clustering ids; got {pair}.")
         self.bool_at(self.need(ref, "reached", "refinement"), "refinement.reached")
-        self.float_at(self.need(ref, "eps", "refinement"), "refinement.eps")
+        eps = self.float_at(self.need(ref, "eps", "refinement"), "refinement.eps", positive=True)
+        hct = self.run["config"].get("hct")
+        if isinstance(hct, dict) and hct.get("eps") is not None:
+            said = self.float_at(hct["eps"], "config.hct.eps", positive=True)
+            if not math.isclose(said, eps, rel_tol=1e-9):
+                raise InputError(f"refinement.eps is {eps:g} but config.hct.eps is {said:g}; the refinement's target is "
+                                 "one number: write the eps the refinement trained towards in both.")
         self.float_at(self.need(ref, "eps_T", "refinement"), "refinement.eps_T", finite=False)
         self.int_at(self.need(ref, "epochs", "refinement"), "refinement.epochs", lo=0)
         losses = self.tensor_at(self.need(ref, "losses", "refinement", "[e, 2] history of l_a, l_b"),
@@ -627,10 +633,6 @@ class _Validator:
                     raise InputError(f"{where}.state is given but neither {where}.config.model nor config.model says "
                                      f"how to rebuild it; add {where}.config.model{alt}.")
                 self.state_fits(state, f"{where}.state", model, model_where)
-            elif self.run.get("snapshots") and run_model is not None:
-                raise InputError(f"{where} has outputs but no state, while the run's snapshots can be rebuilt; the "
-                                 f"parameter-space checks (I2 paths, I3 distances) need its parameters: store {where}.state "
-                                 "(a state_dict of config.model).")
             if outs is not None:
                 self.outputs_at(outs, f"{where}.outputs", f"n of {where}")
                 if model is not None and state is not None:
@@ -1102,9 +1104,10 @@ def example_run(R0: int = 4, K: int = 3, N: int = 5, m: int = 20, n: int = 2, *,
             return None
         return tuple(t.to(dtype) for t in encode_decode(net, x.float()))
 
+    from hcdiag.metrics import clustering_losses
+
     def eq8(xhat):  # l_C = mean_x min_k ||xhat(x) - mu_k^C||^2 for every clustering, float64 (R0,)
-        d = ((xhat.double()[None, :, None, :] - centroids.double()[:, None]) ** 2).sum(-1)  # (R0, m, K)
-        return d.min(dim=2).values.mean(dim=1)
+        return clustering_losses(xhat.double(), centroids.double())
 
     # the snapshots of the training record: init, one per stage-1 round (halving R0 down to 2), refined, stage 3
     n_rounds = int(math.log2(R0)) - 1 if method == "hct" else 0

@@ -312,16 +312,17 @@ def snapshot_row(doc: dict, name: str) -> dict | None:
     return next((r for r in kl["values"]["snapshots"] if r["snapshot"] == name), None)
 
 
-def metric(rec: dict, snapshot: str, key: str = "kl"):
+def metric(rec: dict, snapshot: str | None, key: str = "kl"):
     """One metric (``kl`` in nats, ``au`` ...) of a run's snapshot, recomputed by its checks; None if absent."""
-    return (snapshot_row(rec["doc"], snapshot) or {}).get(key)
+    return (snapshot_row(rec["doc"], snapshot) or {}).get(key) if snapshot is not None else None
 
 
-def last_round(rec: dict) -> str:
-    """The last stage-1 round's snapshot (HCT's pre-refinement model in Table 1), else ``final``."""
+def last_round(rec: dict) -> str | None:
+    """The last stage-1 round's snapshot (HCT's pre-refinement model in Table 1); None when the run has none
+    (R0 = 2), so that the pre-refinement claim is inconclusive rather than decided on another snapshot."""
     kl = next((c for c in rec["doc"]["checks"] if c["id"] == "KL"), None)
     names = [r["snapshot"] for r in (kl["values"].get("snapshots", []) if kl else []) if r["snapshot"].startswith("round")]
-    return names[-1] if names else "final"
+    return names[-1] if names else None
 
 
 def check_of(doc: dict, cid: str) -> tuple[str, str]:
@@ -383,7 +384,7 @@ def main_claim_rows(recs: list[dict], preset: str, *, group: str = "main") -> li
                    else claims.baseline_cell(lab, kl, au, dataset=ds))
             item = "vanilla VAE" if lab == "vanilla" else lab
             rows.append(res.row(cond, item=item, runs=[r["run"] for r in rs], **at, method=lab, stage="final",
-                                label=item, snapshots=["final"] * len(rs)))
+                                label=f"{item} [{loss}]", snapshots=["final"] * len(rs)))
         for lab in sorted(lab for lab in cell if lab.startswith("hct")):
             rs = sorted(cell[lab], key=lambda r: r["job"]["seed"])
             runs = [r["run"] for r in rs]
@@ -397,14 +398,13 @@ def main_claim_rows(recs: list[dict], preset: str, *, group: str = "main") -> li
                 item = f"{name} ({claims.STAGE_NAMES[stage]})"
                 rows.append(claims.hct_keeps_kl(stage, kl, au, dataset=ds).row(
                     c, item=item, runs=runs, **at, method=lab, stage=stage, label=f"{item} [{loss}]", snapshots=snaps))
+            # always a row: a missing comparator (e.g. its run failed) makes the claim inconclusive, not absent
             final = _by_seed(rs, "final")
-            if baselines:
-                rows.append(claims.hct_highest_kl(final, baselines).row(
-                    c, runs=runs + [r["run"] for lab2 in base_labels for r in cell[lab2]], **at, method=lab))
-            if "vanilla" in baselines:
-                rows.append(claims.hct_where_vanilla_collapses(final, baselines["vanilla"]).row(
-                    c, runs=runs + [r["run"] for r in cell["vanilla"]], **at, method=lab,
-                    hct_runs=runs, vanilla_runs=[r["run"] for r in cell["vanilla"]]))
+            rows.append(claims.hct_highest_kl(final, baselines).row(
+                c, runs=runs + [r["run"] for lab2 in base_labels for r in cell[lab2]], **at, method=lab))
+            van_runs = [r["run"] for r in cell.get("vanilla", [])]
+            rows.append(claims.hct_where_vanilla_collapses(final, baselines.get("vanilla", {})).row(
+                c, runs=runs + van_runs, **at, method=lab, hct_runs=runs, vanilla_runs=van_runs))
             for cid in BARRIER_IDS:
                 rows.append(claims.barrier(cid, [check_of(r["doc"], cid) for r in rs]).row(c, runs=runs, **at, method=lab))
     return rows
@@ -415,8 +415,7 @@ def phase_claim_rows(phase: dict, preset: str) -> list[dict]:
     rows = []
     for ds, ph in phase.items():
         rows.append(claims.linear_phase(ph["rows"]).row(f"{ds}, linear VAE, latent {ph['latent_dim']}", dataset=ds))
-        if any(r.get("kl_mlp") is not None for r in ph["rows"]):
-            rows.append(claims.mlp_phase(ph["rows"]).row(f"{ds}, MLP vanilla, preset {preset}", dataset=ds))
+        rows.append(claims.mlp_phase(ph["rows"]).row(f"{ds}, MLP vanilla, preset {preset}", dataset=ds))
     return rows
 
 
@@ -465,8 +464,8 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
     rows += [a for a in ablation_rows(abl, preset) if a["verdict"] != "reported"]
     if not abl:
         why = ("not run in the smoke preset" if not GRIDS[preset]["ablations"] else "not run (--groups without ablation)")
-        rows.append({"id": "ablation", "claim": "Ablations: KL improves with R0 up to 16; eps 1e-5 best; beta in [2, 3] "
-                     "best; keep ratio 1/2 best", "item": "ablations", "section": "5.5, Figures 4 and 8",
+        rows.append({"id": "ablation", "claim": "Ablations: " + "; ".join(c for _, c, _ in PAPER_ABLATION.values()),
+                     "item": "ablations", "section": "5.5, Figures 4 and 8",
                      "paper": "see Figures 4 and 8", "ours": why, "verdict": "inconclusive",
                      "conditions": "run with --preset paper", "runs": [], "values": {}})
     return rows
@@ -494,6 +493,7 @@ def phase_diagram(datasets: list[str], recs: list[dict], *, latent_dim: int, mul
                          "kl_per_dim_theory": list(t["kl_per_dim"]), "kl_linear": fit.kl, "au_linear": fit.au_burda,
                          "kl_per_dim_linear": sorted(map(float, fit.kl_per_dim), reverse=True),
                          "kl_mlp": claims.Stat.of(metric(r, "final") for r in mlp).mean,
+                         "kl_mlp_seeds": [metric(r, "final") for r in sorted(mlp, key=lambda r: r["job"]["seed"])],
                          "au_mlp": claims.Stat.of(metric(r, "final", "au") for r in mlp).mean})
         out[ds] = {"lambda_max": sp.lambda_max, "latent_dim": latent_dim, "rows": rows}
     return out

@@ -43,8 +43,8 @@ result = artefacts.phase("smoke", ["synthetic"], 1, out_dir, n_samples=4000, ove
 # ## The numbers, side by side
 #
 # First the two claims with their verdicts (P1, P2), then one `reported` row per multiple: the paper's
-# prediction (collapse iff `s2 >= lambda_max`), the closed-form KL and active units, the trained linear VAE's,
-# and the MLP's KL (all in nats, averaged over the data).
+# prediction (collapse iff `s2 > lambda_max`; at `s2 = lambda_max` the closed form is already 0), the
+# closed-form KL and active units, the trained linear VAE's, and the MLP's KL (nats, averaged over the data).
 
 # %%
 print(result.to_text(width=70))

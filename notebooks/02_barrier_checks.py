@@ -20,9 +20,9 @@
 #   Figure 2 left, "loss on discarded clusterings remains low") and no model of `F_{t+1}` lies outside
 #   `F_t` (N3);
 # * Theorem 4.4: the final region `F_T` excludes every collapsed model (T1-T4);
-# * Corollary 4.5: stage 3 (training on one clustering) stays in `F_T` with KL > 0.01 (I1), paths to
-#   collapsed models leave `F_T` (I2) and the distance to the constructed collapsed model grows (I3: the
-#   paper's Figure 2 right).
+# * Corollary 4.5: stage 3 (training on one clustering) stays in `F_T` and none of its snapshots collapses
+#   (KL < 0.01) (I1), paths to collapsed models inside `F_T` leave it (I2) and the distance to the
+#   constructed collapsed model grows (I3: the paper's Figure 2 right).
 #
 # **What we do.** Train one HCT run, run every barrier check on its run file with
 # `hcdiag.checks.barrier.run_checks`, and draw each figure with `hcdiag.plots`.

@@ -227,3 +227,51 @@ def test_t2_holds_only_against_a_threshold_below_delta_star(seed, monkeypatch):
         res = exclusion.check_t2(ctx_of(run))
         assert res.values["delta_star"] == ds and res.verdict == want, (eps, res.summary)
         assert (res.witness is None) == (want == "holds")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# review findings: evidence that only looks like evidence
+
+
+@pytest.mark.parametrize("check", ["KL", "I1", "AU"])
+def test_a_snapshot_whose_parameters_overflow_is_refused_not_read_as_kl_inf(seed, check):
+    """Finite weights of 1e38 in 'final' give mu = inf: KL = inf used to read as 'not collapsed' (KL holds) and
+    NaN ratios slipped past I1's comparisons. Every snapshot rebuilt from parameters must give finite outputs."""
+    from hcdiag.checks.barrier import run_checks
+    from hcdiag.errors import InputError
+
+    run = hand_run(seed)
+    run["snapshots"]["final"]["enc_mu.weight"] = torch.full_like(run["snapshots"]["final"]["enc_mu.weight"], 1e38)
+    with pytest.raises(InputError, match=r"the encoder mean of snapshot final rebuilt from snapshots\.final holds \d+ "
+                                         r"non-finite value\(s\) \(NaN or inf\) of \d+ on eval\.x; the snapshot's "
+                                         r"parameters overflow there"):
+        run_checks(run, select=[check])
+
+
+def test_i2_does_not_count_a_collapsed_reference_that_is_not_collapsed(seed, monkeypatch):
+    # the 'collapsed' reference reconstructs c* (inside F_T) with an informative encoder (KL > 0.01): a path to
+    # it stays in F_T, but it is no collapsed model, so it decides nothing
+    _no_witness_in_architecture(monkeypatch)
+    run = hand_run(seed, collapsed_c=CSTAR, collapsed_enc="data")
+    res = inertia.check_i2(ctx_of(run))
+    tc = res.values["to_collapsed"]
+    assert tc["end_inside"] and not tc["leaves"] and tc["kl"] > COLLAPSE_KL and tc["collapsed"] is False
+    assert "to_collapsed" not in res.values["deciding_paths"]
+    assert "its endpoint is not collapsed" in res.summary
+    assert res.values["deciding_paths"] == ["to_constant_output"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda run: run["refinement"].update(eps=0.0), r"refinement\.eps must be a float > 0; got 0\.0\."),
+    (lambda run: run["config"].update(hct={"eps": 1e-5}),
+     r"^refinement\.eps is 1 but config\.hct\.eps is 1e-05; the refinement's target is one number: write the eps "
+     r"the refinement trained towards in both\.$"),
+])
+def test_t2b_target_must_be_one_positive_number(seed, change, match):
+    from hcdiag.errors import InputError
+    from hcdiag.runfile import validate_run
+
+    run = hand_run(seed)
+    change(run)
+    with pytest.raises(InputError, match=match):
+        validate_run(run)

@@ -178,25 +178,6 @@ def test_ablation_jobs_take_the_grid_overrides_but_keep_their_own_value(monkeypa
         assert got["references"] == ()
 
 
-@pytest.mark.parametrize("key", list(V.ABLATIONS))
-def test_ablation_verdict_is_inconclusive_when_every_value_ties(key, seed):
-    # regression: identical runs (e.g. no eps reached within refine_cap, so the eps runs are one run) "held"
-    kl = float(np.random.default_rng(seed).uniform(0.0, 3.0))
-    vals = V.ABLATIONS[key]
-    assert claims._ablation_verdict(key, [(v, kl) for v in vals]) == (
-        "inconclusive", f"every tested {key} gives the same final KL: the setting changed nothing in training")
-    assert claims._ablation_verdict(key, []) == ("inconclusive", "no final KL measured")
-    # a single differing value is evidence again: the paper's best value strictly best -> holds
-    best = V.PAPER_ABLATION[key][2]
-    best = best[0] if isinstance(best, tuple) else best
-    pts = [(v, kl + (1.0 if v == best else 0.0)) for v in vals]
-    if key == "r0":  # KL non-decreasing in R0 up to 16: a step up at R0 >= 16
-        pts = [(v, kl + (1.0 if v >= best else 0.0)) for v in vals]
-    elif key == "eps":  # smaller eps never worse
-        pts = [(v, kl + (1.0 if v <= best else 0.0)) for v in vals]
-    assert claims._ablation_verdict(key, pts)[0] == "holds"
-
-
 def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, monkeypatch, one_thread):
     from hcdiag import artefacts
     from hcdiag.data import load
@@ -358,3 +339,48 @@ def test_pool_workers_stop_when_verify_dies(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the pool worker outlived its killed parent by 20 s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the claims table on hand-made records: like for like, seeds paired, the warm-up in its own block
+
+
+def _rec(method, loss, seed, kl, tag="", barrier="holds"):
+    snaps = [{"snapshot": s, "kl": kl, "au": 1} for s in ("init", "round0", "refined", "final")]
+    checks = [{"id": "KL", "verdict": "holds", "summary": "", "values": {"snapshots": snaps}}]
+    checks += [{"id": c, "verdict": barrier, "summary": f"{c} said so", "values": {}} for c in V.BARRIER_IDS]
+    job = {"dataset": "synthetic", "method": method, "tag": tag, "multiple": 2.0, "loss": loss, "seed": seed,
+           "group": "main"}
+    return {"job": job, "run": f"{method}{tag}_{loss}_s{seed}.pt", "doc": {"checks": checks}}
+
+
+def test_main_claim_rows_compare_like_with_like_and_pair_seeds():
+    recs = [_rec("hct", "literal", 0, 1.5), _rec("hct", "literal", 1, 0.001),
+            _rec("vanilla", "literal", 0, 0.001), _rec("vanilla", "literal", 1, 0.5),
+            _rec("hct", "mean", 0, 3.0), _rec("hct", "literal", 0, 3.0, tag="warmup"),
+            _rec("hct", "literal", 1, 2.0, tag="warmup")]
+    rows = V.main_claim_rows(recs, "smoke")
+
+    def one(id_, **v):
+        (r,) = [r for r in rows if r["id"] == id_ and all(r["values"].get(k) == x for k, x in v.items())]
+        return r
+
+    # literal: seed 0 HCT 1.5 vs vanilla 0.001 holds, seed 1 HCT 0.001 collapsed fails -> mixed, paired by seed
+    f5 = one("figure5", method="hct", loss="literal")
+    assert f5["values"]["per_seed"] == ["holds", "fails"] and f5["verdict"] == "mixed"
+    hi = one("table1.highest", method="hct", loss="literal")
+    assert hi["values"]["per_seed"] == ["holds", "fails"] and hi["values"]["best_baseline"] == {"0": "vanilla",
+                                                                                               "1": "vanilla"}
+    # mean: HCT has no baseline of its own convention, so nothing is compared across conventions
+    for id_ in ("figure5", "table1.highest"):
+        r = one(id_, method="hct", loss="mean")
+        assert r["verdict"] == "inconclusive" and "literal" not in " ".join(r["runs"]), id_
+    # the warm-up: its own block under literal, compared with literal's vanilla at the same seed
+    w = one("figure5", method="hct-warmup")
+    assert w["conditions"].endswith("loss literal, beta warm-up from 0") and w["values"]["per_seed"] == ["holds", "fails"]
+    # the barrier claims are the checks' own verdicts, combined over seeds
+    assert one("barrier.T2", method="hct", loss="literal")["ours"] == "T2 said so [2/2 seeds hold]"
+    # vanilla's claim: seed 0 collapsed, seed 1 not -> mixed, with each seed's own verdict
+    van = one("table1.vanilla", loss="literal")
+    assert van["values"]["per_seed"] == ["holds", "fails"] and van["verdict"] == "mixed"
+    assert van["values"]["label"] == "vanilla VAE [literal]"

@@ -8,10 +8,24 @@ from typing import Any, Literal
 import torch
 
 from hcdiag.errors import InputError
-from hcdiag.models import build_model, encode_decode
+from hcdiag.metrics import clustering_losses
+from hcdiag.models import ModelConfig, build_model, encode_decode
 
 Verdict = Literal["holds", "fails", "inconclusive"]
 VERDICTS = ("holds", "fails", "inconclusive")
+_OUTPUT_NAMES = {"mu": "encoder mean", "logvar": "encoder log-variance", "xhat": "reconstruction"}
+
+
+def _finite_outputs(out: tuple, where: str, fix: str) -> tuple:
+    """Refuse (InputError) rebuilt outputs ``(mu, logvar, xhat)`` that hold NaN or inf on eval.x: parameters
+    that overflow (a diverged run) would otherwise read as "not collapsed" (KL = inf) or slip past every
+    comparison (NaN). ``where`` names the snapshot ('snapshot final rebuilt from snapshots.final')."""
+    for key, t in zip(("mu", "logvar", "xhat"), out):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise InputError(f"the {_OUTPUT_NAMES[key]} of {where} holds {bad} non-finite value(s) (NaN or inf) of "
+                             f"{t.numel()} on eval.x; {fix}")
+    return out
 
 
 @dataclass
@@ -93,6 +107,7 @@ class RunContext:
         self._model = None
         self._ref_out: dict[tuple[str, str], tuple] = {}
         self._evidence = None
+        self._memo: dict[str, Any] = {}
         self._defaults: list[dict] = []
         self._model_defaults = self._absent_model_fields(self.model_cfg, "config.model")
 
@@ -123,8 +138,6 @@ class RunContext:
     def _absent_model_fields(cfg: dict | None, where: str) -> list[dict]:
         if not cfg:
             return []
-        from hcdiag.models import ModelConfig
-
         base = ModelConfig().to_dict()
         return [{"key": f"{where}.{f}", "default": base[f], "why": f"{where}.{f} is absent; hcdiag builds the "
                  f"{cfg.get('family')} model with its default"}
@@ -165,7 +178,10 @@ class RunContext:
             self._rebuilt()
         if name not in self._out:
             if st is not None:
-                self._out[name] = self.outputs_of_state(st)
+                self._out[name] = _finite_outputs(
+                    self.outputs_of_state(st), f"snapshot {name} rebuilt from snapshots.{name}",
+                    f"the snapshot's parameters overflow there (a diverged run?): store the last finite snapshot, or "
+                    f"finite outputs.{name}.")
             else:
                 o = self.run.outputs(name)
                 if o is None:
@@ -176,8 +192,6 @@ class RunContext:
 
     # -- clustering losses (eq. 8) -----------------------------------------------------------------------
     def losses_of_xhat(self, xhat: torch.Tensor) -> torch.Tensor:
-        from hcdiag.metrics import clustering_losses
-
         return clustering_losses(xhat.double(), self.centroids.double()).cpu()  # (R0,)
 
     def losses(self, name: str) -> torch.Tensor:
@@ -195,6 +209,12 @@ class RunContext:
             self.note_default("snapshot_order", "the snapshots keys, then the outputs keys",
                               "snapshot_order is absent, so training order is read from the keys")
         return list(self.run.snapshot_names)
+
+    def cached(self, key: str, compute):
+        """``compute()`` once per context (results several checks share, e.g. every snapshot's metrics)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def evidence(self):
@@ -265,6 +285,8 @@ class RunContext:
                     except RuntimeError:
                         raise InputError(_mismatch(cfg, model.state_dict(), ref["state"])) from None
                     out = encode_decode(model, self.x, self.batch_size)
+                out = _finite_outputs(out, f"references.{name} rebuilt from references.{name}.state",
+                                      "its parameters overflow there: store a finite reference.")
             else:
                 o = ref.get("outputs")
                 if o is None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from hcdiag.checks.base import CheckResult, RunContext, inconclusive
 from hcdiag.claims import collapsed
+from hcdiag.metrics import collapse_metrics
 from hcdiag.paper import AU_THRESHOLD, COLLAPSE_KL
 
 
 def snapshot_metrics(ctx: RunContext) -> list[dict]:
-    from hcdiag.metrics import collapse_metrics
-
     rows = []
     for s in ctx.order:
         mu, lv, xhat = ctx.outputs(s)
@@ -25,9 +24,7 @@ def snapshot_metrics(ctx: RunContext) -> list[dict]:
 def _final(ctx: RunContext, id: str, claim: str):
     if not ctx.order:
         return None, inconclusive(id, claim, "section 5.1.4", "the run stores no snapshot or outputs")
-    if getattr(ctx, "_metrics_rows", None) is None:
-        ctx._metrics_rows = snapshot_metrics(ctx)
-    return ctx._metrics_rows, None
+    return ctx.cached("snapshot_metrics", lambda: snapshot_metrics(ctx)), None
 
 
 def check_kl(ctx: RunContext) -> CheckResult:

@@ -31,8 +31,8 @@ import torch
 
 from hcdiag.errors import InputError
 
-__all__ = ["Evidence", "RefinementEvidence", "RoundEvidence", "data_scale", "describe_output", "loss_tolerance",
-           "output_tolerance", "recompute", "require_finite", "verify"]
+__all__ = ["Evidence", "RefinementEvidence", "RoundEvidence", "data_scale", "loss_tolerance",
+           "output_tolerance", "recompute", "verify"]
 
 OUTPUT_RTOL = 1e-3
 LOSS_RTOL = 1e-3  # relative: float32 evaluation on another device or with another batch size
@@ -41,7 +41,6 @@ LOSS_ABS = 1e-5  # a producer's float32 expansion ||x||^2 - 2 x.mu + ||mu||^2 on
 
 _FIX = ("hcdiag recomputes this number from the run's own snapshot and refuses a file that contradicts it: compute "
         "it with eq. 8 on eval.x at that snapshot (docs/runfile.md, 'Numbers hcdiag recomputes').")
-_NAMES = {"mu": "encoder mean", "logvar": "encoder log-variance", "xhat": "reconstruction"}
 
 
 def output_tolerance(stored: torch.Tensor) -> float:
@@ -114,25 +113,6 @@ class Evidence:
                 "refinement": None if ref is None else {"snapshot": ref.snapshot, "pair": list(ref.pair), "l_a": ref.l_a,
                                                         "l_b": ref.l_b, "eps_T": ref.eps_T, "reached": ref.reached},
                 "scale": self.scale}
-
-
-def describe_output(ctx, name: str, key: str) -> str:
-    """Where the ``key`` output of snapshot ``name`` comes from, in the run file's words."""
-    if ctx.state(name) is not None:
-        return f"the {_NAMES[key]} of snapshot {name} rebuilt from snapshots.{name}"
-    return f"outputs.{name}.{key}"
-
-
-def require_finite(ctx, name: str, keys=("mu", "logvar", "xhat")) -> None:
-    """Refuse (InputError) a snapshot whose outputs on eval.x hold NaN or inf, naming the snapshot and key
-    (stored outputs are validated finite, so this happens only to parameters that overflow)."""
-    out = dict(zip(("mu", "logvar", "xhat"), ctx.outputs(name)))
-    for key in keys:
-        bad = int((~torch.isfinite(out[key])).sum())
-        if bad:
-            raise InputError(f"{describe_output(ctx, name, key)} holds {bad} non-finite value(s) (NaN or inf) of "
-                             f"{out[key].numel()} on eval.x; the snapshot's parameters overflow there (a diverged "
-                             f"run?): store the last finite snapshot, or finite outputs.{name}.")
 
 
 def _outputs_of(ctx, name: str, where: str):
@@ -210,7 +190,6 @@ def verify(ctx) -> Evidence:
         if ctx.run.path is None:
             raise
         raise InputError(f"{ctx.run.path}: {exc}") from None
-    ctx._evidence = ev
     return ev
 
 
@@ -231,11 +210,10 @@ def _verify(ctx) -> Evidence:
             _compare_outputs(rebuilt, col["outputs"], "references.collapsed.outputs", "references.collapsed.state",
                              model_where, cfg)
     # 2. the thresholds and losses, recomputed at their snapshots
-    decisive = [str(r["snapshot"]) for r in run.rounds or []] + ([str(run.refinement["snapshot"])] if run.refinement else [])
-    for name in decisive:
-        if _has(ctx, name):
-            require_finite(ctx, name, ("xhat",))
-    ev = recompute(ctx)
+    for name in ctx.order:  # every snapshot rebuilt from parameters must give finite outputs (RunContext refuses)
+        if ctx.state(name) is not None:
+            ctx.outputs(name)
+    ev = ctx.evidence  # recompute(ctx), computed once per context
     S = ev.scale
     for r in ev.rounds:
         entry = run.rounds[r.index]
@@ -261,7 +239,3 @@ def _verify(ctx) -> Evidence:
                              f"{ref.eps_T:.6g} {rel} refinement.eps = {ref.eps:.6g} on eval.x (tolerance {tol:.3g}); "
                              f"{_FIX}")
     return ev
-
-
-def _has(ctx, name: str) -> bool:
-    return ctx.state(name) is not None or ctx.run.outputs(name) is not None

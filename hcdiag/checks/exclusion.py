@@ -14,6 +14,7 @@ import torch
 from hcdiag.checks.base import CheckResult, RunContext, inconclusive
 from hcdiag.checks.delta import delta_star, delta_star_pair, delta_t1, shared_centroid_pairs, t2b_floor
 from hcdiag.claims import collapsed
+from hcdiag.metrics import kl_total
 from hcdiag.paper import COLLAPSE_KL
 
 SECTION = "Theorem 4.4"
@@ -79,8 +80,6 @@ def check_t2(ctx: RunContext, *, shared_tol: float | None = None) -> CheckResult
     sd, why = witness_state(ctx, base_state(ctx, reg.snapshot), c) if ctx.has_parameters else (None, "outputs only")
     if sd is not None:
         mu, lv, xhat = ctx.outputs_of_state(sd)
-        from hcdiag.metrics import kl_total
-
         w_kl = kl_total(mu, lv)
         w_losses = ctx.losses_of_xhat(xhat)
         built = "architecture"
@@ -189,8 +188,6 @@ def check_t3(ctx: RunContext) -> CheckResult:
                             "with a config.model) nor read (no references.collapsed.outputs)")
     source = ("references.collapsed.state" if ref.get("state") is not None
               and ctx.reference_model_config("collapsed")[0] is not None else "references.collapsed.outputs")
-    from hcdiag.metrics import kl_total
-
     mu, lv, xhat = out
     kl = kl_total(mu, lv)
     spread = float(((xhat - xhat.mean(0)) ** 2).sum(1).mean())
@@ -226,8 +223,6 @@ def check_t4(ctx: RunContext, *, margin: float = 0.05, snapshot: str = "final") 
     if resp is None:
         return inconclusive("T4", claim, "companion notes (seed 000)", "the run file stores no responsibilities "
                             "(clusterings.resp) for the teacher")
-    from hcdiag.checks.evidence import require_finite
-
     names = ctx.order
     if not names:
         return inconclusive("T4", claim, "companion notes (seed 000)", "the run stores no snapshot or outputs yet")
@@ -249,18 +244,10 @@ def check_t4(ctx: RunContext, *, margin: float = 0.05, snapshot: str = "final") 
     def cert(mu):
         return certify_nonconstant(mu[fit].double().cpu(), T[fit], mu[ev].double().cpu(), T[ev], margin=margin)
 
-    require_finite(ctx, snap, ("mu",))  # names the snapshot and key, not the witness's argument
     c = cert(ctx.outputs(snap)[0])
     values = {"snapshot": snap, "clustering": cid, **c.to_dict()}
     col_out = ctx.reference_outputs("collapsed")
-    if col_out is not None:
-        bad = int((~torch.isfinite(col_out[0])).sum())
-        if bad:
-            from hcdiag.errors import InputError
-
-            raise InputError(f"the encoder mean of references.collapsed rebuilt from references.collapsed.state holds "
-                             f"{bad} non-finite value(s) (NaN or inf) of {col_out[0].numel()} on eval.x; its parameters "
-                             "overflow there: store a finite collapsed reference.")
+    if col_out is not None:  # RunContext refuses rebuilt outputs that are not finite
         values["collapsed_reference"] = cert(col_out[0]).to_dict()
     if c.certified:
         return CheckResult("T4", claim, "companion notes (seed 000)", "holds", values,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hcdiag.checks import delta
 from hcdiag.checks.base import CheckResult, RunContext, inconclusive
 from hcdiag.checks.exclusion import witness_state
 from hcdiag.checks.regions import _lerp
 from hcdiag.claims import collapsed
+from hcdiag.metrics import active_units, kl_total
 from hcdiag.models import parameter_distance
-from hcdiag.paper import COLLAPSE_KL
+from hcdiag.paper import COLLAPSE_KL, I2_PATHS
 
 SECTION = "Corollary 4.5"
 
@@ -18,8 +20,6 @@ SECTION = "Corollary 4.5"
 def check_i1(ctx: RunContext) -> CheckResult:
     """I1: along stage 3, ``max L_{K_T} / eps_T`` and KL; holds if the model stays in F_T and no snapshot is
     collapsed (:func:`hcdiag.claims.collapsed`: KL < 0.01)."""
-    from hcdiag.metrics import active_units, kl_total
-
     claim = "Trained afterwards on a single clustering, the model stays in F_T and does not collapse."
     reg, st3 = ctx.final_region(), ctx.run.stage3
     if reg is None or not st3:
@@ -72,9 +72,6 @@ def _output_path(ctx: RunContext, xhat0, c, ids, points: int) -> dict:
     return {"alpha": alphas.tolist(), "L": L}
 
 
-_PATHS = {"to_witness": "the T2 witness (an exactly collapsed model, KL = 0)",
-          "to_collapsed": "the collapsed reference (vanilla at 10 lambda_max)",
-          "to_constant_output": "the best constant in output space (the architecture cannot express it)"}
 
 
 def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
@@ -84,8 +81,6 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
     Only a path whose endpoint lies INSIDE F_T is evidence (claims.md): a path to a model outside F_T must
     leave F_T and proves nothing. I2 fails when such a path never leaves F_T, holds when every such path
     leaves it, and is inconclusive (the curves are still drawn) when no collapsed model inside F_T has a path."""
-    from hcdiag.checks.delta import delta_star_pair
-
     claim = ("Gradient descent cannot reach a collapsed solution without passing through regions where "
              "L_(S_T) > eps_T.")
     reg = ctx.final_region()
@@ -93,12 +88,15 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
         return inconclusive("I2", claim, SECTION, "the run has no refinement, so no F_T")
     values = {"eps_T": reg.eps, "points": points, "tolerance": ctx.tol}
     start = ctx.state(reg.snapshot)
-    ds = delta_star_pair(ctx.centroids[reg.ids[0]], ctx.centroids[reg.ids[1]])
+    ds = delta.delta_star_pair(ctx.centroids[reg.ids[0]], ctx.centroids[reg.ids[1]])
     why_not = "the run carries no rebuildable architecture (outputs only)"
     if start is not None:
         col = (ctx.run.references or {}).get("collapsed")
         if col is not None and ctx.same_architecture("collapsed"):
             values["to_collapsed"] = _summarize_path(_path(ctx, start, col["state"], reg.ids, points), reg.eps, ctx.tol)
+            # the reference is only a collapsed model if its KL says so (T3 checks the same)
+            kl = kl_total(*ctx.reference_outputs("collapsed")[:2])
+            values["to_collapsed"].update(kl=kl, collapsed=collapsed(kl))
         elif col is not None:
             values["to_collapsed_unavailable"] = ("the collapsed reference has no parameters of the run's architecture "
                                                   "(another config.model, or outputs only)")
@@ -112,14 +110,15 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
         if reg.snapshot in ctx.order:
             values["to_constant_output"] = _summarize_path(
                 _output_path(ctx, ctx.outputs(reg.snapshot)[2], ds.c, reg.ids, points), reg.eps, ctx.tol)
-    paths = {k: values[k] for k in _PATHS if k in values}
+    paths = {k: values[k] for k in I2_PATHS if k in values}
     if not paths:
         return inconclusive("I2", claim, SECTION, f"no path to a collapsed model can be drawn ({why_not})", **values)
-    deciding = {k: v for k, v in paths.items() if v["end_inside"]}
+    deciding = {k: v for k, v in paths.items() if v["end_inside"] and v.get("collapsed", True)}
     values["deciding_paths"] = list(deciding)
     described = "; ".join(
-        f"path to {_PATHS[k]} " + (f"leaves F_T at alpha = {v['leaves_at']:.2f}" if v["leaves"] else "stays in F_T")
+        f"path to {I2_PATHS[k]} " + (f"leaves F_T at alpha = {v['leaves_at']:.2f}" if v["leaves"] else "stays in F_T")
         + ("" if v["end_inside"] else f" (its endpoint lies outside F_T, L/eps_T = {v['end_ratio']:.3g}: no evidence)")
+        + ("" if v.get("collapsed", True) else f" (its endpoint is not collapsed, KL = {v['kl']:.3g}: no evidence)")
         for k, v in paths.items())
     if not deciding:
         return inconclusive("I2", claim, SECTION, "no collapsed model inside F_T to draw a path to: " + described
@@ -128,8 +127,8 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
     if stay:
         k = stay[0]
         return CheckResult("I2", claim, SECTION, "fails", values, tolerance=ctx.tol,
-                           witness={"path": f"to {_PATHS[k]}", "max_L": deciding[k]["max_L"], "eps_T": reg.eps},
-                           summary=f"the straight path to {_PATHS[k]} stays in F_T (max L = {deciding[k]['max_L']:.4g} "
+                           witness={"path": f"to {I2_PATHS[k]}", "max_L": deciding[k]["max_L"], "eps_T": reg.eps},
+                           summary=f"the straight path to {I2_PATHS[k]} stays in F_T (max L = {deciding[k]['max_L']:.4g} "
                                    f"<= eps_T (1 + tau) = {reg.eps * (1 + ctx.tol):.4g}); {described}")
     return CheckResult("I2", claim, SECTION, "holds", values, tolerance=ctx.tol, summary=described)
 
@@ -185,7 +184,7 @@ def check_i3(ctx: RunContext) -> CheckResult:
     if not ctx.same_architecture("collapsed"):
         return inconclusive("I3", claim, "section 5.3", "the collapsed reference has no parameters of the run's "
                             "architecture (another config.model, or outputs only): no parameter distance to it")
-    _, _, xc = ctx.outputs_of_state(col["state"])
+    _, _, xc = ctx.reference_outputs("collapsed")
     # snapshots with outputs only have no distance; a snapshot identical to the one before it (hcdiag's 'final'
     # is the last stage-3 snapshot) is one point, not two: counted twice it would move Spearman's p
     names, repeated = _distinct(ctx.state, [s for s in ctx.order if ctx.state(s) is not None])
