@@ -192,9 +192,15 @@ def table1_bars(rows: list[dict], dataset: str, multiple: float, ax=None):
             and r["values"].get("multiple") == multiple and r["values"].get("kl") is not None]
     fig, ax = axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["values"]["kl"] for r in rows], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
+    ours = [r["values"]["kl"] for r in rows]
+    paper = [r["values"].get("paper_kl") or 0.0 for r in rows]
+    # collapsed runs (KL ~ 1e-8) vanish on a linear axis beside the paper's 2.5: a log axis shows them, with a
+    # floor for an exact 0
+    floor = min([v for v in ours + paper if v > 0] + [COLLAPSE_KL]) / 10
+    ax.bar(x - 0.2, [max(v, floor) for v in ours], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
            color="C3", label="ours")
-    ax.bar(x + 0.2, [r["values"].get("paper_kl") or 0 for r in rows], 0.4, color="C7", label="paper Table 1")
+    ax.bar(x + 0.2, [max(v, floor) for v in paper], 0.4, color="C7", label="paper Table 1")
+    ax.set_yscale("log")
     thr = PAPER_KL_THRESHOLD.get(dataset, 2.0)
     ax.axhline(thr, ls="--", color="k", lw=1, label=f"paper's text: HCT KL > {thr:g}")
     ax.axhline(COLLAPSE_KL, ls=":", color="C0", lw=1, label=f"collapse threshold {COLLAPSE_KL:g}")
