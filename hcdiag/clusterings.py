@@ -335,6 +335,29 @@ def fit_clusterings(x, r0: int, k: int, *, covariance: Covariance = "diag", back
                          init=init, config=config)
 
 
+def fingerprint(x: np.ndarray | None = None, settings: dict | None = None) -> str:
+    """SHA-256 (hex) of a data matrix and/or of settings: the key of the EM cache and the fingerprint a run
+    file keeps of its data and settings (``hcdiag train --resume`` refuses another data set).
+
+    ``x`` : C-contiguous float32 array of shape (n, N): its shape and bytes are hashed, so a negated or
+    permuted copy has another fingerprint. ``settings`` : JSON-able dict, hashed as sorted JSON.
+
+    >>> a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    >>> fingerprint(a) == fingerprint(a.copy()), fingerprint(a) == fingerprint(a[::-1].copy())
+    (True, False)
+    """
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    if x is not None:
+        h.update(repr(x.shape).encode())
+        h.update(memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B"))
+    if settings is not None:
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[ClusteringSet, bool]:
     """:func:`fit_clusterings` through a folder of results keyed by the data's bytes and every setting.
 
@@ -346,7 +369,6 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
     result (``progress``, ``n_jobs``, ``uneven``) are not part of the key. Returns ``(set, hit)``.
     The file is written atomically; an unreadable one is refitted and replaced.
     """
-    import hashlib
     import json
     import os
     from pathlib import Path
@@ -357,16 +379,13 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
     xa = np.ascontiguousarray(xa, dtype=np.float32)
     settings = {"r0": int(r0), "k": int(k), **{n: (resolve_device(v).type if n == "device" else v)
                                               for n, v in sorted(kw.items()) if n not in ("progress", "n_jobs", "uneven")}}
-    h = hashlib.sha256()
-    h.update(repr(xa.shape).encode())
-    h.update(memoryview(xa).cast("B"))
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    key = fingerprint(xa, settings)
     folder = Path(cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"Cannot create the EM cache folder {folder}: {exc.strerror}; choose a writable folder.") from None
-    path = folder / f"em-{h.hexdigest()[:32]}.npz"
+    path = folder / f"em-{key[:32]}.npz"
 
     def read():
         try:
