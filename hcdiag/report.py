@@ -158,13 +158,49 @@ def figure_pngs(figs) -> dict[str, bytes]:
 
 
 def write_files(out_dir, files: dict[str, bytes]) -> list[str]:
-    """Write each file to a temporary name in ``out_dir`` and rename it: never a half-written file."""
+    """Write ``{file name: bytes}`` into ``out_dir`` whole or not at all; returns the sorted names.
+
+    Every file goes to a temporary ``.NAME.XXXXXXXX.tmp`` first (flushed and fsynced), and only when all
+    are written are they renamed over their names. A failed write (a full disk) removes the temporaries
+    and raises :class:`~hcdiag.errors.InputError` (one line): the previous report files stay as they
+    were. Temporaries a killed writer left for a report file are removed first (:mod:`hcdiag.atomic`).
+    """
     import os
     from pathlib import Path
 
+    from hcdiag.atomic import file_mode, remove_stale, temporary
+    from hcdiag.errors import InputError
+
     out = Path(out_dir)
-    for name, data in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, out / name)
+    remove_stale(out, lambda name: name in files or name.endswith(_REPORT_SUFFIXES))
+    for name in files:  # the fixed-name temporaries earlier versions wrote (.report.md.tmp)
+        legacy = out / f".{name}.tmp"
+        if legacy.is_file() and not legacy.is_symlink():
+            legacy.unlink(missing_ok=True)
+    temps: list[tuple[int, Path, str]] = []
+    try:
+        for name, data in files.items():
+            fd, tmp = temporary(out, name)
+            temps.append((fd, tmp, name))
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, file_mode(out / name))
+        for _fd, tmp, name in temps:
+            os.replace(tmp, out / name)
+    except BaseException as exc:
+        for _fd, tmp, _name in temps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise InputError(f"{out}: could not write the report ({exc.strerror or type(exc).__name__}); the previous "
+                             "report files (if any) are untouched: free space or choose another folder.") from None
+        raise
+    finally:
+        for fd, _tmp, _name in temps:
+            os.close(fd)  # releases each temporary's lock only after its rename or removal
     return sorted(files)
+
+
+# what write_files writes: figures, report.md, report.html, results.json
+_REPORT_SUFFIXES = (".png", ".md", ".html", ".json")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -983,10 +982,26 @@ def _compact(obj: Any) -> Any:
     return obj
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# torch.save reports a failed write of the file object as a RuntimeError of its zip writer
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why writing failed, in words (``No space left on device``), for an ``OSError`` or for the
+    ``RuntimeError`` torch.save raises when the file's write fails (the ``OSError`` it carries, when
+    any); None for anything else, which is a bug to show in full."""
+    if isinstance(exc, OSError):
+        return exc.strerror or _first_line(exc)
+    if isinstance(exc, RuntimeError):
+        seen, cause = set(), exc.__cause__ or exc.__context__
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, OSError):
+                return cause.strerror or _first_line(cause)
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if any(marker in str(exc) for marker in _TORCH_WRITE_FAILED):
+            return f"torch.save failed: {' '.join(str(exc).split())[:120]}"
+    return None
 
 
 def save_run(run: dict, path: str | os.PathLike) -> Path:
@@ -1011,30 +1026,34 @@ def save_run(run: dict, path: str | os.PathLike) -> Path:
     blocker = next((q for q in [folder, *folder.parents] if q.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise InputError(f"{blocker}: is a file, not a folder, so {p} cannot be written there; choose another path.")
+    from hcdiag.atomic import file_mode, temporary
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{p.name}.", suffix=".tmp")
+        fd, tmp = temporary(folder, p.name)  # also removes the temporaries a killed writer left
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or _first_line(exc))
         raise InputError(f"{folder}: cannot write the run file there ({reason}); choose a writable folder "
                          "or fix its permissions.") from None
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb", closefd=False) as fh:
             torch.save(run, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        mode = p.stat().st_mode & 0o777 if p.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)  # mkstemp makes 0600; keep the old file's mode or the usual one
+        os.chmod(tmp, file_mode(p))  # mkstemp makes 0600; keep the old file's mode or the usual one
         os.replace(tmp, p)
     except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(exc, OSError):
-            raise InputError(f"{p}: could not write the run file ({exc.strerror or _first_line(exc)}); "
+        reason = _write_failure(exc)
+        if reason is not None:
+            raise InputError(f"{p}: could not write the run file ({reason}); "
                              "the previous file (if any) is untouched: free space or choose another folder.") from None
         raise
+    finally:
+        os.close(fd)  # releases the temporary's lock only now, after the rename or the unlink
     try:  # make the rename itself durable; not every file system lets a folder be fsynced
         dfd = os.open(folder, os.O_RDONLY)
         try:
