@@ -15,7 +15,10 @@ class InputError(HcdiagError, ValueError):
 
 
 class NumericalError(HcdiagError, RuntimeError):
-    """A computation produced non-finite values; the message names where and what to change."""
+    """A computation produced non-finite values; the message names where and what to change.
+
+    The input was fine but the run failed: the CLI prints the one-line message and exits with status 1
+    (``hcdiag train``: after keeping what was trained so far as a partial run file)."""
 
 
 class HcdiagWarning(UserWarning):

@@ -159,6 +159,10 @@ def _validate_config(c: TrainConfig) -> None:
             raise InputError(f"The '{name}' parameter must be an integer >= 0. Got {getattr(c, name)}.")
     if not 0 < c.keep_ratio < 1:
         raise InputError(f"The 'keep_ratio' parameter must lie in (0, 1). Got {c.keep_ratio}.")
+    for f in fields(c):  # NaN passes every comparison below: --free-bits nan would train without free bits
+        v = getattr(c, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InputError(f"The '{f.name}' parameter must be a finite number. Got {v}.")
     if c.kl_weight < 0 or c.free_bits < 0 or c.beta_start < 0 or c.beta_end < 0:
         raise InputError("The weights kl_weight, free_bits, beta_start and beta_end must be >= 0.")
     bad = [r for r in c.references if r not in ("collapsed", "vanilla", "control")]
@@ -312,6 +316,7 @@ class Trainer:
         self.xbar = self.X.double().mean(0)
         self.steps_per_epoch = math.ceil(self.n / c.batch_size)
         self.spc = self.steps_per_epoch if c.epoch_unit == "epochs" else c.steps_per_clustering
+        self.fingerprint = _fingerprints(c, self.x_np)
 
     def _config_dict(self) -> dict:
         import sklearn
@@ -328,6 +333,7 @@ class Trainer:
                      "stage3_epochs": c.stage3_epochs, "covariance": c.covariance, "em_backend": c.em_backend}
                     if c.method == "hct" else None),
             "seed": c.seed, "device": str(self.device), "deterministic": c.deterministic,
+            "fingerprint": dict(self.fingerprint),
             "versions": {"hcdiag": _version(), "torch": torch.__version__, "numpy": np.__version__,
                          "sklearn": sklearn.__version__, "python": platform.python_version()},
         }
@@ -465,37 +471,109 @@ class Trainer:
                 "g_idx": state["g_idx"].get_state(), "g_noise": state["g_noise"].get_state().cpu(),
                 "perm": state["perm"].clone() if state["perm"] is not None else None, "pos": state["pos"],
                 "step": state["step"], "epoch": state["epoch"],
+                # rows recorded after this save (up to a non-finite stop) are dropped on --resume
+                "history_rows": len(run["history"]["step"]),
             }
-        if self.out is not None:
-            from hcdiag.runfile import save_run
+        self._write(run)
 
+    def _write(self, run: dict) -> None:
+        """Write the run file (atomically); a failed write (a full disk) stops training with one line."""
+        if self.out is None:
+            return
+        from hcdiag.runfile import save_run
+
+        try:
             save_run(_finalize_history(run), self.out)
+        except InputError as exc:
+            status = run.get("status") or {}
+            what = ("Training finished but was not saved" if status.get("complete")
+                    else f"Training stopped before stage {status.get('stage')!r}")
+            then = ("run the same command with --resume to continue from the last save" if self._has_save
+                    else "run the same command again (nothing of this run was saved yet)")
+            raise InputError(f"{exc} {what}; once there is room, {then}.") from None
+        self._has_save = True
 
     # -- public entry ------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
-        """Train, write the run file at every round and stage, and return the run dict."""
-        if self.out is not None:
-            _check_writable(self.out)
-        self._setup()
-        previous = None
-        if resume:
-            previous = self._load_for_resume()
-        t_start = time.perf_counter()
-        try:
-            run = self._run(previous)
-        except _NonFinite as exc:
-            msg = (f"non-finite loss in {exc.where}; the last good state is kept in "
-                   f"{self.out if self.out else 'memory'}. Lower --lr or change --multiple/--loss.")
-            if self.out is not None and self._last_run is not None:
-                self._last_run.setdefault("status", {})["error"] = msg
-                from hcdiag.runfile import save_run
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Train, write the run file at every round and stage, and return the run dict.
 
-                save_run(_finalize_history(self._last_run), self.out)
-            raise NumericalError(msg) from None
-        self.timings["total"] = time.perf_counter() - t_start
-        return run
+        An existing ``out`` is continued with ``resume=True`` (when it was written with the same data and
+        settings) or replaced with ``overwrite=True``; without either it is refused, and ``out`` is never
+        the data file this run reads. While it trains, ``out`` is locked: a second trainer of the same
+        ``out`` is refused (:class:`hcdiag.atomic.OutputLock`)."""
+        lock = self._claim_out(resume=resume, overwrite=overwrite) if self.out is not None else None
+        try:
+            self._setup()
+            previous = None
+            if resume:
+                previous = self._load_for_resume()
+            t_start = time.perf_counter()
+            try:
+                run = self._run(previous)
+            except _NonFinite as exc:
+                raise NumericalError(self._stop_non_finite(exc.where)) from None
+            self.timings["total"] = time.perf_counter() - t_start
+            return run
+        finally:
+            if lock is not None:
+                lock.release()
 
     _last_run: dict | None = None
+    _has_save = False  # whether the run file holds a state of this run that --resume continues
+
+    def _claim_out(self, *, resume: bool, overwrite: bool):
+        """Refuse an ``out`` that is the input data or that exists without resume/overwrite, then lock
+        it. Nothing is written or removed when refusing (the lock file is our own, made and removed)."""
+        from hcdiag.atomic import OutputBusy, OutputLock
+
+        out = self.out
+        _check_writable(out)
+        source = getattr(self.dataset, "source", None)
+        if source and out.exists():
+            src = Path(source)
+            if src.is_file() and os.path.samefile(out, src):  # same inode: hard links and symlinks too
+                raise InputError(f"--out {out} is the data file this run reads ({src}); writing the run there would "
+                                 "destroy the data: choose another --out.")
+            if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+                raise InputError(f"--out {out} is a file in the data folder {src} that this run reads; write the run "
+                                 "file outside it (another --out).")
+        lock = OutputLock(out, owner="train")
+        try:
+            lock.acquire()
+        except OutputBusy as busy:
+            who = f"another hcdiag train (pid {busy.pid})" if busy.pid else "another hcdiag train"
+            raise InputError(f"--out {out} is being written by {who}; wait for it to finish or choose another "
+                             "--out.") from None
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot create its lock file {lock.path} ({exc.strerror}); choose a "
+                             "writable folder.") from None
+        if out.exists() and not resume and not overwrite:
+            lock.release()
+            raise InputError(f"--out {out} already exists; pass --resume to continue it, --overwrite to replace it, "
+                             "or choose another --out.")
+        return lock
+
+    def _stop_non_finite(self, where: str) -> str:
+        """The message of a non-finite loss at ``where`` (stage, round, epoch, step), after writing what the
+        run has so far as a partial run file (status.complete False, the message in status.error)."""
+        run, out = self._last_run, self.out
+        cure = "Lower --lr or change --multiple/--loss."
+        if run is None or out is None:
+            return f"non-finite loss in {where}; nothing was written (no run file). {cure}"
+        what = ("" if "resume" in run else " (the stage-0 clusterings and the initial model; --resume starts "
+                "over from them)")
+        msg = (f"non-finite loss in {where}; the last good state{what} is kept in {out} as a partial run "
+               f"(hcdiag check-barrier --partial {out}). {cure}")
+        stage = run["resume"]["position"].get("stage", "stage1") if "resume" in run else (
+            "stage1" if self.cfg.method == "hct" else "baseline")
+        run["status"] = {"complete": False, "stage": stage, "error": msg}
+        from hcdiag.runfile import save_run
+
+        try:
+            save_run(_finalize_history(run), out)
+        except InputError as exc:
+            return f"non-finite loss in {where}; the partial run could not be written either ({exc}). {cure}"
+        return msg
 
     def _load_for_resume(self) -> dict | None:
         from hcdiag.runfile import load_run
@@ -503,14 +581,69 @@ class Trainer:
         if self.out is None or not self.out.exists():
             return None  # nothing to resume: start fresh
         prev = load_run(self.out, partial=True).data
+        prev.setdefault("config", {})
+        self._check_same_data(prev)
         mine = self._config_dict()
-        diff = _config_diff(prev.get("config", {}), mine)
+        diff = _config_diff(prev["config"], mine)
+        if prev["config"].get("fingerprint"):  # the same data, fingerprinted: where it was read from is moot
+            diff = [d for d in diff if d != "dataset.source"]
+        stored = (prev["config"].get("fingerprint") or {}).get("settings")
+        if not diff and stored is not None and stored != self.fingerprint["settings"]:
+            # a change _config_diff's rounding hides (a float below 1e-12): name it exactly
+            old = prev["config"].get("train") or {}
+            diff = [f"train.{k}" for k in sorted(set(old) | set(mine["train"]))
+                    if k != "device" and old.get(k) != mine["train"].get(k)] or ["fingerprint.settings"]
         if diff:
             raise InputError(f"--resume: {self.out} was written with another config (keys differ: {', '.join(diff)}); "
                              "use the same flags or another --out.")
+        prev["config"]["fingerprint"] = self.fingerprint
         if prev.get("status", {}).get("complete", True) and "resume" not in prev:
             return {"complete": prev}
         return prev
+
+    def _check_same_data(self, prev: dict) -> None:
+        """Refuse to resume a run trained on other data (a negated or permuted copy included).
+
+        Run files keep ``config.fingerprint.data`` (:func:`hcdiag.clusterings.fingerprint` of the float32
+        data). Decision for run files written before fingerprints existed: they are resumed, with a
+        warning, when their stored evaluation rows and data mean equal this data's (rows drawn by the
+        same seed, so a negated or permuted data set differs there), and refused otherwise. The
+        fingerprint is added at the next save. Refusing them outright would throw away the partial runs
+        of an interrupted ``hcdiag verify`` grid, which resumes its runs."""
+        stored = (prev["config"].get("fingerprint") or {}).get("data")
+        if stored == self.fingerprint["data"]:
+            return
+        ev = prev.get("eval") or {}
+        ex, xbar, rows_at = ev.get("x"), ev.get("xbar"), ev.get("rows")
+        old_n, old_N = (prev["config"].get("dataset") or {}).get("n"), None
+        if isinstance(ex, torch.Tensor) and ex.ndim == 2:
+            old_N = int(ex.shape[1])
+        mine_x = self.eval_x.cpu()
+        same_rows = (isinstance(rows_at, torch.Tensor) and isinstance(ex, torch.Tensor) and ex.shape == mine_x.shape
+                     and np.array_equal(rows_at.cpu().numpy(), self.eval_idx))
+        if old_N is not None and (old_N != self.N or (old_n is not None and int(old_n) != self.n)):
+            what = f"it had {old_n if old_n is not None else '?'} rows x {old_N} columns, this data {self.n} x {self.N}"
+        elif not same_rows:  # its evaluation rows were drawn with another seed or count: nothing to compare
+            if stored is None:
+                return  # an unfingerprinted file: the config check names the setting (seed, eval_rows)
+            what = f"same shape {self.n} x {self.N}, other values"
+        else:
+            rows = int((ex.to(mine_x.dtype) != mine_x).any(1).sum())
+            same_mean = isinstance(xbar, torch.Tensor) and xbar.shape == self.xbar.shape and torch.allclose(
+                xbar.double(), self.xbar.double().cpu(), rtol=1e-6, atol=1e-6 * float(self.xbar.abs().max()))
+            if stored is None and rows == 0 and same_mean:
+                import warnings
+
+                from hcdiag.errors import HcdiagWarning
+
+                warnings.warn(f"--resume: {self.out} has no data fingerprint (written by an earlier hcdiag); its "
+                              f"{len(mine_x)} evaluation rows and data mean match this data, so it is resumed.",
+                              HcdiagWarning, stacklevel=2)
+                return
+            what = (f"same shape {self.n} x {self.N}, other values: {rows} of its {len(mine_x)} evaluation rows differ"
+                    if rows else f"same shape {self.n} x {self.N} and evaluation rows, other values elsewhere")
+        raise InputError(f"--resume: {self.out} was trained on other data ({what}); resume with the data it was "
+                         "trained on, or start a new run with another --out (or --overwrite).")
 
     def _run(self, previous: dict | None) -> dict:
         c = self.cfg
@@ -518,10 +651,14 @@ class Trainer:
             self.progress.summary(f"{self.out} is already complete; nothing to resume.")
             return previous["complete"]
         # stage 0: clusterings (all methods: the memory curves of baselines use them too)
-        if previous is not None:
-            run = previous
-            run["history"] = _history_lists(run.get("history") or {})
+        if previous is not None and "resume" in previous:
+            run, self._has_save = previous, True
+            h = _history_lists(run.get("history") or {})
+            rows = _saved_rows(h, run["resume"])
+            run["history"] = {k: v[:rows] for k, v in h.items()}  # no row twice after a non-finite stop
             self.centroids = run["clusterings"]["centroids"].to(self.device).float()
+        elif previous is not None:  # stopped before its first save: start over from its clusterings
+            run = self._new_run(previous["clusterings"])
         else:
             run = self._new_run()
         self._last_run = run
@@ -533,13 +670,10 @@ class Trainer:
         run["status"] = {"complete": True, "stage": "done", "error": None}
         run.pop("resume", None)
         run["timings"] = {k: float(v) for k, v in self.timings.items()}
-        if self.out is not None:
-            from hcdiag.runfile import save_run
-
-            save_run(_finalize_history(run), self.out)
+        self._write(run)
         return _finalize_history(run)
 
-    def _new_run(self) -> dict:
+    def _fit_clusterings(self) -> dict:
         from hcdiag.clusterings import fit_clusterings, fit_clusterings_cached
 
         c = self.cfg
@@ -555,7 +689,6 @@ class Trainer:
         self.timings["stage0_em"] = time.perf_counter() - t0
         self.progress.summary(f"stage 0: {c.r0} EM runs {'read from the cache' if hit else 'fitted'} in "
                               f"{self.timings['stage0_em']:.1f} s, mean log-lik {float(np.mean(cs.loglik)):.4g}")
-        self.centroids = torch.as_tensor(cs.centroids, dtype=torch.float32, device=self.device)
         clusterings = {
             "centroids": torch.as_tensor(cs.centroids, dtype=torch.float32),
             "weights": torch.as_tensor(cs.weights, dtype=torch.float32),
@@ -566,6 +699,14 @@ class Trainer:
         }
         if cs.covariances is not None:
             clusterings["covariances"] = torch.as_tensor(cs.covariances, dtype=torch.float32)
+        return clusterings
+
+    def _new_run(self, clusterings: dict | None = None) -> dict:
+        """A fresh run dict: stage 0's clusterings fitted (or ``clusterings`` of an earlier try of this
+        run, the same fit), nothing trained yet."""
+        if clusterings is None:
+            clusterings = self._fit_clusterings()
+        self.centroids = clusterings["centroids"].to(self.device).float()
         return {
             "format": "hcdiag-run", "version": 1,
             "config": self._config_dict(),
@@ -933,8 +1074,32 @@ def _history_lists(h: dict) -> dict:
     return out
 
 
+def _fingerprints(c: TrainConfig, x: np.ndarray) -> dict:
+    """``config.fingerprint`` of a run file: SHA-256 of the float32 data (shape and bytes) and of every
+    setting but the device (:func:`hcdiag.clusterings.fingerprint`, the EM cache's hash). --resume refuses
+    a run whose fingerprints differ from the command's."""
+    from hcdiag.clusterings import fingerprint
+
+    settings = {k: v for k, v in c.to_dict().items() if k != "device"}
+    return {"data": fingerprint(x), "settings": fingerprint(settings=settings)}
+
+
+def _saved_rows(h: dict, resume: dict) -> int:
+    """History rows that belong to the state a resume entry holds: those recorded up to its save. A run
+    stopped by a non-finite loss keeps the rows after it (up to the stop), which training records again."""
+    if "history_rows" in resume:
+        return int(resume["history_rows"])
+    steps = h.get("step") or []
+    if resume.get("position", {}).get("stage") not in ("stage1", "stage2", "stage3"):
+        return len(steps)  # references record no rows (and their saves carry a fresh state, step 0)
+    n = 0  # older files: the rows up to the saved step (steps only grow in hct's stages 1-3)
+    while n < len(steps) and steps[n] <= int(resume["step"]):
+        n += 1
+    return n
+
+
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    ignore = {"versions", "device"}
+    ignore = {"versions", "device", "fingerprint"}  # fingerprints are compared on their own, first
     diffs = []
     for k in sorted(set(a) | set(b)):
         if k in ignore:
@@ -971,10 +1136,10 @@ def _version() -> str:
     return __version__
 
 
-def train(data, cfg: TrainConfig | None = None, out=None, *, resume: bool = False, progress: Progress | None = None,
-          **overrides) -> dict:
+def train(data, cfg: TrainConfig | None = None, out=None, *, resume: bool = False, overwrite: bool = False,
+          progress: Progress | None = None, **overrides) -> dict:
     """Train ``data`` with ``cfg`` (or the smoke preset plus ``overrides``) and return the run dict."""
     cfg = cfg if cfg is not None else make_config("smoke", **overrides)
     if cfg is not None and overrides:
         cfg = replace(cfg, **overrides)
-    return Trainer(cfg, data, out, progress=progress).run(resume=resume)
+    return Trainer(cfg, data, out, progress=progress).run(resume=resume, overwrite=overwrite)

@@ -2,7 +2,8 @@
 
 Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 and imports heavy libraries (torch, scipy) inside ``run`` only, so ``hcdiag --help`` stays fast.
-Errors a user can fix (``InputError``) become one line on stderr and exit status 2.
+Errors a user can fix (``InputError``) become one line on stderr and exit status 2; a run that failed on
+good input (``NumericalError``: a non-finite loss) one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hcdiag.errors import InputError
+    from hcdiag.errors import InputError, NumericalError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except InputError as exc:
+    except (InputError, NumericalError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"hcdiag {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, InputError) else 1
     except KeyboardInterrupt:
         print(f"hcdiag {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -61,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multiple", type=float, default=2.0, help="decoder variance s2 = MULTIPLE * lambda_max (default 2)")
     p.add_argument("--preset", default="smoke", choices=["smoke", "paper"], help="settings preset (default smoke)")
     p.add_argument("--out", required=True, help="run file to write (atomically, at every round and stage)")
-    p.add_argument("--resume", action="store_true", help="continue a partial run file written with the same config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a partial run file written with the same data and config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (never the data file itself); without it an existing --out is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (default 0)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     p.add_argument("--uneven-halving", action="store_true", help="allow an R0 that is not a power of two")
@@ -79,11 +82,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_format_argument(p)
 
 
-def run(args: argparse.Namespace) -> int:
+def _one_line_warnings(show):
+    """``warnings.showwarning`` printing hcdiag's own warnings as one line on stderr, others as usual."""
     import sys
 
+    from hcdiag.errors import HcdiagWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, HcdiagWarning):
+            print(f"hcdiag {NAME}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from hcdiag.cli.common import load_data
-    from hcdiag.errors import NumericalError
     from hcdiag.train import Progress, Trainer, make_config
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _t, _h in _OVERRIDES}
@@ -97,11 +114,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = make_config(args.preset, **overrides)
     data = load_data(args)
     trainer = Trainer(cfg, data, args.out, progress=Progress(summaries=not args.quiet), em_cache=args.em_cache)
-    try:
-        run_dict = trainer.run(resume=args.resume)
-    except NumericalError as exc:
-        print(f"hcdiag train: error: {exc}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():  # a NumericalError (non-finite loss) is exit status 1, see hcdiag.cli
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        run_dict = trainer.run(resume=args.resume, overwrite=args.overwrite)
     h = run_dict["history"]
     final = {"kl": float(h["kl"][-1]), "au": int(h["au"][-1])}
     payload = {"out": args.out, "method": cfg.method, "multiple": cfg.multiple, "s2": run_dict["config"]["s2"],
