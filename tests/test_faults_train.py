@@ -126,7 +126,7 @@ def test_a_file_in_the_data_folder_is_refused(tmp_path, seed):
     assert out.read_bytes() == b"\x00\x00\x08\x03 images" and temporaries(folder) == []
 
 
-def test_existing_out_is_refused_unless_overwrite(data_file, tmp_path):
+def test_existing_out_is_refused_unless_overwrite(data_file, tmp_path, capsys):
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")
     before = listing(tmp_path)
@@ -139,8 +139,9 @@ def test_existing_out_is_refused_unless_overwrite(data_file, tmp_path):
     assert load_run(other).complete and temporaries(tmp_path) == []
     # a finished run of another config is refused the same way
     run_bytes = sha(other)
-    line = one_line(hcdiag("train", data_file, "--out", other, *FAST, "--seed", "7"), 2)
+    line = cli_line(capsys, 2, "train", data_file, "--out", other, *FAST, "--seed", "7")
     assert line.startswith(f"--out {other} already exists; pass --resume") and sha(other) == run_bytes
+    assert temporaries(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,8 +160,9 @@ def test_nonfinite_loss_before_the_first_save_keeps_a_partial_run(data_file, tmp
     assert not run.complete and run.status["error"] == line and run.status["stage"] == "stage1"
     assert "init" in run.snapshot_names and run.data["clusterings"]["centroids"].shape[:2] == (4, 3)
     assert temporaries(tmp_path) == []
-    check = hcdiag("check-barrier", "--partial", out, "--format", "json")
-    assert check.returncode in (0, 1) and "Traceback" not in check.stderr, check.stderr
+    code = main(["check-barrier", "--partial", str(out), "--format", "json"])
+    err = capsys.readouterr().err
+    assert code in (0, 1) and "Traceback" not in err and "error" not in err, (code, err)
     # --resume starts over from the kept clusterings: the same stop, no row twice (in-process: one thread, as there)
     assert cli_line(capsys, 1, "train", data_file, "--out", out, *FAST, "--lr", "1e30", "--resume") == line
     again = load_run(out, partial=True)
