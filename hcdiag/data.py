@@ -1,7 +1,7 @@
 """Dataset loaders: every data matrix hcdiag analyses enters here (paper section 5.1.1).
 
 ``load(spec)`` turns a dataset name or a file path into a :class:`Dataset` whose ``x`` is a
-validated data matrix of shape (n, N): float32, finite, 2-D, at least two rows (checked by
+validated data matrix of shape (n, N): float32, finite, |x| <= 1e15, 2-D, at least two rows (checked by
 :func:`hcdiag.validation.as_data_matrix`, so a bad input gets the same one-line message as
 anywhere else). Names and suffixes are looked up in registries, not an if-chain:
 
@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import _compat_pickle
 import gzip
+import math
 import os
 import pickle
 import re
+import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from hcdiag.errors import InputError
-from hcdiag.validation import as_data_matrix
+from hcdiag.validation import as_data_matrix, physical_memory
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 """Where the Debian package ``dataset-fashion-mnist`` installs the IDX files
@@ -146,6 +149,27 @@ def _check_resize(resize, side: int, name: str) -> int:
     return int(resize)
 
 
+def _check_readable(path: Path, what: str, howto: str = "check the path") -> None:
+    """Open ``path`` once so that a missing, special or unreadable file is one message before any reader runs.
+
+    A FIFO or device is refused before it is opened (opening a FIFO waits for a writer forever).
+    """
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise InputError(f"The {what} {path} is {kind}; pass a regular file.")
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise InputError(f"The {what} {path} does not exist; {howto}.") from None
+    except PermissionError:
+        raise InputError(f"The {what} {path} cannot be read (permission denied); fix its permissions (chmod u+r) "
+                         "or copy it somewhere readable.") from None
+    except OSError as exc:
+        raise InputError(f"The {what} {path} cannot be read ({exc.strerror or _one_line(exc)}); "
+                         "check the file and the disk.") from None
+
+
 # --------------------------------------------------------------------------------------------
 # pure kernels
 
@@ -184,37 +208,64 @@ def cifar_gray(data: np.ndarray) -> np.ndarray:
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+#: deflate expands at most about 1032:1, so a gzip file of S bytes holds at most 1032 S bytes
+_GZIP_MAX_RATIO = 1032
+
+
+def _count_rest(fh, chunk: int = 1 << 20) -> int:
+    n = 0
+    while block := fh.read(chunk):
+        n += len(block)
+    return n
+
+
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (gzip-compressed or raw; detected from the content, not the name).
 
     Returns the array of the shape in its header, in native byte order (uint8 for MNIST images,
     shape (n, 28, 28); labels shape (n,)). A truncated, corrupt or non-IDX file is one InputError.
+    The size the header claims is checked against what the file can hold before anything is
+    allocated (a header claiming (2^31, 2^31, 4) in a 100-byte file is refused, not reshaped).
     """
     path = Path(path)
+    _check_readable(path, "IDX file", "check the path or pass --data-dir")
+    gz = False
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise InputError(f"The IDX file {path} does not exist; check the path or pass --data-dir.") from None
+        with open(path, "rb") as raw_fh:
+            gz = raw_fh.read(2) == b"\x1f\x8b"
+            raw_fh.seek(0)
+            size = os.fstat(raw_fh.fileno()).st_size
+            fh = gzip.GzipFile(fileobj=raw_fh, mode="rb") if gz else raw_fh
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+                raise InputError(f"The file {path} is not an IDX file (bad magic number {head.hex() or 'none'}); "
+                                 "expected MNIST-style files such as train-images-idx3-ubyte.gz.")
+            ndim = head[3]
+            dims = fh.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise InputError(f"The IDX file {path} is truncated inside its header ({4 + len(dims)} bytes); "
+                                 "re-download it.")
+            header = 4 + 4 * ndim
+            shape = tuple(int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(ndim))
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            can_hold = _GZIP_MAX_RATIO * size if gz else size - header
+            payload = fh.read(expected) if expected <= can_hold else b""
+            found = len(payload) + _count_rest(fh)
+    except InputError:
+        raise
     except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"The IDX file {path} is a corrupt gzip file ({_one_line(exc)}); re-download it.") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise InputError(f"The file {path} is not an IDX file (bad magic number {raw[:4].hex() or 'none'}); "
-                         "expected MNIST-style files such as train-images-idx3-ubyte.gz.")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise InputError(f"The IDX file {path} is truncated inside its header ({len(raw)} bytes); re-download it.")
-    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        what = "truncated" if len(raw) - header < expected else "longer than its header says"
+        if gz:
+            raise InputError(f"The IDX file {path} is a corrupt gzip file ({_one_line(exc)}); re-download it.") from None
+        raise InputError(f"The IDX file {path} cannot be read ({_one_line(exc)}); check the file and the disk.") from None
+    if found != expected:
+        what = "truncated" if found < expected else "longer than its header says"
         raise InputError(f"The IDX file {path} is {what}: header shape {shape} needs {expected} data bytes, "
-                         f"found {len(raw) - header}; re-download it.")
-    arr = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header).reshape(shape)
+                         f"found {found}; re-download it.")
+    try:
+        arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    except ValueError:  # more dimensions than numpy supports
+        raise InputError(f"The IDX file {path} claims {ndim} dimensions, more than numpy holds; re-download it.") from None
     return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.byteorder == ">" else arr
 
 
@@ -243,6 +294,8 @@ def _read_idx_images(name: str, folder: Path, split: str, resize: int, howto: st
         img = read_idx(found[p])
         if img.ndim != 3 or img.shape[1] != img.shape[2]:
             raise InputError(f"The IDX file {found[p]} holds shape {img.shape}; expected square images (n, H, W).")
+        # float IDX files: refuse values beyond float32 before pooling casts them to inf (NaN rows are left to _finish)
+        as_data_matrix(img.reshape(img.shape[0], -1), name=f"IDX file {found[p]}", drop_nonfinite=True, min_rows=0)
         images.append(img)
         lab_path = _find_idx(folder, f"{_IDX_STEMS[p]}-labels-idx1-ubyte")
         if lab_path is not None:
@@ -353,6 +406,7 @@ def read_cifar_batch(path) -> dict:
     :class:`RestrictedUnpickler` and ``encoding='bytes'`` (the originals are Python-2 pickles).
     """
     path = Path(path)
+    _check_readable(path, "CIFAR-10 batch", _CIFAR_HOWTO)
     try:
         with open(path, "rb") as fh:
             obj = RestrictedUnpickler(fh, encoding="bytes").load()
@@ -364,7 +418,8 @@ def read_cifar_batch(path) -> dict:
         raise InputError(f"The CIFAR-10 batch {path} is corrupt ({_one_line(exc)}); re-download it.") from None
     except FileNotFoundError:
         raise InputError(f"The CIFAR-10 batch {path} does not exist; {_CIFAR_HOWTO}.") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OSError) as exc:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, OSError,
+            OverflowError, RecursionError) as exc:
         raise InputError(f"The CIFAR-10 batch {path} is truncated or corrupt ({_one_line(exc)}); re-download it.") from None
     if not isinstance(obj, dict):
         raise InputError(f"The CIFAR-10 batch {path} holds a {type(obj).__name__}, not a dict with b'data' and "
@@ -375,14 +430,19 @@ def read_cifar_batch(path) -> dict:
         keys = ", ".join(repr(k) for k in obj)
         raise InputError(f"The CIFAR-10 batch {path} lacks b'data' or b'labels' (keys: {keys}); "
                          "use the original cifar-10-python files.")
-    data = np.asarray(data)
+    try:
+        data = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # ragged or nested lists
+        raise InputError(f"The CIFAR-10 batch {path} holds b'data' that is not a rectangular array "
+                         f"({_one_line(exc)}); expected uint8 (n, 3072): use the original cifar-10-python files.") from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise InputError(f"The CIFAR-10 batch {path} holds data of shape {data.shape} and dtype {data.dtype}; "
                          "expected uint8 (n, 3072) (32x32 RGB, channel-major).")
     try:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
-        labels = np.zeros(0, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise InputError(f"The CIFAR-10 batch {path} holds b'labels' that are not a list of integers "
+                         f"({_one_line(exc)}); re-download it.") from None
     if labels.shape[0] != data.shape[0]:
         raise InputError(f"The CIFAR-10 batch {path} holds {labels.shape[0]} labels for {data.shape[0]} images; "
                          "re-download it.")
@@ -429,6 +489,12 @@ def _generate_synthetic(n=50_000, dim=32, k=8, *, spread=0.5, separation=1.0, se
     spread = _check_float(spread, "spread", strict=True)
     separation = _check_float(separation, "separation", strict=False)
     seed = _check_int(seed, "seed", 0)
+    need = n * (8 + 28 * dim) + 8 * k * dim  # labels, three float64 (n, dim) temporaries, the float32 result, means
+    memory = physical_memory()
+    if memory is not None and need > memory:
+        raise InputError(f"The synthetic data of {n} rows x {dim} dims needs about {need / 2**30:.3g} GiB to generate, "
+                         f"more than this machine's memory ({memory / 2**30:.3g} GiB); ask for fewer rows "
+                         "(--n-samples) or dims.")
     rng = np.random.default_rng(seed)
     means = rng.normal(0.0, separation, size=(k, dim))  # (K, N), mu_k ~ N(0, separation^2 I)
     labels = rng.integers(0, k, size=n, dtype=np.int64)  # equal weights 1/K
@@ -472,19 +538,51 @@ def _pick_array(arrays: dict, path: Path, what: str):
 def _read_npy(path: Path):
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, OSError, EOFError) as exc:
+        if "mmap length is greater than file size" in str(exc):
+            raise InputError(f"The .npy file {path} is truncated: its header claims more data than the file holds; "
+                             "re-create it with np.save.") from None
         raise InputError(f"The .npy file {path} cannot be memory-mapped ({_one_line(exc)}); save a numeric array "
                          "with np.save(path, x.astype('float32')).") from None
 
 
+def _check_npz_claims(zf: zipfile.ZipFile, path: Path) -> None:
+    """Each member's header shape against the bytes the member holds, before numpy allocates the shape."""
+    memory = physical_memory()
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with zf.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+            header = fh.tell()
+        if dtype.hasobject:
+            continue  # refused by np.load(allow_pickle=False) below, with its own message
+        claimed = math.prod(shape) * dtype.itemsize
+        key = info.filename[:-4]
+        if claimed != info.file_size - header:
+            raise InputError(f"The .npz file {path} is corrupt: its array {key!r} claims shape {shape} "
+                             f"({claimed} bytes) but holds {info.file_size - header}; re-create it with np.savez.")
+        if memory is not None and claimed > memory:
+            raise InputError(f"The .npz file {path} holds an array {key!r} of {claimed / 2**30:.3g} GiB, more than "
+                             f"this machine's memory ({memory / 2**30:.3g} GiB); save it as .npy (memory-mapped).")
+
+
 def _read_npz(path: Path):
     try:
+        with zipfile.ZipFile(path) as zf:
+            _check_npz_claims(zf, path)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except InputError:
+        raise
     except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise InputError(f"The .npz file {path} is corrupt ({_one_line(exc)}); re-create it with np.savez.") from None
         raise InputError(f"The .npz file {path} cannot be read without pickle ({_one_line(exc)}); store numeric "
                          "arrays only.") from None
-    except (OSError, zlib.error, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, zlib.error, EOFError, NotImplementedError) as exc:
         raise InputError(f"The .npz file {path} is corrupt ({_one_line(exc)}); re-create it with np.savez.") from None
     return _pick_array(arrays, path, ".npz file")
 
@@ -493,13 +591,16 @@ def _read_pt(path: Path):
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "ComplexHalf support is experimental": the validator decides
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         m = re.search(r"GLOBAL ([\w.]+)", str(exc))
         asks = f"it asks for the {m.group(1)} global" if m else "it is not a plain torch.save file of tensors"
         raise InputError(f"The .pt file {path} is refused by torch.load(weights_only=True) ({asks}); "
                          "save the data as a tensor with torch.save(x, path).") from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            MemoryError, OverflowError, RecursionError) as exc:
         raise InputError(f"The .pt file {path} is not a readable torch file ({_one_line(exc)}); "
                          "save the data as a tensor with torch.save(x, path).") from None
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
@@ -507,22 +608,27 @@ def _read_pt(path: Path):
     if not isinstance(obj, torch.Tensor):
         raise InputError(f"The .pt file {path} holds a {type(obj).__name__}, not a tensor; "
                          "save the data as a tensor with torch.save(x, path).")
-    return obj.detach().cpu().numpy()
+    return obj  # converted (bfloat16 -> float32) or refused (complex) by as_data_matrix
 
 
 def _read_csv(path: Path):
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
-        first = fh.readline()
     try:
-        [float(c) for c in first.strip().split(",")]
-        header = 0
-    except ValueError:
-        header = 1  # one header row (column names)
-    try:
-        return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
+        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+        try:
+            [float(c) for c in first.strip().split(",")]
+            header = 0
+        except ValueError:
+            header = 1  # one header row (column names)
+        with warnings.catch_warnings():  # an empty file is refused below (0 rows), not warned about
+            warnings.simplefilter("ignore", UserWarning)
+            return np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
     except ValueError as exc:
         raise InputError(f"The CSV file {path} is not numeric ({_one_line(exc)}); keep only numbers, "
                          "comma-separated, with at most one header row.") from None
+    except OSError as exc:
+        raise InputError(f"The CSV file {path} cannot be read ({exc.strerror or _one_line(exc)}); "
+                         "check the file and the disk.") from None
 
 
 _FILE_READERS: dict[str, Callable[[Path], object]] = {".npy": _read_npy, ".npz": _read_npz, ".pt": _read_pt,
@@ -535,14 +641,12 @@ def _read_path(path, *, drop_nonfinite=False) -> Dataset:
     if suffix not in _FILE_READERS:
         raise InputError(f"The data file {path} has suffix {suffix or '(none)'!r}; accepted suffixes: "
                          f"{', '.join(PATH_SUFFIXES)}.")
-    if not path.is_file():
-        raise InputError(f"The data file {path} does not exist; check the path.")
+    _check_readable(path, "data file")
     x = _FILE_READERS[suffix](path)
-    prep = {"reader": suffix.lstrip("."), "stored_dtype": str(getattr(x, "dtype", "unknown"))}
+    prep = {"reader": suffix.lstrip("."), "stored_dtype": str(getattr(x, "dtype", "unknown")).replace("torch.", "")}
     if isinstance(x, np.memmap):
         prep["memory_mapped"] = True  # kept as stored, not converted (the point of .npy: no copy)
-    elif isinstance(x, np.ndarray) and x.dtype != object and np.issubdtype(x.dtype, np.number) and x.ndim == 2:
-        x = x.astype(np.float32, copy=False)
+    # other arrays become float32 in _finish, after validation (a float64 1e300 must be refused, not cast to inf)
     return Dataset(x=x, name=path.name, split="file", image_shape=None, preprocessing=prep, source=str(path.resolve()))
 
 
@@ -582,6 +686,8 @@ def _finish(ds: Dataset, *, n_samples=None, drop_nonfinite=False) -> Dataset:
         labels = labels[:n_samples] if labels is not None else None
         prep["first_n"] = n_samples
     x, dropped = as_data_matrix(x, name=f"data ({ds.name})", drop_nonfinite=drop_nonfinite)
+    if not isinstance(x, np.memmap) and x.dtype != np.float32:
+        x = x.astype(np.float32)  # values within the validator's bound (1e15) are finite in float32
     if dropped.size:
         prep["dropped_nonfinite"] = {"count": int(dropped.size),
                                      "rows": dropped[:_MAX_DROPPED_LISTED].tolist(),
@@ -701,5 +807,5 @@ def from_path(path, *, drop_nonfinite=False) -> Dataset:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:200] + ("..." if len(text) > 200 else "")
