@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,14 @@ _DOCS = "see docs/runfile.md"
 _PARTIAL_HINT = ("load it with partial=True (on the command line: hcdiag check-barrier --partial) to check a run "
                  "still training")
 RESP_ROW_TOL = 1e-4  # |sum_k resp[c, i, k] - 1| allowed in clusterings.resp (float32 storage of K probabilities)
+# Levels of dicts, lists and tuples a run file may nest. The schema needs 5 (references.<r>.snapshots.<name>.<key>);
+# a file nesting deeper is not a run file, and walking it must not end in a RecursionError.
+MAX_DEPTH = 64
+# Rows of eval.x the checks push through a model at a time (RunContext's batch size, encode_decode's default).
+EVAL_BATCH_ROWS = 4096
+# What checking a run takes besides the file's own tensors (docs/runfile.md, "Memory bound"), in bytes:
+PARAM_BYTES = 40  # per parameter of a rebuilt model: float32 model + 2 float32 working states + 3 float64 vectors
+ALIGN_BYTES = 16  # per entry of weight matching's k x k similarity matrix (float32, its float64 copy, the assignment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,33 +72,103 @@ def _kind(v: Any) -> str:
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _check_plain(obj: Any, where: str) -> None:
-    """Refuse anything ``torch.load(weights_only=True)`` would not load back (first offender)."""
-    if obj is None or isinstance(obj, torch.Tensor) or type(obj) in (str, bool, int, float):
-        return
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise InputError(f"{where or 'the run'} has a key of type {_kind(key)} ({key!r}); "
-                                 "dict keys in a run file must be str or int.")
-            _check_plain(value, f"{where}.{key}" if where else str(key))
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _check_plain(value, f"{where}[{i}]")
-        return
-    raise InputError(f"{where or 'the run'} is a {_kind(obj)}; convert it to a tensor or a plain "
-                     f"Python value (a run file holds only {_ALLOWED}, so it loads with weights_only=True).")
+def _short(where: str, limit: int = 80) -> str:
+    return where if len(where) <= limit else where[:limit] + "..."
+
+
+class _Repr(reprlib.Repr):
+    """``repr`` cut short in length and depth (a key may be a tuple nested thousands deep); tensors by shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 80, 80
+
+    def repr_Tensor(self, x, level):  # noqa: N802 (reprlib dispatches on the type's name)
+        return f"tensor of shape {tuple(x.shape)}"
+
+
+def _shown(value: Any) -> str:
+    """A value read from a file, for a message: short, whatever its size or depth."""
+    if value is None or type(value) in (str, bool, int, float, tuple) or isinstance(value, torch.Tensor):
+        return _Repr().repr(value)
+    return f"a {_kind(value)}"
+
+
+def _tensor_bytes(t: torch.Tensor, where: str) -> tuple[int, int]:
+    """``(storage id, storage bytes)`` of a tensor read from a file, refusing tensors whose size is a claim
+    not backed by data: sparse, meta or quantized tensors, and strided ones that claim more elements than
+    their storage holds (``torch.empty(1).expand(10**12)`` is 4 bytes in the file and 4 TB to anything that
+    touches it). Reads only the tensor's metadata: nothing is allocated."""
+    kind = ("sparse" if t.layout != torch.strided else "meta" if t.device.type == "meta" else
+            f"{t.device.type}" if t.device.type != "cpu" else "quantized" if t.is_quantized else None)
+    if kind is not None:
+        raise InputError(f"{where} is a {kind} tensor of shape {tuple(t.shape)}; a run file holds dense CPU "
+                         "tensors with their values: store it as one (t.to_dense().cpu(), or "
+                         "hcdiag.runfile.save_run, which does this).")
+    storage = t.untyped_storage()
+    held = storage.nbytes() // max(1, t.element_size())
+    if t.numel() > held:
+        raise InputError(f"{where} claims {t.numel()} elements but its storage holds {held}; a run file's tensors "
+                         "hold every value they claim (torch.save of an expand() or as_strided view stores one "
+                         "copy of the repeated values): store a compact copy (t.contiguous().clone(); "
+                         "hcdiag.runfile.save_run does this).")
+    return storage.data_ptr(), storage.nbytes()
+
+
+_PLAIN_SCALARS = (str, bool, int, float)
+
+
+def _check_plain(obj: Any, where: str) -> int:
+    """Refuse anything ``torch.load(weights_only=True)`` would not load back (first offender, depth first),
+    nesting deeper than :data:`MAX_DEPTH` levels and tensors that claim more than they hold
+    (:func:`_tensor_bytes`). Returns the bytes of the distinct tensor storages: what the run occupies in
+    memory. Iterative, so no input ends in a RecursionError."""
+    storages: dict[int, int] = {}
+    stack: list[tuple[Any, str, int]] = [(obj, where, 0)]
+    while stack:
+        obj, where, depth = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            ptr, nbytes = _tensor_bytes(obj, where)
+            storages[ptr] = max(nbytes, storages.get(ptr, 0))
+            continue
+        if obj is None or type(obj) in _PLAIN_SCALARS:
+            continue
+        if isinstance(obj, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise InputError(f"{_short(where)} nests deeper than {MAX_DEPTH} levels of dicts, lists and tuples; a "
+                                 "run file nests a few (references.<r>.snapshots.<name>.<key> is the deepest): this "
+                                 f"is not a run file hcdiag reads; write the run with hcdiag.runfile.save_run, {_DOCS}.")
+            if isinstance(obj, dict):
+                for key in obj:
+                    if not isinstance(key, (str, int)) or isinstance(key, bool):
+                        raise InputError(f"{where or 'the run'} has a key of type {_kind(key)} ({_shown(key)}); "
+                                         "dict keys in a run file must be str or int.")
+                items = obj.items()
+                name = (lambda k: f"{where}.{k}") if where else str
+            else:
+                items = enumerate(obj)
+                name = lambda i: f"{where}[{i}]"  # noqa: E731
+            # scalars are checked here, without a path string each: a list of a million ints stays cheap
+            children = [(v, name(k), depth + 1) for k, v in items if not (v is None or type(v) in _PLAIN_SCALARS)]
+            stack.extend(reversed(children))
+            continue
+        raise InputError(f"{where or 'the run'} is a {_kind(obj)}; convert it to a tensor or a plain "
+                         f"Python value (a run file holds only {_ALLOWED}, so it loads with weights_only=True).")
+    return sum(storages.values())
 
 
 class _Validator:
     """One pass over a run dict; raises :class:`InputError` (one line) on the first problem."""
 
-    def __init__(self, run: dict, partial: bool):
+    def __init__(self, run: dict, partial: bool, max_memory: int | None = None):
         self.run = run
         self.partial = partial
+        self.max_memory = max_memory
         self.dims: dict[str, tuple[int, str]] = {}  # dim name -> (value, key it came from)
         self._expected: dict[str, dict] = {}  # config.model (repr) -> {parameter name: shape}
+        self._meta: dict[str, Any] = {}  # config.model (repr) -> its model on the meta device
+        self._rebuilt: dict[str, tuple[dict, str]] = {}  # config.model (repr) -> (it, where) for models with states
+        self.stored_bytes = 0  # the distinct tensor storages of the run
 
     # ---- helpers -------------------------------------------------------------------------
     def need(self, d: dict, key: str, where: str, what: str = "") -> Any:
@@ -191,15 +271,16 @@ class _Validator:
         if "format" not in run:
             raise InputError(f"has no 'format' key, so it is not an hcdiag run file (a bare state_dict or "
                              f"checkpoint?); write it with hcdiag.runfile.save_run, {_DOCS}.")
-        if run["format"] != FORMAT:
-            raise InputError(f"format is {run['format']!r}, not {FORMAT!r}, so it is not an hcdiag run file; {_DOCS}.")
+        # before anything reads a value: plain types only, bounded nesting, tensors that hold what they claim
+        self.stored_bytes = _check_plain(run, "")
+        if not (type(run["format"]) is str and run["format"] == FORMAT):
+            raise InputError(f"format is {_shown(run['format'])}, not {FORMAT!r}, so it is not an hcdiag run file; {_DOCS}.")
         version = self.need(run, "version", "")
         if not isinstance(version, int) or isinstance(version, bool):
-            raise InputError(f"version must be an int; got {version!r} ({_kind(version)}).")
+            raise InputError(f"version must be an int; got {_shown(version)} ({_kind(version)}).")
         if version not in SUPPORTED_VERSIONS:
             raise InputError(f"version {version} is not supported; this hcdiag reads version(s) "
                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade hcdiag or write the run as version {VERSION}.")
-        _check_plain(run, "")
         self.status()
         self.config()
         self.eval()
@@ -211,6 +292,8 @@ class _Validator:
         self.history()
         self.aggressive()
         self.references()
+        if self.max_memory is not None:
+            self.memory(self.max_memory)
 
     def status(self) -> None:
         status = self.run.get("status")
@@ -285,31 +368,47 @@ class _Validator:
             self._shape_list(shape, f"{where}.image_shape")
         return model
 
-    def expected_state(self, model: dict, where: str) -> dict[str, tuple[int, ...]]:
-        """``{parameter name: shape}`` of the model ``model`` (a validated ``config.model`` at ``where``),
-        built once per config on PyTorch's meta device, so no parameter memory is allocated."""
-        key = repr(sorted((k, repr(v)) for k, v in model.items()))
-        cache = self._expected
-        if key not in cache:
+    @staticmethod
+    def _model_key(model: dict) -> str:
+        return repr(sorted(repr(item) for item in model.items()))  # repr first: keys may mix str and int
+
+    def meta_model(self, model: dict, where: str) -> torch.nn.Module:
+        """The model ``model`` (a validated ``config.model`` at ``where``) describes, built once per config on
+        PyTorch's meta device: shapes only, no parameter memory is allocated whatever its widths."""
+        key = self._model_key(model)
+        if key not in self._meta:
             from hcdiag.models import MODEL_FAMILIES as CLASSES
             from hcdiag.models import ModelConfig
 
             try:
                 cfg = ModelConfig.from_dict(model)
                 with torch.device("meta"):
-                    net = CLASSES[cfg.family](cfg)
+                    self._meta[key] = CLASSES[cfg.family](cfg)
             except InputError as exc:
                 raise InputError(f"{where} cannot be built: {str(exc).rstrip('.')}; fix {where}, {_DOCS}.") from None
             except Exception as exc:  # noqa: BLE001 (a config the constructors cannot use: one line, no traceback)
                 raise InputError(f"{where} cannot be built ({type(exc).__name__}: {exc}); fix {where}, {_DOCS}.") from None
-            cache[key] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        return cache[key]
+        return self._meta[key]
+
+    def expected_state(self, model: dict, where: str) -> dict[str, tuple[int, ...]]:
+        """``{parameter name: shape}`` of the model ``model`` (a validated ``config.model`` at ``where``)."""
+        key = self._model_key(model)
+        if key not in self._expected:
+            net = self.meta_model(model, where)
+            self._expected[key] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        return self._expected[key]
 
     def state_fits(self, state: dict, where: str, model: dict, model_where: str) -> None:
         """A state_dict at ``where`` must be exactly that of the model ``model`` (at ``model_where``) describes:
         the same parameter names, the same shapes, floating and finite values."""
-        want = self.expected_state(model, model_where)
         family = model.get("family")
+        layers = len(model.get("enc_widths") or ()) + len(model.get("dec_widths") or ()) if family == "mlp" else 0
+        if 2 * layers > len(state):  # before building it: a million listed widths would take minutes and gigabytes
+            raise InputError(f"{where} holds {len(state)} tensors but {model_where} lists {layers} hidden layers of 2 "
+                             f"tensors each (weight, bias); {model_where} must describe the model that was trained "
+                             "(widths, latent_dim, input_dim, channels).")
+        want = self.expected_state(model, model_where)
+        self._rebuilt.setdefault(self._model_key(model), (model, model_where))  # the checks will evaluate it
         for key in state:
             if key not in want:
                 raise InputError(f"{where} has unexpected key {key!r} for {model_where} (family {family!r}); store "
@@ -660,8 +759,80 @@ class _Validator:
             if ref.get("metrics") is not None:
                 self.dict_at(ref["metrics"], f"{where}.metrics")
 
+    # ---- the memory bound ------------------------------------------------------------------
+    def activations_per_row(self, model: dict, where: str) -> int:
+        """Numbers one eval row produces in a forward pass (``encode``, then ``decode`` of the mean) of the
+        model ``model`` describes: the input and every layer's output. Counted from the layers when every
+        layer with parameters is a Linear (its output is ``out_features`` wide, a parameter-free layer's as
+        wide as the one before it), else by a forward pass on the meta device (a conv net's sizes depend on
+        its image shape; the first meta pass costs about 1 s of imports). Nothing is allocated."""
+        net = self.meta_model(model, where)
+        leaves = [mod for mod in net.modules() if next(mod.children(), None) is None]
+        if all(isinstance(mod, torch.nn.Linear) or not any(True for _ in mod.parameters(recurse=False))
+               for mod in leaves):
+            counts, width = [], 0
+            for mod in leaves:
+                width = mod.out_features if isinstance(mod, torch.nn.Linear) else width
+                counts.append(width)
+            return int(model["input_dim"]) + sum(counts)
+        counts = []
+        hooks = [mod.register_forward_hook(lambda _m, _i, out: counts.append(out.numel())) for mod in leaves]
+        try:
+            with torch.no_grad():
+                mu, _ = net.encode(torch.zeros(1, int(model["input_dim"]), device="meta"))
+                net.decode(mu)
+        except Exception as exc:  # noqa: BLE001 (a model that cannot run cannot be checked: one line)
+            raise InputError(f"{where} cannot be evaluated ({_first_line(exc)}); fix {where}, {_DOCS}.") from None
+        finally:
+            for h in hooks:
+                h.remove()
+        return int(model["input_dim"]) + sum(counts)
 
-def validate_run(run: dict, *, partial: bool = False) -> None:
+    def memory_parts(self) -> list[tuple[int, str]]:
+        """``(bytes, what)`` of everything checking this run holds at once, by the estimate of docs/runfile.md
+        ("Memory bound"): the file's tensors, then per model the checks rebuild its parameters, its
+        activations on a batch of eval rows and weight matching's similarity matrix, then the cached
+        outputs of every snapshot and reference and eq. 8's distances. Sizes come from the validated
+        shapes and the models on the meta device: nothing is allocated."""
+        from hcdiag.alignment import permutation_spec
+
+        m, N = self.dims["m"][0], self.dims["N"][0]
+        R0, K = self.dims["R0"][0], self.dims["K"][0]
+        n = self.dims.get("n", (0, ""))[0]
+        rows = min(m, EVAL_BATCH_ROWS)
+        parts = [(self.stored_bytes, "the file's tensors")]
+        for model, where in self._rebuilt.values():
+            n_params = sum(math.prod(shape) for shape in self.expected_state(model, where).values())
+            parts.append((PARAM_BYTES * n_params, f"{where}: the parameters of its model ({n_params} of them)"))
+            act = self.activations_per_row(model, where)
+            parts.append((4 * rows * act, f"{where}: its model's activations on {rows} eval rows at a time "
+                                          f"({act} numbers per row)"))
+            collapsed = (self.run.get("references") or {}).get("collapsed") or {}
+            if where == "config.model" and collapsed.get("state") is not None:  # I3 aligns every snapshot onto it
+                k = max(permutation_spec(model).sizes.values(), default=0)
+                snaps = len(self.run.get("snapshots") or {})
+                parts.append((ALIGN_BYTES * k * k + 4 * n_params * snaps, f"{where}: I3's weight matching (a {k} x {k} "
+                                                                          f"similarity matrix, {snaps} aligned snapshots)"))
+        models = len(self.snapshot_names) + len(self.run.get("references") or {})
+        parts.append((4 * models * m * (N + 2 * n), f"the outputs (mu, logvar, xhat) of {models} snapshots and "
+                                                    f"references on eval.x ({m} rows)"))
+        parts.append((16 * R0 * m * K + 12 * m * N, f"eq. 8's distances of {m} eval rows to {R0} x {K} centroids"))
+        return parts
+
+    def memory(self, limit: int) -> None:
+        """Refuse (one line) a run whose check would need more than ``limit`` bytes, naming the largest part."""
+        parts = self.memory_parts()
+        total = sum(b for b, _ in parts)
+        if total <= limit:
+            return
+        big, what = max(parts)
+        raise InputError(f"checking this run needs about {format_bytes(total)}, more than the memory bound "
+                         f"(--max-memory) of {format_bytes(limit)}; the largest part is {what}: "
+                         f"{format_bytes(big)}. Raise --max-memory if this machine has the memory (e.g. "
+                         f"--max-memory {_size_arg(total)}); if those sizes are wrong, fix the producer, {_DOCS}.")
+
+
+def validate_run(run: dict, *, partial: bool = False, max_memory: int | None = None) -> None:
     """Check ``run`` against the schema (version 1, ``docs/runfile.md``).
 
     Raises :class:`InputError` with a one-line message naming the first problem (the key with its
@@ -675,8 +846,11 @@ def validate_run(run: dict, *, partial: bool = False) -> None:
     Traceback (most recent call last):
     ...
     hcdiag.errors.InputError: clusterings.centroids is missing; a run file needs it ([R0, K, N]); see docs/runfile.md.
+
+    ``max_memory`` (bytes) also refuses a run whose check would need more memory than that (docs/runfile.md,
+    "Memory bound"); None sets no such bound (the nesting and every tensor's claim are bounded anyway).
     """
-    _Validator(run, partial).validate()
+    _Validator(run, partial, max_memory).validate()
 
 
 def is_complete(run: dict) -> bool:
@@ -686,6 +860,52 @@ def is_complete(run: dict) -> bool:
     except InputError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# the memory bound
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GiB``, ``512 MiB``, ``12 B`` (powers of 1024)."""
+    i = 0
+    while n >= 1024 and i < len(_UNITS) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.3g} {_UNITS[i]}" if i else f"{int(n)} B"
+
+
+def _size_arg(n: int) -> str:
+    """A ``--max-memory`` value at least ``n`` bytes, in whole MiB or GiB (``512M``, ``17G``)."""
+    return f"{math.ceil(n / 2**20)}M" if n < 2**30 else f"{math.ceil(n / 2**30)}G"
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory of this machine (``MemTotal``), or of its cgroup when that sets a lower limit; None
+    when neither says."""
+    total = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform names these
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < (total or float("inf")):
+            total = int(text)
+    return total
+
+
+def default_max_memory() -> int:
+    """The default memory bound of :func:`load_run` (``hcdiag check-barrier --max-memory``): half of
+    :func:`machine_memory`, or 4 GiB where the machine does not say, so a file cannot take a shared
+    machine's memory by what it claims."""
+    total = machine_memory()
+    return total // 2 if total else 4 * 2**30
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,8 +923,9 @@ class Run:
 
     __slots__ = ("_path", "_data", "_complete")
 
-    def __init__(self, data: dict, path: str | os.PathLike | None = None, *, partial: bool = False):
-        validate_run(data, partial=partial)
+    def __init__(self, data: dict, path: str | os.PathLike | None = None, *, partial: bool = False,
+                 max_memory: int | None = None):
+        validate_run(data, partial=partial, max_memory=max_memory)
         object.__setattr__(self, "_path", Path(path) if path is not None else None)
         object.__setattr__(self, "_data", data)
         object.__setattr__(self, "_complete", is_complete(data) if partial else True)
@@ -889,23 +1110,118 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}"
 
 
-def load_run(path: str | os.PathLike, *, partial: bool = False) -> Run:
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+_TUPLE_ARITY = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+
+
+def _check_pickle_nesting(data: Any, where: str) -> None:
+    """Refuse a pickle (bytes or a binary file positioned at one) that nests tuples deeper than
+    :data:`MAX_DEPTH`, reading its opcodes without building anything. Tuples are what matters: hashing a tuple
+    recurses in C with no depth check, so a dict key of a million nested tuples (a 1 MB file) crashes the
+    unpickler with a segmentation fault, where nothing can catch it. Tuples are built only from finished
+    objects, so their depth is known when they are made. A malformed pickle is left for torch.load to refuse."""
+    import io
+    import pickletools
+
+    mark = object()
+    stack: list = []  # per stack slot: the depth of the tuples it holds (0: not a tuple), or the mark
+    memo: dict = {}
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data) if isinstance(data, bytes) else data):
+            name, before, after = op.name, op.stack_before, op.stack_after
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, 0))
+                continue
+            if name == "DUP":
+                stack.append(stack[-1])
+                continue
+            popped: list = []
+            if pickletools.markobject in before:  # pops everything above the mark, the mark, then what lies below it
+                at = len(stack) - 1 - stack[::-1].index(mark)
+                popped, stack[at:] = stack[at + 1:], []
+                del stack[len(stack) - before.index(pickletools.markobject):]
+            elif before:
+                popped, stack[-len(before):] = stack[-len(before):], []
+            if name == "MARK":
+                stack.append(mark)
+            elif name == "TUPLE" or name in _TUPLE_ARITY or name == "EMPTY_TUPLE":
+                depth = 1 + max(popped, default=0)
+                if depth > MAX_DEPTH:
+                    raise InputError(f"{where}: nests tuples deeper than {MAX_DEPTH} levels; a run file nests dicts, "
+                                     "lists and tuples only a few levels deep (and hashing a deep one would crash "
+                                     f"Python): this is not a run file hcdiag reads; write the run with "
+                                     f"hcdiag.runfile.save_run, {_DOCS}.")
+                stack.append(depth)
+            else:
+                stack.extend([0] * len(after))
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 (malformed: torch.load says what is wrong with it)
+        return
+
+
+def _check_zip(p: Path, where: str) -> None:
+    """Check a torch zip file before ``torch.load`` reads it: every member stored as torch.save writes it
+    (uncompressed: a compressed member may expand to any size) and matching its CRC-32 (torch does not
+    check it, so a flipped bit would be used). Reads the file once (about 0.2 s per 100 MB)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise InputError(f"{where}: its member {_short(info.filename)} is compressed (zip method "
+                                     f"{info.compress_type}), which torch.save never does and which may expand to any "
+                                     "size; write the run with torch.save / hcdiag.runfile.save_run, not a zip tool.")
+            bad = zf.testzip()
+            if bad is None:
+                for name in zf.namelist():
+                    if name.endswith("data.pkl"):  # torch.save's pickle: <archive>/data.pkl
+                        _check_pickle_nesting(zf.read(name), where)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (BadZipFile, EOFError, OSError, zlib.error, ...: each one line)
+        raise InputError(f"{where}: is truncated or corrupt ({_first_line(exc)}); the torch file is incomplete: "
+                         "copy it again or re-run the training.") from None
+    if bad is not None:
+        raise InputError(f"{where}: is corrupt: its member {_short(bad)} does not match its CRC-32 checksum (bits changed "
+                         "on disk or in a copy); copy the file again from a good source or re-run the training.")
+
+
+def load_run(path: str | os.PathLike, *, partial: bool = False, max_memory: int | None = None) -> Run:
     """Read and validate a run file; never unpickles anything but plain data.
 
     Only ``torch.load(path, weights_only=True, map_location='cpu')`` touches the file, so no code
     from it runs. Every problem is an :class:`InputError` whose one-line message starts with the
     path and says what to do. ``partial=True`` accepts a run still training (see
-    :func:`validate_run`).
+    :func:`validate_run`). ``max_memory`` (bytes; default :func:`default_max_memory`, half of this
+    machine's memory) bounds what reading and checking the run may take: a larger file, or a run whose
+    check would need more (docs/runfile.md, "Memory bound"), is refused before anything big is allocated.
+    Before torch.load: only a regular file is opened (a FIFO or a device could block forever), and a zip
+    file's members must be stored and match their CRC-32 (:func:`_check_zip`).
     """
     p = Path(path)
     where = str(p)
+    limit = default_max_memory() if max_memory is None else int(max_memory)
     if not p.exists():
         raise InputError(f"{where}: no such file; check the path (a run file is written by the trainer, e.g. run.pt).")
     if p.is_dir():
         hint = f" (it holds {p / 'run.pt'})" if (p / "run.pt").is_file() else ""
         raise InputError(f"{where}: is a directory, not a run file{hint}; pass the run file itself.")
     try:
-        with open(p, "rb") as fh:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((what for test, what in _NOT_REGULAR if test(st.st_mode)), "a special file")
+            raise InputError(f"{where}: is {kind}, not a regular file; hcdiag reads a run file only from a regular file "
+                             "(reading a pipe or a device may never end): save it to a file first and pass that file.")
+        # nonblocking: a FIFO swapped in since the stat cannot hang the open
+        with open(p, "rb", opener=lambda f, flags: os.open(f, flags | getattr(os, "O_NONBLOCK", 0))) as fh:
             head = fh.read(4)
     except PermissionError:
         raise InputError(f"{where}: cannot be read (permission denied); fix its permissions (chmod u+r) "
@@ -914,6 +1230,17 @@ def load_run(path: str | os.PathLike, *, partial: bool = False) -> Run:
         raise InputError(f"{where}: cannot be read ({_first_line(exc)}); check the file and the disk.") from None
     if not head:
         raise InputError(f"{where}: is empty (0 bytes), not a run file; it was never written: run the training again.")
+    if st.st_size > limit:
+        raise InputError(f"{where}: is {format_bytes(st.st_size)}, more than the memory bound (--max-memory) of "
+                         f"{format_bytes(limit)}, and loading it takes about its size in memory; raise --max-memory if "
+                         f"this machine has the memory (e.g. --max-memory {_size_arg(2 * st.st_size)}), or check it on a "
+                         "larger machine.")
+    if head.startswith(b"PK"):
+        _check_zip(p, where)
+    elif head.startswith(b"\x80"):  # torch's legacy format: magic, protocol, system info, the data, storage keys
+        with open(p, "rb") as fh:
+            for _ in range(5):
+                _check_pickle_nesting(fh, where)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not the user's business
@@ -921,6 +1248,12 @@ def load_run(path: str | os.PathLike, *, partial: bool = False) -> Run:
     except PermissionError:
         raise InputError(f"{where}: cannot be read (permission denied); fix its permissions (chmod u+r) "
                          "or copy it somewhere readable.") from None
+    except RecursionError:
+        raise InputError(f"{where}: nests too deeply to be read (RecursionError in torch.load); a run file nests "
+                         f"dicts and lists only a few levels deep: write the run with hcdiag.runfile.save_run, {_DOCS}.") from None
+    except MemoryError:
+        raise InputError(f"{where}: does not fit in this machine's memory (MemoryError in torch.load); check it on a "
+                         "machine with more memory, or lower --max-memory so such files are refused earlier.") from None
     except Exception as exc:  # torch raises many types for bad files; each becomes one line
         import pickle
 
@@ -936,7 +1269,7 @@ def load_run(path: str | os.PathLike, *, partial: bool = False) -> Run:
         raise InputError(f"{where}: is a torch file holding a {_kind(data)}, not an hcdiag run file "
                          f"(a dict with format={FORMAT!r}); {_DOCS}.")
     try:
-        return Run(data, p, partial=partial)
+        return Run(data, p, partial=partial, max_memory=limit)
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
 
@@ -945,15 +1278,18 @@ def load_run(path: str | os.PathLike, *, partial: bool = False) -> Run:
 # writing
 
 
-def _compact(obj: Any) -> Any:
+def _compact(obj: Any, depth: int = 0) -> Any:
     """A copy of ``obj`` in the run file's plain types, with compact CPU tensors.
 
     Tensors are detached, moved to CPU and made to own exactly their storage (torch.save writes a
     tensor's WHOLE storage, so a view ``x[:m]`` of the full dataset would silently carry the full
     dataset into the run file). numpy arrays become tensors; numpy scalars and subclasses of
     str/int/float/bool (``torch.__version__`` is one) become plain Python values. Anything else is
-    left for :func:`validate_run` to refuse.
+    left for :func:`validate_run` to refuse, and so is what nests deeper than :data:`MAX_DEPTH` (left as it
+    is: no RecursionError here).
     """
+    if depth > MAX_DEPTH:
+        return obj
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.device.type != "cpu":
@@ -962,11 +1298,11 @@ def _compact(obj: Any) -> Any:
             return t.clone(memory_format=torch.contiguous_format)
         return t
     if isinstance(obj, dict):
-        return {_compact(k): _compact(v) for k, v in obj.items()}
+        return {_compact(k, depth + 1): _compact(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_compact(v) for v in obj]
+        return [_compact(v, depth + 1) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_compact(v) for v in obj)
+        return tuple(_compact(v, depth + 1) for v in obj)
     if obj is None or type(obj) in (str, bool, int, float):
         return obj
     for plain in (bool, str, int, float):  # bool before int: bool is an int

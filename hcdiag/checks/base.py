@@ -10,6 +10,7 @@ import torch
 from hcdiag.errors import InputError
 from hcdiag.metrics import clustering_losses
 from hcdiag.models import ModelConfig, build_model, encode_decode
+from hcdiag.runfile import EVAL_BATCH_ROWS
 
 Verdict = Literal["holds", "fails", "inconclusive"]
 VERDICTS = ("holds", "fails", "inconclusive")
@@ -92,7 +93,7 @@ class RunContext:
     """
 
     def __init__(self, run, *, tolerance: float = 0.05, device: str | torch.device = "cpu", seed: int = 0,
-                 batch_size: int = 4096):
+                 batch_size: int = EVAL_BATCH_ROWS):  # the rows load_run's memory bound assumes
         self.run = run
         self.tol = float(tolerance)
         self.device = torch.device(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from hcdiag.cli.common import add_format_argument
 
@@ -21,7 +22,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partial", action="store_true",
                    help="check a run still training (or stopped by an error): the stages it lacks make their checks "
                         "inconclusive, and everything it has is checked")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the check may take, e.g. 4G or 512M (K, M, G, T: powers of 1024; a plain number is "
+                        "bytes); a run file that would need more (its size, the tensors it claims, its models on the "
+                        "eval rows) is refused with exit 2 before anything big is allocated (default: half of this "
+                        "machine's memory)")
     add_format_argument(p)
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, option: str = "--max-memory") -> int:
+    """Bytes in ``4G``, ``512M``, ``1.5GiB``, ``1048576`` (K, M, G, T are powers of 1024), > 0.
+
+    >>> parse_size("4G"), parse_size("512M"), parse_size("1024")
+    (4294967296, 536870912, 1024)
+    """
+    from hcdiag.errors import InputError
+
+    found = _SIZE.fullmatch(text)
+    size = 0
+    if found:
+        number, unit = found.groups()
+        value = float(number) * 1024 ** ("", "k", "m", "g", "t").index(unit.lower())
+        size = int(value) if value < 2**63 else 0  # a 400-digit number is inf as a float
+    if size < 1:
+        raise InputError(f"{option} must be a memory size > 0 such as 4G or 512M (K, M, G, T: powers of 1024; a plain "
+                         f"number is bytes); got {text if len(text) <= 40 else text[:40] + '...'!r}.")
+    return size
 
 
 def write_report(results, run, out_dir, *, run_path, tolerance, require=None, left_out: list | None = None) -> list[str]:
@@ -82,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from hcdiag.report import exit_status, text_table, to_json_doc
     from hcdiag.runfile import load_run
 
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     require = parse_ids(args.require, "--require") if args.require else None
     only = parse_ids(args.only, "--only") if args.only else None
     if require and only and set(require) - set(only):
@@ -94,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         rp = Path(args.report)
         if rp.exists() and not rp.is_dir():
             raise InputError(f"--report {rp} is a file; give a folder.")
-    run_obj = load_run(args.run, partial=args.partial)
+    run_obj = load_run(args.run, partial=args.partial, max_memory=max_memory)
     if args.report:
         try:  # before the checks run: a folder that cannot be made is bad input, not a traceback at the end
             rp.mkdir(parents=True, exist_ok=True)
