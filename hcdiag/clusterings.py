@@ -76,6 +76,10 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+#: At most this many EM runs (the paper uses 16 to 32): every run is a full EM fit held in memory.
+MAX_R0 = 4096
+
+
 def check_r0(r0, *, uneven: bool = False) -> int:
     """Validate the number of initial clusterings R0 and return it as an int.
 
@@ -93,11 +97,26 @@ def check_r0(r0, *, uneven: bool = False) -> int:
     r0 = int(r0)
     if r0 < 2:
         raise InputError(f"The 'r0' parameter must be >= 2: halving ends with a pair of clusterings. Got {r0}.")
+    if r0 > MAX_R0:
+        raise InputError(f"The 'r0' parameter must be at most {MAX_R0} (each run is a full EM fit; the paper uses 16). "
+                         f"Got {r0}.")
     if not uneven and r0 & (r0 - 1):
         lo = 1 << (r0.bit_length() - 1)
         raise InputError(f"The 'r0' parameter must be a power of two for halving (Algorithm 1): {r0} is not a "
                          f"power of two; use {lo} or {2 * lo}, or pass --uneven-halving to halve unevenly.")
     return r0
+
+
+def check_seed(seed, r0: int) -> int:
+    """Validate the first EM seed: run r uses ``seed + r``, which must stay below 2**32 (scikit-learn's limit).
+
+    >>> check_seed(7, 16)
+    7
+    """
+    if not _is_int(seed) or seed < 0 or seed + r0 > 2**32:
+        raise InputError(f"The 'seed' parameter must be an integer in [0, 2**32 - r0] (run r uses seed + r < 2**32; "
+                         f"r0 = {r0}). Got {seed!r}.")
+    return int(seed)
 
 
 # ---------------------------------------------------------------------------------- the result
@@ -310,8 +329,9 @@ def fit_clusterings(x, r0: int, k: int, *, covariance: Covariance = "diag", back
         raise InputError(f"The 'tol' parameter must be a float >= 0. Got {tol!r}.")
     if not (isinstance(reg_covar, (int, float)) and math.isfinite(reg_covar) and reg_covar >= 0):
         raise InputError(f"The 'reg_covar' parameter must be a float >= 0. Got {reg_covar!r}.")
-    if not _is_int(seed) or seed < 0 or seed + r0 > 2**32:
-        raise InputError(f"The 'seed' parameter must be an integer in [0, 2**32 - r0]; run r uses seed + r. Got {seed!r}.")
+    check_seed(seed, r0)
+    if n_jobs is not None and (not _is_int(n_jobs) or (n_jobs < 1 and n_jobs != -1)):
+        raise InputError(f"The 'n_jobs' parameter must be an integer >= 1 or -1 (all cores). Got {n_jobs!r}.")
     x, _ = as_data_matrix(x, name="data", min_rows=1)
     if k > x.shape[0]:
         raise InputError(f"The 'k' parameter asks for K={k} components but the data has only {x.shape[0]} rows; "
@@ -371,6 +391,8 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
     """
     import json
     import os
+    import zipfile
+    import zlib
     from pathlib import Path
 
     from hcdiag.device import resolve_device
@@ -396,8 +418,8 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
                                      covariance_type=meta["covariance_type"], seeds=z["seeds"], loglik=z["loglik"],
                                      n_iter=z["n_iter"], converged=z["converged"], backend=meta["backend"],
                                      init=meta["init"], config=meta["config"])
-        except (OSError, ValueError, KeyError, InputError):
-            return None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, InputError):
+            return None  # truncated or corrupt (e.g. a writer killed on a file system without atomic rename): refit
 
     lock = None
     try:
@@ -456,6 +478,8 @@ def _fit_sklearn(x, seeds, k, covariance, init, max_iter, tol, reg_covar, n_jobs
 
     jobs = (delayed(_fit_one_sklearn)(x, s, k, covariance, init, max_iter, tol, reg_covar) for s in seeds)
     results = []
+    if n_jobs is not None and n_jobs > len(seeds):
+        n_jobs = len(seeds)  # more workers than EM runs would idle (and joblib refuses absurd counts)
     for i, res in enumerate(Parallel(n_jobs=n_jobs, return_as="generator")(jobs)):
         results.append(res)
         if progress is not None:
