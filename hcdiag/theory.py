@@ -34,6 +34,10 @@ from hcdiag.paper import AU_THRESHOLD  # Burda et al. (2015) active-unit thresho
 
 Schedule = Literal["linear", "cosine"]
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+#: Largest latent dimension: the optimum holds one float per latent dimension (those beyond N are all inactive).
+MAX_LATENT_DIM = 1 << 20
+#: Largest number of diffusion steps (DDPM uses 1000): each schedule holds a few float64 arrays of length T.
+MAX_T = 10**7
 
 
 # ----------------------------------------------------------------------------- validation
@@ -48,9 +52,11 @@ def _positive_float(value, name: str) -> float:
     return v
 
 
-def _positive_int(value, name: str, minimum: int = 1) -> int:
+def _positive_int(value, name: str, minimum: int = 1, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise InputError(f"The '{name}' parameter must be an integer >= {minimum}. Got {value!r}.")
+    if maximum is not None and int(value) > maximum:
+        raise InputError(f"The '{name}' parameter must be an integer in [{minimum}, {maximum}]. Got {value!r}.")
     return int(value)
 
 
@@ -143,7 +149,7 @@ def linear_vae_optimum(eigenvalues, s2: float, latent_dim: int, *, trace: Option
     """
     lam = _eigenvalues(eigenvalues)
     s2 = _positive_float(s2, "s2")
-    n = _positive_int(latent_dim, "latent_dim")
+    n = _positive_int(latent_dim, "latent_dim", maximum=MAX_LATENT_DIM)
     k = lam.size
     if N is None:
         N = k
@@ -281,7 +287,7 @@ def betas(schedule: Schedule = "linear", T: int = 1000) -> np.ndarray:
     ``beta_t = 1 - abar(t)/abar(t-1)`` clipped at 0.999.
     """
     _check_schedule(schedule)
-    T = _positive_int(T, "T", minimum=2)
+    T = _positive_int(T, "T", minimum=2, maximum=MAX_T)
     if schedule == "linear":
         return np.linspace(1e-4, 0.02, T, dtype=np.float64)
     s = 0.008
@@ -353,7 +359,7 @@ def critical_timestep(lambda_max: float, schedule: Schedule = "linear", T: int =
     """
     lmax = _positive_float(lambda_max, "lambda_max")
     schedule = _check_schedule(schedule)
-    T = _positive_int(T, "T", minimum=2)
+    T = _positive_int(T, "T", minimum=2, maximum=MAX_T)
     ab = alphabar(schedule, T)
     g = 1.0 - ab  # noise variance, increasing in t
     lo, hi = float(g[0]), float(g[-1])

@@ -587,12 +587,28 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
 
     for ds in datasets:
         load(ds, n_samples=GRIDS.get(preset, {}).get("n_samples", {}).get(ds) or 100, data_dir=data_dir)
+    if not str(out_dir).strip():
+        raise InputError(f"--out must name a folder. Got {str(out_dir)!r}.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder.")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise InputError(f"--out {out} is not writable; choose another folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except NotADirectoryError:
+        raise InputError(f"--out {out} cannot be created: part of its path is a file, not a folder; "
+                         "choose another folder.") from None
+    except OSError as exc:
+        raise InputError(f"--out {out} cannot be created ({exc.strerror or exc}); choose a writable folder.") from None
+    try:
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "permission denied")
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=out):  # root passes os.access; a read-only file system does not pass this
+            pass
+    except OSError as exc:
+        raise InputError(f"--out {out} is not writable ({(exc.strerror or str(exc)).lower()}); "
+                         "choose another folder.") from None
     if progress:
         progress(f"verify: {len(jobs)} runs ({preset} preset) into {out}")
     records = execute(jobs, str(out), executor=executor, workers=workers, progress=progress, slurm=slurm)

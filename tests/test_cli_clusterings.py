@@ -19,7 +19,10 @@ def two_blobs(rng, n=300, dim=3):
 
 def run_cli(capsys, argv):
     capsys.readouterr()  # drop what fixtures printed (the seed)
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # refused by the argument parser, before any work
+        code = exc.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -77,7 +80,7 @@ def test_r0_24_names_16_and_32(tmp_path, capsys):
 def test_r0_below_two(tmp_path, capsys):
     path = tmp_path / "x.npy"
     np.save(path, two_blobs(np.random.default_rng(0)))
-    _one_line_error(capsys, [NAME, str(path), "--r0", "1", "--k", "2"], "'r0' parameter must be >= 2")
+    _one_line_error(capsys, [NAME, str(path), "--r0", "1", "--k", "2"], "argument --r0: must be an integer >= 2. Got 1.")
 
 
 def test_k_larger_than_rows_names_both(tmp_path, capsys):

@@ -84,9 +84,11 @@ def test_phase_bad_multiples_exit_2_one_line(npy, capsys, bad, match):
 
 def test_phase_bad_latent_dim_and_constant_data(tmp_path, npy, capsys):
     path, _ = npy
-    assert main(["phase", str(path), "--latent-dim", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:  # refused by the argument parser, before the data is read
+        main(["phase", str(path), "--latent-dim", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "The 'latent-dim' option must be an integer >= 1. Got 0." in err[0]
+    assert exc.value.code == 2
+    assert err == ["hcdiag phase: error: argument --latent-dim: must be an integer in [1, 1048576]. Got 0."]
     const = tmp_path / "const.npy"
     np.save(const, np.ones((10, 3)))
     assert main(["phase", str(const), "--device", "cpu"]) == 2
@@ -122,9 +124,11 @@ def test_diffusion_reports_missing_t_c_with_reason(tmp_path, seed, capsys):
 
 def test_diffusion_bad_arguments_exit_2(npy, capsys):
     path, _ = npy
-    assert main(["diffusion", str(path), "--T", "1"]) == 2
+    with pytest.raises(SystemExit) as exc:  # refused by the argument parser, before the data is read
+        main(["diffusion", str(path), "--T", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["hcdiag diffusion: error: The 'T' parameter must be an integer >= 2. Got 1."]
+    assert exc.value.code == 2
+    assert err == ["hcdiag diffusion: error: argument --T: must be an integer in [2, 10000000]. Got 1."]
     with pytest.raises(SystemExit) as exc:
         main(["diffusion", str(path), "--schedule", "quadratic"])
     assert exc.value.code == 2

@@ -77,7 +77,10 @@ def test_text_output(tmp_path, capsys, seed):
 
 def one_error_line(capsys, argv):
     capsys.readouterr()
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # refused by the argument parser, before any work
+        rc = exc.code
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, captured.err
@@ -97,9 +100,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     np.save(tmp_path / "one.npy", np.ones((1, 3)))
     assert "has 1 row(s); at least 2 are needed" in one_error_line(capsys, ["spectrum", str(tmp_path / "one.npy")])
     np.save(tmp_path / "ok.npy", np.eye(3))
-    assert "The 'multiples' option must hold numbers > 0. Got -2." in one_error_line(
+    assert "The 'multiples' option must hold finite numbers > 0. Got -2." in one_error_line(
         capsys, ["spectrum", str(tmp_path / "ok.npy"), "--multiples", "1,-2"])
-    assert "The 'bootstrap' parameter must be 0 (no CI) or at least 2 resamples. Got 1." in one_error_line(
+    assert "argument --bootstrap: must be an integer in [2, 100000] or 0 (no CI). Got 1." in one_error_line(
         capsys, ["spectrum", str(tmp_path / "ok.npy"), "--bootstrap", "1"])
 
 

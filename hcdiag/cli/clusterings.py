@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hcdiag.cli.common import add_data_arguments, add_device_argument, add_format_argument
+from hcdiag.cli.common import SEED_MAX, add_data_arguments, add_device_argument, add_format_argument, float_arg, int_arg
 
 NAME = "clusterings"
 HELP = "fit R0 Gaussian-mixture clusterings (stage 0) and audit how different they are"
@@ -13,19 +13,20 @@ HELP = "fit R0 Gaussian-mixture clusterings (stage 0) and audit how different th
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
-    p.add_argument("--r0", type=int, default=16, help="number of EM runs, a power of two (default 16)")
-    p.add_argument("--k", type=int, default=8, help="components per clustering (default 8)")
+    p.add_argument("--r0", type=int_arg(2), default=16, help="number of EM runs, a power of two (default 16)")
+    p.add_argument("--k", type=int_arg(1), default=8, help="components per clustering (default 8)")
     p.add_argument("--covariance", choices=["diag", "full"], default="diag", help="covariance type (default diag)")
     p.add_argument("--backend", choices=["sklearn", "torch"], default="sklearn",
                    help="sklearn: one GaussianMixture per seed; torch: all runs batched (default sklearn)")
     p.add_argument("--init", choices=["kmeans", "random"], default="kmeans", help="EM initialisation (default kmeans)")
-    p.add_argument("--seed", type=int, default=0, help="run r uses seed + r (default 0)")
-    p.add_argument("--max-iter", type=int, default=100, help="EM iterations at most (default 100)")
-    p.add_argument("--tol", type=float, default=1e-3, help="EM stops when the mean log-likelihood changes less (default 1e-3)")
-    p.add_argument("--reg-covar", type=float, default=1e-6, help="added to covariance diagonals (default 1e-6)")
-    p.add_argument("--n-jobs", type=int, default=None, help="joblib workers of the sklearn backend (default 1; -1 all cores)")
+    p.add_argument("--seed", type=int_arg(0, SEED_MAX), default=0, help="run r uses seed + r (default 0)")
+    p.add_argument("--max-iter", type=int_arg(1), default=100, help="EM iterations at most (default 100)")
+    p.add_argument("--tol", type=float_arg(0), default=1e-3, help="EM stops when the mean log-likelihood changes less (default 1e-3)")
+    p.add_argument("--reg-covar", type=float_arg(0), default=1e-6, help="added to covariance diagonals (default 1e-6)")
+    p.add_argument("--n-jobs", type=int_arg(1, or_value=-1, meaning="all cores"), default=None,
+                   help="joblib workers of the sklearn backend (default 1; -1 all cores)")
     p.add_argument("--uneven-halving", action="store_true", help="accept an R0 that is not a power of two")
-    p.add_argument("--audit-tol", type=float, default=None,
+    p.add_argument("--audit-tol", type=float_arg(0), default=None,
                    help="distance under which centroids count as the same (default 1%% of sqrt(total variance))")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_device_argument(p)
@@ -37,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
     from hcdiag.cli import common
     from hcdiag.formats import format_table
-    from hcdiag.clusterings import audit, check_r0, fit_clusterings
+    from hcdiag.clusterings import audit, check_r0, check_seed, fit_clusterings
     from hcdiag.errors import InputError, NumericalError
 
-    check_r0(args.r0, uneven=args.uneven_halving)  # refuse a bad R0 before loading any data
+    check_seed(args.seed, check_r0(args.r0, uneven=args.uneven_halving))  # refused before loading any data
     ds = common.load_data(args)
     x = ds.x
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hcdiag.cli.common import add_data_arguments, add_device_argument, add_format_argument, emit, load_data
+from hcdiag.cli.common import add_data_arguments, add_device_argument, add_format_argument, emit, int_arg, load_data
 from hcdiag.formats import format_table
 
 NAME = "diffusion"
@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     p.add_argument("--schedule", default="all", choices=["linear", "cosine", "all"],
                    help="noise schedule: linear (DDPM 1e-4..0.02), cosine (Nichol & Dhariwal), all (default)")
-    p.add_argument("--T", dest="T", type=int, default=1000, help="number of diffusion steps (default 1000)")
+    from hcdiag.theory import MAX_T
+
+    p.add_argument("--T", dest="T", type=int_arg(2, MAX_T), default=1000, help="number of diffusion steps (default 1000)")
     add_device_argument(p)
     add_format_argument(p)
 

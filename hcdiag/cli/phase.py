@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hcdiag.cli.common import (add_data_arguments, add_device_argument, add_format_argument, emit,
-                               load_data, parse_float_list)
+                               int_arg, load_data, parse_float_list)
 from hcdiag.formats import format_table
 
 NAME = "phase"
@@ -18,7 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     p.add_argument("--multiples", default=DEFAULT_MULTIPLES,
                    help=f"comma-separated decoder-variance multiples m, s2 = m * lambda_max (default {DEFAULT_MULTIPLES})")
-    p.add_argument("--latent-dim", type=int, default=8, help="latent dimension n (default 8, paper 5.1.3)")
+    from hcdiag.theory import MAX_LATENT_DIM
+
+    p.add_argument("--latent-dim", type=int_arg(1, MAX_LATENT_DIM), default=8,
+                   help="latent dimension n (default 8, paper 5.1.3)")
     add_device_argument(p)
     add_format_argument(p)
 
@@ -30,9 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Validate the cheap arguments before reading any data.
     multiples = parse_float_list(args.multiples, "multiples")
-    phase_table([1.0], multiples, 1)
-    if args.latent_dim < 1:
-        raise InputError(f"The 'latent-dim' option must be an integer >= 1. Got {args.latent_dim}.")
+    phase_table([1.0], multiples, args.latent_dim)
 
     ds = load_data(args)
     spec = spectrum(ds.x, top=min(args.latent_dim, ds.d), device=args.device)

@@ -3,22 +3,24 @@ and the decoder variances ``s2 = m * lambda_max`` a run would use (paper eq. 4, 
 
 from __future__ import annotations
 
-from hcdiag.cli.common import (add_data_arguments, add_device_argument, add_format_argument, emit,
-                               load_data, parse_float_list)
+from hcdiag.cli.common import (SEED_MAX, add_data_arguments, add_device_argument, add_format_argument, emit,
+                               float_arg, int_arg, load_data, parse_float_list)
 from hcdiag.formats import format_table
 
 NAME = "spectrum"
+#: A percentile CI needs thousands of resamples, not more; each one re-reads the data.
+MAX_BOOTSTRAP = 100_000
 HELP = "top eigenvalues of the data covariance (1/n), lambda_max with a bootstrap CI, decoder variances"
 
 
 def add_arguments(p) -> None:
     add_data_arguments(p)
-    p.add_argument("--top", type=int, default=10, help="how many eigenvalues to report (default 10)")
+    p.add_argument("--top", type=int_arg(1), default=10, help="how many eigenvalues to report (default 10)")
     p.add_argument("--method", default="auto", choices=["auto", "exact", "lanczos", "streaming"],
                    help="eigensolver (default auto: exact for small d, lanczos in memory, streaming for memmaps)")
-    p.add_argument("--bootstrap", type=int, default=0, help="row resamples for a percentile CI of lambda_max (default 0: none)")
-    p.add_argument("--ci-level", type=float, default=0.95, help="level of the bootstrap CI (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the start vectors and resamples (default 0)")
+    p.add_argument("--bootstrap", type=int_arg(2, MAX_BOOTSTRAP, or_value=0, meaning="no CI"), default=0, help="row resamples for a percentile CI of lambda_max (default 0: none)")
+    p.add_argument("--ci-level", type=float_arg(0, 1, open_low=True, open_high=True), default=0.95, help="level of the bootstrap CI (default 0.95)")
+    p.add_argument("--seed", type=int_arg(0, SEED_MAX), default=0, help="seed of the start vectors and resamples (default 0)")
     p.add_argument("--multiples", default="0.5,1,2,5,10", help="multiples m of lambda_max for s2 = m * lambda_max "
                    "(default 0.5,1,2,5,10)")
     add_device_argument(p)
@@ -26,15 +28,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import math
     import warnings
 
     from hcdiag.errors import InputError
     from hcdiag.spectrum import DecoderVarianceWarning, decoder_variances, spectrum
 
     multiples = parse_float_list(args.multiples, "multiples")
-    bad = [m for m in multiples if not m > 0]
+    bad = [m for m in multiples if not (math.isfinite(m) and m > 0)]
     if bad:
-        raise InputError(f"The 'multiples' option must hold numbers > 0. Got {bad[0]:g}.")
+        raise InputError(f"The 'multiples' option must hold finite numbers > 0. Got {bad[0]:g}.")
     ds = load_data(args)
     spec = spectrum(ds.x, top=args.top, method=args.method, device=args.device, bootstrap=args.bootstrap,
                     ci_level=args.ci_level, seed=args.seed)

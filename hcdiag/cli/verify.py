@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from hcdiag.cli.common import add_format_argument
+from hcdiag.cli.common import add_format_argument, nonempty_arg
 from hcdiag.paper import LOSS_CONVENTIONS
 
 NAME = "verify"
 HELP = "run the paper's experiments (grid of runs + barrier checks) and write the claims report"
+#: Seeds per configuration at most: each seed repeats the whole grid (the paper reports 3 to 5).
+MAX_SEEDS = 1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim fails or a run failed")
-    p.add_argument("--out", required=True, help="output folder (runs, report.md, report.html, results.json, figures)")
+    p.add_argument("--out", type=nonempty_arg, required=True, help="output folder (runs, report.md, report.html, results.json, figures)")
     add_format_argument(p)
 
 
@@ -32,10 +34,18 @@ def run(args: argparse.Namespace) -> int:
 
     from hcdiag.cli.common import emit
     from hcdiag.errors import InputError
-    from hcdiag.verify import claims_text, verify
+    from hcdiag.verify import DATASETS, claims_text, verify
 
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    losses = [l.strip() for l in args.losses.split(",")] if args.losses else None
+    def names(option: str, text: str | None, allowed) -> list[str] | None:
+        if text is None:
+            return None
+        given = [t.strip() for t in text.split(",") if t.strip()]
+        if not given:
+            raise InputError(f"--{option} must list at least one of {', '.join(allowed)}. Got {text!r}.")
+        return given
+
+    datasets = names("datasets", args.datasets, DATASETS)
+    losses = names("losses", args.losses, LOSS_CONVENTIONS)
     if losses:
         bad = [l for l in losses if l not in LOSS_CONVENTIONS]
         if bad:
@@ -43,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     groups = [x.strip() for x in args.groups.split(",") if x.strip()] if args.groups is not None else None
     if args.seeds < 1:
         raise InputError(f"--seeds must be an integer >= 1. Got {args.seeds}.")
+    if args.seeds > MAX_SEEDS:
+        raise InputError(f"--seeds must be an integer in [1, {MAX_SEEDS}] (each seed repeats the whole grid). "
+                         f"Got {args.seeds}.")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be an integer >= 1 (default: one per core, or per GPU). Got {args.workers}.")
     doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
                  device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses, groups=groups,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
