@@ -21,6 +21,7 @@ scripts' whole command line).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -732,6 +733,15 @@ ARTEFACTS: dict[str, Callable[..., ArtefactResult]] = {
 # the scripts' command line
 
 
+def _conventions(text: str, flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in LOSS_CONVENTIONS]
+    if bad or not items or (flag == "--loss" and len(items) != 1):
+        raise InputError(f"{flag} must be {'one' if flag == '--loss' else 'a comma list'} of "
+                         f"{', '.join(LOSS_CONVENTIONS)}. Got {text!r}.")
+    return items
+
+
 def script_main(name: str, argv: list[str] | None = None) -> int:
     """The whole command line of ``verification/<name>.py``: run the artefact, print the side-by-side table
     (text or JSON), save the figures into ``--out``. Bad input: one line on stderr, exit status 2."""
@@ -751,9 +761,18 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
     if name != "diffusion":
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    takes = inspect.signature(fn).parameters
+    if "losses" in takes or "loss" in takes:  # to reuse a verify folder run with --losses
+        p.add_argument("--losses" if "losses" in takes else "--loss", default=None,
+                       help="loss convention(s) of the runs, comma list among " + ", ".join(LOSS_CONVENTIONS)
+                       + " (default: the preset grid's first); the run names of a verify folder carry it")
     args = p.parse_args(argv)
     try:
         kw = dict(data_dir=args.data_dir)
+        if getattr(args, "losses", None) is not None:
+            kw["losses"] = _conventions(args.losses, "--losses")
+        if getattr(args, "loss", None) is not None:
+            kw["loss"] = _conventions(args.loss, "--loss")[0]
         if name != "diffusion":
             kw["device"] = args.device
         if name not in ("figure2", "diffusion"):

@@ -351,3 +351,14 @@ def test_figure4_plot_marks_the_collapse_threshold_on_a_log_axis(seed):
     np.testing.assert_allclose(ax.lines[0].get_ydata(), kls)
     assert any(list(l.get_ydata()) == [0.01, 0.01] for l in ax.lines)
     assert "collapse threshold (KL = 0.01)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+@pytest.mark.parametrize("name, flag", [("figure4", "--losses"), ("table1", "--losses"), ("figure2", "--loss"),
+                                        ("figure5", "--loss")])
+def test_scripts_take_the_loss_convention_of_a_verify_folder(name, flag, tmp_path, capsys):
+    """A verify folder run with --losses scaled is reused by the scripts only with the same convention (the run
+    names carry it); a bad value is one line, exit 2, nothing written."""
+    assert artefacts.script_main(name, [flag, "sum", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} must be" in err[0] and "literal, scaled, mean. Got 'sum'." in err[0]
+    assert not (tmp_path / "o").exists()
