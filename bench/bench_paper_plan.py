@@ -39,7 +39,8 @@ import torch
 
 from hcdiag.data import load
 from hcdiag.errors import InputError
-from hcdiag.train import PRESETS, Trainer, _n_keep, make_config
+from hcdiag.train import PRESETS, Trainer, make_config
+from hcdiag.train.methods.hct import n_keep
 from hcdiag.verify import GRIDS, build_grid
 
 
@@ -63,11 +64,11 @@ class Counts:
 
 
 def _rounds(r0: int, keep_ratio: float) -> list[int]:
-    """Active-set sizes of the stage-1 rounds (the trainer's ``_n_keep``), e.g. 16 -> [16, 8, 4]."""
+    """Active-set sizes of the stage-1 rounds (the trainer's ``n_keep``), e.g. 16 -> [16, 8, 4]."""
     sizes, a = [], r0
     while a > 2:
         sizes.append(a)
-        a = _n_keep(a, keep_ratio)
+        a = n_keep(a, keep_ratio)
     return sizes
 
 
@@ -125,25 +126,24 @@ def unit_costs(data, em_r0: int) -> dict:
 
     cfg = make_config("paper", method="hct", device="cpu")
     tr = Trainer(cfg, data, None)
-    tr._setup()
+    tr.setup()
     t = time.perf_counter()
     cs = fit_clusterings(tr.x_np, em_r0, cfg.k, covariance=cfg.covariance, backend=cfg.em_backend, init=cfg.em_init,
                          seed=cfg.seed, device=tr.device, uneven=True)
     em = (time.perf_counter() - t) / em_r0
-    tr.centroids = torch.as_tensor(cs.centroids, dtype=torch.float32)
-    model = tr._new_model()
+    tr.loop.set_centroids(torch.as_tensor(cs.centroids, dtype=torch.float32))
+    model = tr.new_model()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    g_idx, g_noise = tr._new_generators(cfg.seed)
-    state = {"g_idx": g_idx, "g_noise": g_noise, "perm": None, "pos": 0, "step": 0, "epoch": 0}
+    state = tr.loop.new_state(cfg.seed)
     one = torch.tensor([0])
 
     def mi():
         mu, lv, _ = encode_decode(model, tr.eval_x)
         return mutual_information(mu, lv, seed=0)
 
-    out = _median_block({"vanilla": lambda: tr._step(model, opt, state, None, 0.0, 1.0),
-                         "hct": lambda: tr._step(model, opt, state, one, cfg.beta_start, 1.0),
-                         "eval": lambda: tr.evaluate(model), "mi": mi}, reps=3, blocks=3)
+    out = _median_block({"vanilla": lambda: tr.loop.step(model, opt, state, None, 0.0, 1.0),
+                         "hct": lambda: tr.loop.step(model, opt, state, one, cfg.beta_start, 1.0),
+                         "eval": lambda: tr.loop.evaluate(model), "mi": mi}, reps=3, blocks=3)
     out["em"] = em
     out["params"] = sum(p.numel() for p in model.parameters())
     return out

@@ -15,6 +15,7 @@ import torch
 from hcdiag.losses import LossWeights, gaussian_kl, reparameterize
 from hcdiag.models import ModelConfig, WIDTH_PRESETS, build_model
 from hcdiag.train import Trainer, make_config
+from hcdiag.train.objectives import ClusterTerm
 
 
 def _time(fn, reps):
@@ -40,8 +41,7 @@ def _step_bench(name, widths, latent, N, B=512, R=16, K=8, reps=60):
     cent = torch.randn(R, K, N)
     w = LossWeights.for_convention("literal", 2.0, N)
     g = torch.Generator().manual_seed(0)
-    tr = Trainer.__new__(Trainer)  # only for its _cluster_term (one product against all centroids)
-    tr.centroids, tr._centroid_cache = cent, {}
+    term = ClusterTerm(cent)  # the trainer's term: one product against all centroids
 
     def base():
         mu, lv = model.encode(x)
@@ -61,8 +61,8 @@ def _step_bench(name, widths, latent, N, B=512, R=16, K=8, reps=60):
     one, all_ids = torch.tensor([3]), torch.arange(R)
     variants = {
         "vanilla": None,
-        "hct cycle (1 clustering, ours)": lambda f: tr._cluster_term(f, one),
-        f"hct simultaneous ({R}x{K}, ours)": lambda f: tr._cluster_term(f, all_ids),
+        "hct cycle (1 clustering, ours)": lambda f: term(f, one),
+        f"hct simultaneous ({R}x{K}, ours)": lambda f: term(f, all_ids),
         "simultaneous, autograd through amin": lambda f: _amin_term(f, cent.reshape(-1, cent.shape[-1]), R, K),
         "simultaneous via torch.cdist loop": lambda f: sum(torch.cdist(f, cent[r]).pow(2).amin(1).mean() for r in range(R)),
         "simultaneous via python loop": lambda f: sum(((f[:, None, :] - cent[r][None]) ** 2).sum(-1).amin(1).mean() for r in range(R)),

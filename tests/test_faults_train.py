@@ -203,7 +203,7 @@ def test_history_has_no_row_twice_after_a_nonfinite_stop_and_resume(data_file, t
     """Issue 10 item 9: the rows recorded between the last save and a non-finite stop were recorded again
     on --resume. Stage 1 (4 clusterings x 2 steps) then stage 2's first epoch (4 steps) run; the loss is
     poisoned in stage 2's second epoch only, as a transient fault would be."""
-    from hcdiag import train as train_mod
+    from hcdiag.train import objectives as train_mod
 
     args = ["train", str(data_file), *FAST, "--deterministic", "--references", "none"]
     assert main([*args, "--out", str(tmp_path / "full.pt")]) == 0
@@ -236,12 +236,12 @@ def test_history_has_no_row_twice_after_a_nonfinite_stop_and_resume(data_file, t
 
 DIE_AFTER_FIRST_SAVE = """
 import os
-from hcdiag import train
-_real = train.Trainer._save
+from hcdiag.train.writer import RunWriter
+_real = RunWriter.save
 def _dying(self, *a, **k):  # kill -9 right after the first save: no clean-up runs
     _real(self, *a, **k)
     os._exit(137)
-train.Trainer._save = _dying
+RunWriter.save = _dying
 """
 
 
@@ -281,18 +281,18 @@ def test_resume_refuses_changed_data_and_continues_the_same_data_bitwise(data_fi
 
 def _partial_run(tmp_path, data_file, monkeypatch, capsys) -> Path:
     """``hcdiag train`` of ``data_file`` interrupted right after its first save (in-process)."""
-    from hcdiag.train import Trainer
+    from hcdiag.train.writer import RunWriter
 
-    out, real = tmp_path / "run.pt", Trainer._save
+    out, real = tmp_path / "run.pt", RunWriter.save
 
     def dying(self, *a, **k):
         real(self, *a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_save", dying)
+    monkeypatch.setattr(RunWriter, "save", dying)
     assert main(["train", str(data_file), "--out", str(out), *FAST, "--references", "none"]) == 130
     assert capsys.readouterr().err == "hcdiag train: interrupted\n"
-    monkeypatch.setattr(Trainer, "_save", real)
+    monkeypatch.setattr(RunWriter, "save", real)
     assert not load_run(out, partial=True).complete and temporaries(tmp_path) == []
     return out
 

@@ -8,7 +8,12 @@ import torch
 
 from hcdiag.errors import InputError, NumericalError
 from hcdiag.models import build_model, encode_decode
-from hcdiag.train import Trainer, _n_keep, _n_rounds, make_config
+from hcdiag.train import Trainer, make_config
+from hcdiag.train.loop import Loop
+from hcdiag.train.objectives import ClusterTerm
+from hcdiag.train.writer import RunWriter
+from hcdiag.train.methods import aggressive
+from hcdiag.train.methods.hct import keep_best, n_keep, n_rounds
 
 TINY = dict(enc_widths=(16,), dec_widths=(16,), latent_dim=3, batch_size=64, epochs=2, r0=4, k=3,
             em_backend="sklearn", epochs_per_round=2, steps_per_clustering=3, refine_cap=3, stage3_epochs=2,
@@ -86,12 +91,10 @@ AGG = {**TINY, "method": "aggressive", "references": (), "batch_size": 200}  # 6
 
 def _agg_setup(seed, **kw):
     tr = Trainer(make_config(None, seed=seed, **{**AGG, **kw}), _data(seed), None)
-    tr._setup()
-    model = tr._new_model()
+    tr.setup()
+    model = tr.new_model()
     enc = [p for n, p in model.named_parameters() if n.startswith(("encoder", "enc_"))]
-    g_idx, g_noise = tr._new_generators(seed)
-    state = {"g_idx": g_idx, "g_noise": g_noise, "perm": None, "pos": 0, "step": 0, "epoch": 0}
-    return tr, model, torch.optim.Adam(enc, lr=1e-3), state
+    return tr, model, torch.optim.Adam(enc, lr=1e-3), tr.loop.new_state(seed)
 
 
 def _he_inner_count(losses, cap, every):
@@ -110,17 +113,17 @@ def _he_inner_count(losses, cap, every):
 
 
 def _scripted_inner(tr, model, opt, state, losses, monkeypatch):
-    """Run the inner loop with ``_step`` replaced by a script of losses; return the count, the (optimizer,
+    """Run the inner loop with ``Loop.step`` replaced by a script of losses; return the count, the (optimizer,
     batch) of every step and the current batch the loop started from."""
     calls = []
 
-    def fake_step(self, model_, opt_, state_, ids, beta, kl_weight, free_bits=0.0, xb=None):
+    def fake_step(self, model_, opt_, state_, ids, beta, kl_weight, free_bits=0.0, xb=None, weights=None):
         calls.append((opt_, xb))
         return torch.tensor([losses[len(calls) - 1], 0.0, 0.0, 0.0])
 
-    monkeypatch.setattr(Trainer, "_step", fake_step)
-    xb = tr._batch(state)
-    return tr._aggressive_inner(model, opt, state, xb), calls, xb
+    monkeypatch.setattr(Loop, "step", fake_step)
+    xb = tr.loop.batch(state)
+    return aggressive.inner_loop(tr, model, opt, state, xb), calls, xb
 
 
 @pytest.mark.parametrize("losses,cap,every,expected", [
@@ -160,15 +163,14 @@ def test_aggressive_inner_batches_are_current_then_random_slots_of_the_permutati
     slots = tr.n // 64
     for _, b in calls[1:]:  # each later batch: a full slot of the current permutation, drawn with g_idx
         j = int(torch.randint(slots, (1,), generator=replay))
-        assert torch.equal(b, tr.X[state["perm"][j * 64:(j + 1) * 64]])
+        assert torch.equal(b, tr.loop.X[state["perm"][j * 64:(j + 1) * 64]])
     assert len({float(b.sum()) for _, b in calls[1:]}) > 1
 
 
 def _param_spy(monkeypatch):
-    """Wrap Trainer._step: per call, the names of the parameters its optimizer owns and of those that changed."""
-    from hcdiag.train import _Joint
-
-    log, real = [], Trainer._step
+    """Wrap Loop.step: per call, the names of the parameters its optimizer owns and of those that changed."""
+    _Joint = aggressive.Joint
+    log, real = [], Loop.step
 
     def spy(self, model, opt, state, *a, **k):
         names = {id(p): n for n, p in model.named_parameters()}
@@ -180,7 +182,7 @@ def _param_spy(monkeypatch):
         log.append({"opt": opt, "owned": owned, "changed": changed, "joint": isinstance(opt, _Joint)})
         return out
 
-    monkeypatch.setattr(Trainer, "_step", spy)
+    monkeypatch.setattr(Loop, "step", spy)
     return log
 
 
@@ -244,9 +246,8 @@ def test_aggressive_mode_ends_when_mi_falls_and_never_returns(seed, monkeypatch,
 
     calls = _scripted_mi(monkeypatch, mi)
     inner_calls = []
-    real_inner = Trainer._aggressive_inner
-    monkeypatch.setattr(Trainer, "_aggressive_inner",
-                        lambda self, *a: inner_calls.append(self.cfg) or real_inner(self, *a))
+    real_inner = aggressive.inner_loop
+    monkeypatch.setattr(aggressive, "inner_loop", lambda t, *a: inner_calls.append(t.cfg) or real_inner(t, *a))
     cfg = make_config(None, seed=seed, **{**AGG, "epochs": 5, "aggressive_max_inner": 4, "aggressive_check_every": 2})
     Trainer(cfg, _data(seed), tmp_path / "a.pt").run()
     run = load_run(tmp_path / "a.pt").data  # validated: the new keys are part of the schema
@@ -266,16 +267,16 @@ def test_aggressive_runs_are_deterministic_and_resume_reproduces_them(seed, tmp_
     cfg = make_config(None, seed=seed, **{**AGG, "epochs": 3, "aggressive_max_inner": 8, "aggressive_check_every": 3})
     x = _data(seed)
     a = Trainer(cfg, x, tmp_path / "a.pt").run()
-    real = Trainer._save
+    real = RunWriter.save
 
     def dying_save(self, *args, **kw):
         real(self, *args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_save", dying_save)
+    monkeypatch.setattr(RunWriter, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, x, tmp_path / "b.pt").run()
-    monkeypatch.setattr(Trainer, "_save", real)
+    monkeypatch.setattr(RunWriter, "save", real)
     b = Trainer(cfg, x, tmp_path / "b.pt").run(resume=True)
     assert b["status"]["complete"] and a["snapshot_order"] == b["snapshot_order"]
     for name in a["snapshot_order"]:
@@ -352,25 +353,24 @@ def test_simultaneous_step_sums_every_active_clustering(seed):
 
     x = _data(seed)
     tr = Trainer(make_config(None, seed=seed, mode="simultaneous", **TINY), x, None)
-    tr._setup()
-    tr.centroids = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(seed))
-    model = tr._new_model()
-    g_idx, g_noise = tr._new_generators(seed)
-    state = {"g_idx": g_idx, "g_noise": g_noise, "perm": None, "pos": 0, "step": 0, "epoch": 0}
+    tr.setup()
+    tr.loop.set_centroids(torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(seed)))
+    model = tr.new_model()
+    state = tr.loop.new_state(seed)
     # replay the same batch and noise to get f, then compare the term with a naive loop
-    g_i2, g_n2 = tr._new_generators(seed)
-    st2 = {"g_idx": g_i2, "g_noise": g_n2, "perm": None, "pos": 0, "step": 0, "epoch": 0}
-    xb = tr._batch(st2)
+    st2 = tr.loop.new_state(seed)
+    xb = tr.loop.batch(st2)
     with torch.no_grad():
         mu, lv = model.encode(xb)
         from hcdiag.losses import reparameterize
 
         f = model.decode(reparameterize(mu, lv, st2["g_noise"]))
-    naive = sum(_naive_losses(f.numpy().astype(np.float64), tr.centroids[[i]].numpy().astype(np.float64))[0]
+    cents = tr.loop.centroids
+    naive = sum(_naive_losses(f.numpy().astype(np.float64), cents[[i]].numpy().astype(np.float64))[0]
                 for i in (0, 2, 3))
-    terms = tr._step(model, torch.optim.SGD(model.parameters(), lr=0.0), state, torch.tensor([0, 2, 3]), 1.0, 1.0)
+    terms = tr.loop.step(model, torch.optim.SGD(model.parameters(), lr=0.0), state, torch.tensor([0, 2, 3]), 1.0, 1.0)
     assert float(terms[3]) == pytest.approx(naive, rel=1e-5)
-    assert float(clustering_losses(f, tr.centroids[[0, 2, 3]]).sum()) == pytest.approx(naive, rel=1e-5)
+    assert float(clustering_losses(f, cents[[0, 2, 3]]).sum()) == pytest.approx(naive, rel=1e-5)
 
 
 @pytest.mark.parametrize("ids", [[1], [0, 2, 3]])
@@ -378,13 +378,12 @@ def test_cluster_term_gradient_is_that_of_the_min(seed, ids):
     """The term's gradient (closed form from the chosen centroids) equals autograd through a naive
     min over squared distances, in float64, for one clustering (cycle) and several (simultaneous)."""
     g = torch.Generator().manual_seed(seed)
-    tr = Trainer.__new__(Trainer)
-    tr.centroids, tr._centroid_cache = torch.randn(4, 5, 7, generator=g, dtype=torch.float64), {}
+    cents = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)
     f = torch.randn(33, 7, generator=g, dtype=torch.float64, requires_grad=True)
     f_ref = f.detach().clone().requires_grad_(True)
-    ours = tr._cluster_term(f, torch.tensor(ids))
+    ours = ClusterTerm(cents)(f, torch.tensor(ids))
     (grad,) = torch.autograd.grad(3.0 * ours, f)
-    naive = sum(((f_ref[:, None, :] - tr.centroids[i][None]) ** 2).sum(-1).min(1).values.mean() for i in ids)
+    naive = sum(((f_ref[:, None, :] - cents[i][None]) ** 2).sum(-1).min(1).values.mean() for i in ids)
     (grad_ref,) = torch.autograd.grad(3.0 * naive, f_ref)
     assert float(ours.detach()) == pytest.approx(float(naive.detach()), rel=1e-12)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
@@ -396,7 +395,7 @@ def test_resume_after_kill_gives_the_same_final_run_bitwise(tmp_path, seed, monk
     full = Trainer(cfg, x, tmp_path / "full.pt").run()
 
     calls = {"n": 0}
-    real = Trainer._save
+    real = RunWriter.save
 
     def dying_save(self, *a, **k):  # the process dies right after the second save (round 1 written)
         real(self, *a, **k)
@@ -404,10 +403,10 @@ def test_resume_after_kill_gives_the_same_final_run_bitwise(tmp_path, seed, monk
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_save", dying_save)
+    monkeypatch.setattr(RunWriter, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, x, tmp_path / "part.pt").run()
-    monkeypatch.setattr(Trainer, "_save", real)
+    monkeypatch.setattr(RunWriter, "save", real)
     from hcdiag.runfile import load_run
 
     part = load_run(tmp_path / "part.pt", partial=True).data
@@ -432,7 +431,7 @@ def test_resume_with_another_config_names_the_keys(tmp_path, seed):
 
 
 def test_nonfinite_loss_stops_with_stage_round_step_and_keeps_last_good_state(tmp_path, seed, monkeypatch):
-    from hcdiag import train as train_mod
+    from hcdiag.train import objectives as train_mod
     from hcdiag.runfile import load_run
 
     x = _data(seed)
@@ -455,9 +454,9 @@ def test_nonfinite_loss_stops_with_stage_round_step_and_keeps_last_good_state(tm
 
 
 def test_halving_arithmetic():
-    assert [_n_keep(n, 0.5) for n in (16, 8, 4, 3)] == [8, 4, 2, 2]
-    assert _n_rounds(16, 0.5) == 3 and _n_rounds(32, 0.5) == 4 and _n_rounds(24, 0.5) == 4
-    assert _n_keep(9, 1 / 3) == 3 and _n_keep(6, 2 / 3) == 4
+    assert [n_keep(n, 0.5) for n in (16, 8, 4, 3)] == [8, 4, 2, 2]
+    assert n_rounds(16, 0.5) == 3 and n_rounds(32, 0.5) == 4 and n_rounds(24, 0.5) == 4
+    assert n_keep(9, 1 / 3) == 3 and n_keep(6, 2 / 3) == 4
 
 
 def test_config_errors(tmp_path):
@@ -478,10 +477,10 @@ def test_eval_losses_are_exact_at_tiny_eps_far_from_the_origin(seed):
     rng = np.random.default_rng(seed)
     x = (rng.normal(0, 1.0, size=(300, 6)) + 60.0).astype(np.float32)  # ||x||^2 ~ 2e4
     tr = Trainer(make_config(None, seed=seed, **{**TINY, "arch": "linear"}), x, None)
-    tr._setup()
+    tr.setup()
     cent = torch.as_tensor(rng.normal(60.0, 1.0, size=(2, 3, 6)), dtype=torch.float32)
-    tr.centroids = cent
-    model = tr._new_model()
+    tr.loop.set_centroids(cent)
+    model = tr.new_model()
     step = torch.zeros(6, dtype=torch.float32)
     step[int(rng.integers(0, 6))] = 1e-3  # a float32-exact offset of c from centroid (0, 0)
     c = cent[0, 0] + step
@@ -489,7 +488,62 @@ def test_eval_losses_are_exact_at_tiny_eps_far_from_the_origin(seed):
     sd["dec_out.weight"].zero_()
     sd["dec_out.bias"].copy_(c)
     model.load_state_dict(sd)
-    got = tr.evaluate(model)["losses"]
+    got = tr.loop.evaluate(model)["losses"]
     want = _naive_losses(np.tile(c.numpy().astype(np.float64), (len(tr.eval_x), 1)), cent.numpy().astype(np.float64))
     assert want[0] == pytest.approx(float(((c.double() - cent[0, 0].double()) ** 2).sum()), rel=1e-12)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
+
+
+def test_the_method_registry_is_the_papers_list_and_the_clis_choices():
+    from hcdiag.paper import METHODS as PAPER
+    from hcdiag.train import METHODS
+
+    assert tuple(METHODS) == PAPER
+    assert all(m.name == name for name, m in METHODS.items())
+    assert [name for name, m in METHODS.items() if m.pipeline] == ["hct"]
+
+
+def test_keep_best_is_the_naive_selection(seed):
+    """Section 4.2.1 step 3 on hand-made losses: the n_keep smallest of the active ones, ties by id, and eps_t
+    their largest loss; discarded clusterings never compete."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        r0 = int(rng.integers(3, 20))
+        losses = torch.tensor(rng.choice([0.5, 1.0, 2.0, 3.0], size=r0) + rng.integers(0, 2, r0) * 0.25)
+        active = sorted(rng.choice(r0, size=int(rng.integers(3, r0 + 1)), replace=False).tolist())
+        ratio = float(rng.choice([1 / 3, 0.5, 2 / 3]))
+        kept, eps = keep_best(losses, active, ratio)
+        want = n_keep(len(active), ratio)
+        naive = sorted(sorted(active, key=lambda i: (float(losses[i]), i))[:want])
+        assert kept == naive and eps == max(float(losses[i]) for i in naive)
+        assert set(kept) <= set(active) and len(kept) == want
+
+
+def test_each_baselines_objective_against_a_naive_loop(seed):
+    """vae_terms with each baseline's KL weight and free bits equals a naive per-sample loop."""
+    import math as _m
+
+    from hcdiag.losses import LossWeights
+    from hcdiag.train import METHODS
+    from hcdiag.train.objectives import vae_terms
+
+    g = torch.Generator().manual_seed(seed)
+    B, N, n = 9, 5, 3
+    xb, f = torch.randn(B, N, generator=g, dtype=torch.float64), torch.randn(B, N, generator=g, dtype=torch.float64)
+    mu, lv = torch.randn(B, n, generator=g, dtype=torch.float64), 0.3 * torch.randn(B, n, generator=g, dtype=torch.float64)
+    w = LossWeights.for_convention("literal", 1.7, N)
+    cfg = make_config(None, kl_weight=2.5, anneal_epochs=4, free_bits=0.4)
+    for name in ("vanilla", "beta", "anneal", "freebits"):
+        m = METHODS[name]
+        for epoch in (0, 2, 7):
+            klw, fb = m.kl_weight(cfg, epoch), m.free_bits(cfg)
+            want_klw = {"beta": 2.5, "anneal": min(1.0, (epoch + 1) / 4)}.get(name, 1.0)
+            assert klw == want_klw and fb == (0.4 if name == "freebits" else 0.0)
+            recon = sum(sum((float(xb[i, j]) - float(f[i, j])) ** 2 for j in range(N)) for i in range(B)) / B * w.recon
+            kld = [[0.5 * (float(mu[i, j]) ** 2 + _m.exp(float(lv[i, j])) - 1 - float(lv[i, j])) for j in range(n)]
+                   for i in range(B)]
+            kl = sum(map(sum, kld)) / B
+            kl_obj = sum(max(fb, sum(kld[i][j] for i in range(B)) / B) for j in range(n)) if fb > 0 else kl
+            loss, r, k = vae_terms(xb, mu, lv, f, w, klw, fb)
+            assert float(r) == pytest.approx(recon, rel=1e-12) and float(k) == pytest.approx(kl, rel=1e-12)
+            assert float(loss) == pytest.approx(recon + klw * kl_obj, rel=1e-12)

@@ -1,0 +1,167 @@
+"""The settings of a training run: one frozen config, its validation, and the presets.
+
+Presets fill a :class:`TrainConfig`; any field can be overridden (``make_config``); the method's name must
+be one of the registry's (:mod:`hcdiag.train.methods`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from hcdiag.errors import InputError
+from hcdiag.models import WIDTH_PRESETS
+from hcdiag.paper import LOSS_CONVENTIONS
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods (the CLI's ``--method`` choices)."""
+    from hcdiag.train.methods import METHODS
+
+    return tuple(METHODS)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; presets fill it, flags override any field."""
+
+    method: str = "hct"
+    multiple: float = 2.0
+    loss: str = "literal"
+    # architecture
+    arch: str = "mlp"
+    latent_dim: int = 8
+    enc_widths: tuple[int, ...] = (256, 128)
+    dec_widths: tuple[int, ...] = (128, 256)
+    activation: str = "relu"
+    channels: tuple[int, ...] = (32, 64)
+    # optimisation
+    lr: float = 3e-3
+    batch_size: int = 512
+    epochs: int = 30  # baselines and references: data epochs
+    # clusterings (stage 0)
+    r0: int = 16
+    k: int = 8
+    covariance: str = "diag"
+    em_backend: str = "sklearn"
+    em_init: str = "kmeans"
+    uneven: bool = False
+    # Historical Consensus
+    mode: str = "cycle"
+    epoch_unit: str = "steps"
+    steps_per_clustering: int = 1
+    epochs_per_round: int = 30
+    keep_ratio: float = 0.5
+    eps: float = 1e-4
+    refine_cap: int = 200
+    stage3_epochs: int = 30
+    stage3_snapshots: int = 4
+    beta_schedule: str = "linear"
+    beta_start: float = 1.0
+    beta_end: float = 4.0
+    # baselines
+    kl_weight: float = 1.0
+    anneal_epochs: int = 10
+    free_bits: float = 0.1
+    # He et al. 2019 aggressive schedule: encoder-only steps before each decoder step, at most
+    # aggressive_max_inner, stopped early when the mean loss of a block of aggressive_check_every steps
+    # is higher than the previous block's (their text.py: sub_iter < 100, sub_iter % 15)
+    aggressive_max_inner: int = 100
+    aggressive_check_every: int = 15
+    baseline_snapshots: int = 5
+    # references
+    references: tuple[str, ...] = ("collapsed", "vanilla", "control")
+    collapsed_multiple: float = 10.0
+    # evaluation and run
+    eval_rows: int = 4096
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+
+    def __post_init__(self):
+        _validate_config(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name: f for f in fields(cls)}
+        kw = {}
+        for k, v in d.items():
+            if k in names:
+                kw[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+
+def _validate_config(c: TrainConfig) -> None:
+    def choice(name, allowed):
+        if getattr(c, name) not in allowed:
+            raise InputError(f"The '{name}' parameter must be one of {', '.join(map(str, allowed))}. Got {getattr(c, name)!r}.")
+
+    choice("method", method_names())
+    choice("loss", LOSS_CONVENTIONS)
+    choice("arch", ("mlp", "conv", "linear"))
+    choice("mode", ("cycle", "simultaneous"))
+    choice("epoch_unit", ("steps", "epochs"))
+    choice("covariance", ("diag", "full"))
+    choice("em_backend", ("sklearn", "torch"))
+    choice("em_init", ("kmeans", "random"))
+    choice("beta_schedule", ("constant", "linear", "warmup"))
+    if not (isinstance(c.multiple, (int, float)) and math.isfinite(c.multiple) and c.multiple > 0):
+        raise InputError(f"The 'multiple' parameter must be a float > 0. Got {c.multiple}.")
+    for name in ("lr", "eps", "collapsed_multiple"):
+        v = getattr(c, name)
+        if not (math.isfinite(v) and v > 0):
+            raise InputError(f"The '{name}' parameter must be a float > 0. Got {v}.")
+    for name in ("latent_dim", "batch_size", "epochs", "k", "steps_per_clustering", "epochs_per_round",
+                 "refine_cap", "eval_rows", "aggressive_max_inner", "aggressive_check_every"):
+        if int(getattr(c, name)) < 1:
+            raise InputError(f"The '{name}' parameter must be an integer >= 1. Got {getattr(c, name)}.")
+    for name in ("stage3_epochs", "anneal_epochs", "stage3_snapshots"):
+        if int(getattr(c, name)) < 0:
+            raise InputError(f"The '{name}' parameter must be an integer >= 0. Got {getattr(c, name)}.")
+    if not 0 < c.keep_ratio < 1:
+        raise InputError(f"The 'keep_ratio' parameter must lie in (0, 1). Got {c.keep_ratio}.")
+    for f in fields(c):  # NaN passes every comparison below: --free-bits nan would train without free bits
+        v = getattr(c, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InputError(f"The '{f.name}' parameter must be a finite number. Got {v}.")
+    if c.kl_weight < 0 or c.free_bits < 0 or c.beta_start < 0 or c.beta_end < 0:
+        raise InputError("The weights kl_weight, free_bits, beta_start and beta_end must be >= 0.")
+    bad = [r for r in c.references if r not in ("collapsed", "vanilla", "control")]
+    if bad:
+        raise InputError(f"Unknown reference(s) {bad}; choose among collapsed, vanilla, control.")
+    if c.method == "hct":
+        from hcdiag.clusterings import check_r0
+
+
+        check_r0(c.r0, uneven=c.uneven or c.keep_ratio != 0.5)
+
+
+PRESETS: dict[str, dict] = {
+    # The whole run, references included, within ~90 s on a 2-core CPU (synthetic data).
+    "smoke": dict(enc_widths=WIDTH_PRESETS["smoke"][0], dec_widths=WIDTH_PRESETS["smoke"][1], latent_dim=8,
+                  batch_size=256, lr=3e-3, epochs=8, r0=16, k=8, em_backend="torch", epochs_per_round=10,
+                  steps_per_clustering=16, refine_cap=60, stage3_epochs=30, stage3_snapshots=4, eps=1e-4,
+                  eval_rows=2048),
+    # The paper's section 5.1 settings with Table 3's architecture, meant for a GPU. R0 = 16 (section
+    # 5.5.1; Table 3's 24 is not a power of two) and eps = 1e-4 (Table 3; section 4.2.2 says 1e-5).
+    "paper": dict(enc_widths=WIDTH_PRESETS["table3"][0], dec_widths=WIDTH_PRESETS["table3"][1], latent_dim=48,
+                  batch_size=512, lr=3e-3, epochs=100, r0=16, k=8, em_backend="torch", epoch_unit="epochs",
+                  epochs_per_round=30, refine_cap=100, stage3_epochs=30, stage3_snapshots=6, eps=1e-4,
+                  eval_rows=5000),
+}
+
+
+def make_config(preset: str | None = "smoke", **overrides) -> TrainConfig:
+    """A config from a preset (``smoke`` or ``paper``) with any field overridden."""
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"The 'preset' parameter must be one of {', '.join(PRESETS)}. Got {preset!r}.")
+    base = dict(PRESETS.get(preset, {})) if preset else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**base)

@@ -1,0 +1,22 @@
+"""The methods of the system under test, by name: Historical Consensus and its baselines.
+
+>>> list(METHODS)
+['hct', 'vanilla', 'beta', 'anneal', 'freebits', 'aggressive']
+"""
+
+from __future__ import annotations
+
+from hcdiag.train.methods.aggressive import Aggressive
+from hcdiag.train.methods.base import Method
+from hcdiag.train.methods.hct import HCT
+from hcdiag.train.methods.vae import Anneal, Beta, FreeBits, Vanilla
+
+METHODS: dict[str, Method] = {m.name: m for m in (HCT(), Vanilla(), Beta(), Anneal(), FreeBits(), Aggressive())}
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name`` (the config validated it)."""
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "get_method"]

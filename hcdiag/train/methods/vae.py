@@ -1,0 +1,116 @@
+"""The VAE baselines (paper 5.1.2): vanilla (Kingma & Welling 2013), beta-VAE (Higgins et al. 2017; any KL
+weight, < 1 allowed), KL annealing (KL weight ramped 0 -> 1 over ``anneal_epochs``; Bowman et al. 2015, Huang
+et al. 2018) and free bits (Kingma et al. 2016, per dimension), and the epoch loop they share with the
+aggressive baseline and the references.
+
+Each baseline's objective is :func:`hcdiag.train.objectives.vae_terms` with its KL weight per epoch
+(:meth:`Vanilla.kl_weight`) and its free bits (:meth:`Vanilla.free_bits`); no clustering term.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hcdiag.losses import LossWeights
+from hcdiag.train.methods.base import Method
+from hcdiag.train.writer import cpu_state, snapshot_marks
+
+
+class Vanilla(Method):
+    """The plain VAE: KL weight 1 in every epoch, one Adam over all parameters."""
+
+    name = "vanilla"
+
+    def kl_weight(self, cfg, epoch: int) -> float:
+        """The KL weight of (0-based) ``epoch``."""
+        return 1.0
+
+    def free_bits(self, cfg) -> float:
+        """Nats per latent dimension below which the KL term is not pushed down (0: none)."""
+        return 0.0
+
+    # -- the hooks of train_vae ---------------------------------------------------------------------------
+    def begin(self, t, model, run: dict | None, weights: LossWeights) -> dict:
+        return {"opt": torch.optim.Adam(model.parameters(), lr=t.cfg.lr), "weights": weights}
+
+    def epoch_terms(self, t, model, ctx: dict, state: dict, epoch: int) -> list[torch.Tensor]:
+        klw, fb = self.kl_weight(t.cfg, epoch), self.free_bits(t.cfg)
+        return [t.loop.step(model, ctx["opt"], state, None, 0.0, klw, free_bits=fb, weights=ctx["weights"])
+                for _ in range(t.loop.steps_per_epoch)]
+
+    def after_epoch(self, t, model, ctx: dict, run: dict | None, epoch: int) -> None:
+        pass
+
+    def finish(self, ctx: dict, run: dict | None) -> None:
+        pass
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def train(self, t, run: dict) -> None:
+        """``epochs`` data epochs; snapshots ``init``, evenly spaced epochs and ``final``."""
+        model = t.new_model()
+        if "resume" in run and run["resume"]["position"].get("stage") == "references":
+            return
+        t0 = time.perf_counter()
+        state, snaps = train_vae(t, self, model, t.cfg.epochs, run=run, stage="baseline")
+        t.timings["baseline"] = time.perf_counter() - t0
+        for name, sd in snaps:
+            run["snapshots"][name] = sd
+            run["snapshot_order"].append(name)
+        t.writer.save(model, None, state, {"stage": "references", "done": []})
+
+
+class Beta(Vanilla):
+    """beta-VAE: the KL weight ``kl_weight`` (e.g. 2 or 4, the paper's Table 1 rows) in every epoch."""
+
+    name = "beta"
+
+    def kl_weight(self, cfg, epoch: int) -> float:
+        return cfg.kl_weight
+
+
+class Anneal(Vanilla):
+    """KL annealing: weight ``min(1, (epoch + 1) / anneal_epochs)``."""
+
+    name = "anneal"
+
+    def kl_weight(self, cfg, epoch: int) -> float:
+        return min(1.0, (epoch + 1) / max(1, cfg.anneal_epochs))
+
+
+class FreeBits(Vanilla):
+    """Free bits: each dimension's batch-mean KL counts at least ``free_bits`` nats."""
+
+    name = "freebits"
+
+    def free_bits(self, cfg) -> float:
+        return cfg.free_bits
+
+
+def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage: str,
+              weights: LossWeights | None = None, seed_offset: int = 0) -> tuple[dict, list]:
+    """Train ``model`` with ``method``'s objective for ``epochs`` data epochs on its own stream (seeded
+    ``seed + 1000 seed_offset``). With ``run``, one history row per epoch. Returns the stream state and the
+    snapshots ``[(name, state_dict)]`` (init, ``baseline_snapshots`` evenly spaced epochs, final)."""
+    c = t.cfg
+    w = weights or t.loop.weights
+    state = t.loop.new_state(c.seed + 1000 * seed_offset)
+    snaps = [("init", cpu_state(model.state_dict()))]
+    marks = snapshot_marks(epochs, c.baseline_snapshots)
+    if run is not None:
+        t.writer.record(model, stage, state, None)
+    ctx = method.begin(t, model, run, w)
+    for e in range(epochs):
+        terms = torch.stack(method.epoch_terms(t, model, ctx, state, e))
+        t.loop.check_finite(terms, f"{stage} ({method.name}), epoch {e + 1}", state)
+        state["step"] += len(terms)
+        state["epoch"] += 1
+        if run is not None:
+            t.writer.record(model, stage, state, terms.mean(0))
+        method.after_epoch(t, model, ctx, run, e)
+        if e + 1 in marks and e + 1 < epochs:
+            snaps.append((f"epoch{e + 1}", cpu_state(model.state_dict())))
+    method.finish(ctx, run)
+    snaps.append(("final", cpu_state(model.state_dict())))
+    return state, snaps
