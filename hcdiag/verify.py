@@ -62,7 +62,7 @@ GRIDS = {
                   phase_multiples=[0.25, 0.5, 1.0, 2.0, 5.0], phase_epochs=8, n_samples={},
                   ablations=False, overrides={}),
     "paper": dict(methods=[("hct", ""), ("hct", "warmup"), ("vanilla", ""), ("beta", "beta2"), ("beta", "beta4"),
-                           ("anneal", ""), ("aggressive", "")],
+                           ("anneal", ""), ("aggressive", ""), ("em-type", "")],
                   multiples=[2.0, 5.0], losses=["literal", "scaled", "mean"],
                   phase_multiples=[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0], phase_epochs=30, n_samples={},
                   ablations=True, overrides={}),

@@ -103,3 +103,20 @@ def test_em_cache_is_shared_between_runs_and_changes_no_result(data_file, tmp_pa
     # the same HCT run with and without the cache: the same trained weights
     a, b = runs[0].snapshot("final"), runs[1].snapshot("final")
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_em_type_trains_from_the_command_line_and_its_run_passes_the_checks(tmp_path, capsys):
+    """`hcdiag train synthetic --method em-type ...`: a valid run file that check-barrier reads (exit 0 or 1)."""
+    out = tmp_path / "em.pt"
+    assert main(["train", "synthetic", "--n-samples", "600", "--method", "em-type", "--out", str(out), *FAST,
+                 "--em-max-e-steps", "4", "--em-check-every", "2", "--em-tol", "0.01"]) == 0
+    from hcdiag.runfile import load_run
+
+    run = load_run(out)
+    assert run.config["method"] == "em-type" and run.config["train"]["em_tol"] == 0.01 and run.complete
+    capsys.readouterr()
+    assert main(["check-barrier", str(out), "--format", "json"]) in (0, 1)
+    doc = json.loads(capsys.readouterr().out)
+    assert {c["id"] for c in doc["checks"] if c["verdict"] != "inconclusive"} >= {"KL", "AU", "T3", "T4"}
+    assert _err(capsys, "train", "synthetic", "--method", "em-type", "--out", tmp_path / "x.pt", "--em-tol", "-1") \
+        .endswith("The 'em_tol' parameter must be a float >= 0. Got -1.0.")

@@ -547,3 +547,103 @@ def test_each_baselines_objective_against_a_naive_loop(seed):
             loss, r, k = vae_terms(xb, mu, lv, f, w, klw, fb)
             assert float(r) == pytest.approx(recon, rel=1e-12) and float(k) == pytest.approx(kl, rel=1e-12)
             assert float(loss) == pytest.approx(recon + klw * kl_obj, rel=1e-12)
+
+
+# -- EM-type training (ICASSP 2023) ---------------------------------------------------------------------------
+
+def _em_count(losses, cap, every, tol):
+    """The E-step's stopping rule transcribed: blocks of ``every`` losses, stop when a block's mean improves on
+    the previous block's by less than ``tol`` of it (the first block sets the reference), or at ``cap``."""
+    pre = None
+    for end in range(every, cap + 1, every):
+        cur = sum(losses[end - every:end]) / every
+        if pre is not None and pre - cur < tol * abs(pre):
+            return end
+        pre = cur
+    return cap
+
+
+def test_em_type_e_step_stops_on_convergence_or_at_its_cap(seed, monkeypatch):
+    from hcdiag.train.methods import em_type
+
+    rng = np.random.default_rng(seed)
+    cases = [([10.0 - 0.5 * i for i in range(20)], 20, 5, 1e-3, 20),  # keeps improving: the cap
+             ([10.0] * 5 + [9.999] * 5 + [1.0] * 10, 20, 5, 1e-3, 10),  # improved by 1e-4 < 1e-3: converged at 10
+             ([10.0] * 5 + [11.0] * 15, 20, 5, 1e-3, 10),  # a rise is no improvement: stop
+             ([1.0] * 3, 3, 5, 0.5, 3)]  # no check before the cap
+    for _ in range(5):
+        cap, every = int(rng.integers(1, 40)), int(rng.integers(1, 8))
+        ls = (np.cumsum(rng.normal(-0.05, 1.0, cap)) + 100).tolist()
+        cases.append((ls, cap, every, float(rng.choice([0.0, 1e-3, 0.05])), _em_count(ls, cap, every, 1e-3)))
+    for losses, cap, every, tol, want in cases:
+        want = _em_count(losses, cap, every, tol)
+        tr, model, opt, state = _agg_setup(seed, method="em-type", em_max_e_steps=cap, em_check_every=every,
+                                           em_tol=tol)
+        calls = []
+
+        def fake_step(self, model_, opt_, state_, ids, beta, kl_weight, free_bits=0.0, xb=None, weights=None):
+            calls.append((opt_, xb))
+            return torch.tensor([losses[len(calls) - 1], 0.0, 0.0, 0.0])
+
+        monkeypatch.setattr(Loop, "step", fake_step)
+        xb = tr.loop.batch(state)
+        assert em_type.e_step(tr, model, opt, state, xb) == want == len(calls)
+        assert calls[0][1] is xb and all(o is opt for o, _ in calls)
+        monkeypatch.undo()
+
+
+def test_em_type_alternates_e_and_m_steps_for_the_whole_run(seed, monkeypatch, tmp_path):
+    """Per batch: encoder-only E-step steps, then em_m_steps decoder-only steps, in every epoch (no switch-off);
+    the run file records the E-step lengths and loads; nothing outside the stepped network moves."""
+    from hcdiag.runfile import load_run
+
+    log = _param_spy(monkeypatch)
+    cfg = make_config(None, seed=seed, **{**AGG, "method": "em-type", "epochs": 2, "em_max_e_steps": 4,
+                                          "em_check_every": 2, "em_m_steps": 2})
+    Trainer(cfg, _data(seed), tmp_path / "em.pt").run()
+    run = load_run(tmp_path / "em.pt")
+    model = build_model(run.config["model"])
+    enc = {n for n, _ in model.named_parameters() if n.startswith(("encoder", "enc_"))}
+    dec = {n for n, _ in model.named_parameters()} - enc
+    kinds = ["E" if c["owned"] == enc else "M" if c["owned"] == dec else "?" for c in log]
+    assert "?" not in kinds and all(c["changed"] <= c["owned"] for c in log)
+    runs = "".join(kinds).replace("MM", "|").split("|")[:-1]  # each batch: E-steps then two M-steps
+    assert len(runs) == 2 * 3 and all(r and set(r) == {"E"} and len(r) <= 4 for r in runs)
+    inner = run.history["inner_steps"]
+    assert torch.isnan(inner[0])
+    np.testing.assert_allclose(inner[1:].numpy(), [np.mean([len(r) for r in runs[:3]]), np.mean([len(r) for r in runs[3:]])])
+    assert run.config["method"] == "em-type" and run.snapshot_names[0] == "init" and run.complete
+
+
+def test_resume_of_a_file_that_predates_a_setting_at_its_default(seed, tmp_path, monkeypatch):
+    """A run file written before a setting existed (its config.train lacks it) resumes when the setting is at
+    its default, and is refused naming the setting otherwise."""
+    import hcdiag.clusterings as cl
+    from hcdiag.runfile import load_run, save_run
+    from hcdiag.train.writer import RunWriter
+
+    x = _data(seed)
+    cfg = make_config(None, seed=seed, deterministic=True, **{**TINY, "r0": 8, "references": ()})
+    real = RunWriter.save
+    monkeypatch.setattr(RunWriter, "save", lambda self, *a, **k: (real(self, *a, **k), (_ for _ in ()).throw(KeyboardInterrupt))[0])
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, x, tmp_path / "old.pt").run()
+    monkeypatch.setattr(RunWriter, "save", real)
+    old = load_run(tmp_path / "old.pt", partial=True).data
+    new_keys = ("em_max_e_steps", "em_check_every", "em_tol", "em_m_steps")
+    for k in new_keys:  # as an hcdiag before these settings wrote it
+        del old["config"]["train"][k]
+    old["config"]["fingerprint"]["settings"] = cl.fingerprint(
+        settings={k: v for k, v in old["config"]["train"].items() if k != "device"})
+    save_run(old, tmp_path / "old.pt")
+    full = Trainer(cfg, x, tmp_path / "full.pt").run()
+    resumed = Trainer(cfg, x, tmp_path / "old.pt").run(resume=True)
+    assert all(k in resumed["config"]["train"] for k in new_keys)
+    for name in full["snapshot_order"]:
+        for k, v in full["snapshots"][name].items():
+            assert torch.equal(v, resumed["snapshots"][name][k]), (name, k)
+    save_run(old, tmp_path / "old2.pt")
+    other = make_config(None, seed=seed, deterministic=True, **{**TINY, "r0": 8, "references": (), "em_tol": 0.5})
+    with pytest.raises(InputError, match=r"--resume: .*old2\.pt was written with another config \(keys differ: "
+                                         r"train\.em_tol\)"):
+        Trainer(other, x, tmp_path / "old2.pt").run(resume=True)

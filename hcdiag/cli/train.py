@@ -36,6 +36,11 @@ _OVERRIDES = [
      "aggressive: most encoder steps before each decoder step (He et al. 2019: 100)"),
     ("--aggressive-check-every", "aggressive_check_every", int,
      "aggressive: stop the encoder loop when the mean loss of a block of this many steps rises (He et al.: 15)"),
+    ("--em-max-e-steps", "em_max_e_steps", int, "em-type: most encoder steps of an E-step (default 20)"),
+    ("--em-check-every", "em_check_every", int, "em-type: E-step convergence checked every this many steps (5)"),
+    ("--em-tol", "em_tol", float, "em-type: the E-step stops when a block's mean loss improves by less than this "
+     "fraction of the previous block's (1e-3)"),
+    ("--em-m-steps", "em_m_steps", int, "em-type: decoder steps of an M-step (default 1)"),
     ("--epochs", "epochs", int, "data epochs of baselines and references"),
     ("--lr", "lr", float, "Adam learning rate"),
     ("--batch-size", "batch_size", int, "batch size"),

@@ -68,6 +68,13 @@ class TrainConfig:
     # is higher than the previous block's (their text.py: sub_iter < 100, sub_iter % 15)
     aggressive_max_inner: int = 100
     aggressive_check_every: int = 15
+    # EM-type training (ICASSP 2023; hcdiag.train.methods.em_type): per batch an E-step of encoder-only steps
+    # until the mean loss of a block of em_check_every steps improves by less than em_tol (relative) or
+    # em_max_e_steps were taken, then em_m_steps decoder-only steps
+    em_max_e_steps: int = 20
+    em_check_every: int = 5
+    em_tol: float = 1e-3
+    em_m_steps: int = 1
     baseline_snapshots: int = 5
     # references
     references: tuple[str, ...] = ("collapsed", "vanilla", "control")
@@ -119,7 +126,8 @@ def _validate_config(c: TrainConfig) -> None:
         if not (math.isfinite(v) and v > 0):
             raise InputError(f"The '{name}' parameter must be a float > 0. Got {v}.")
     for name in ("latent_dim", "batch_size", "epochs", "k", "steps_per_clustering", "epochs_per_round",
-                 "refine_cap", "eval_rows", "aggressive_max_inner", "aggressive_check_every"):
+                 "refine_cap", "eval_rows", "aggressive_max_inner", "aggressive_check_every", "em_max_e_steps",
+                 "em_check_every", "em_m_steps"):
         if int(getattr(c, name)) < 1:
             raise InputError(f"The '{name}' parameter must be an integer >= 1. Got {getattr(c, name)}.")
     for name in ("stage3_epochs", "anneal_epochs", "stage3_snapshots"):
@@ -133,6 +141,8 @@ def _validate_config(c: TrainConfig) -> None:
             raise InputError(f"The '{f.name}' parameter must be a finite number. Got {v}.")
     if c.kl_weight < 0 or c.free_bits < 0 or c.beta_start < 0 or c.beta_end < 0:
         raise InputError("The weights kl_weight, free_bits, beta_start and beta_end must be >= 0.")
+    if not c.em_tol >= 0:
+        raise InputError(f"The 'em_tol' parameter must be a float >= 0. Got {c.em_tol}.")
     bad = [r for r in c.references if r not in ("collapsed", "vanilla", "control")]
     if bad:
         raise InputError(f"Unknown reference(s) {bad}; choose among collapsed, vanilla, control.")

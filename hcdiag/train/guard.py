@@ -58,11 +58,13 @@ def load_for_resume(t) -> dict | None:
     prev.setdefault("config", {})
     check_same_data(t, prev)
     mine = t.config_dict()
+    known = _settings_it_knew(prev["config"], mine["train"])
     diff = config_diff(prev["config"], mine)
     if prev["config"].get("fingerprint"):  # the same data, fingerprinted: where it was read from is moot
         diff = [d for d in diff if d != "dataset.source"]
     stored = (prev["config"].get("fingerprint") or {}).get("settings")
-    if not diff and stored is not None and stored != t.fingerprint["settings"]:
+    if not diff and stored is not None and stored != t.fingerprint["settings"] and stored != _settings_hash(
+            {k: v for k, v in mine["train"].items() if k in known}):
         # a change _config_diff's rounding hides (a float below 1e-12): name it exactly
         old = prev["config"].get("train") or {}
         diff = [f"train.{k}" for k in sorted(set(old) | set(mine["train"]))
@@ -74,6 +76,33 @@ def load_for_resume(t) -> dict | None:
     if prev.get("status", {}).get("complete", True) and "resume" not in prev:
         return {"complete": prev}
     return prev
+
+def _settings_it_knew(old_config: dict, mine: dict) -> set[str]:
+    """The settings an older run file records (``config.train``), after filling in those it predates.
+
+    A setting added to hcdiag after the file was written is missing from its ``config.train``; at its
+    default value it changes nothing of that run, so it is filled in (and written at the next save) rather
+    than read as a changed config. At another value it stays missing, and the config check names it."""
+    from dataclasses import fields
+
+    from hcdiag.train.config import TrainConfig
+
+    old = old_config.get("train")
+    if not isinstance(old, dict):
+        return set(mine)
+    known = set(old)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    for k, v in mine.items():
+        if k not in old and k in defaults and v == defaults[k]:
+            old[k] = v
+    return known
+
+
+def _settings_hash(settings: dict) -> str:
+    from hcdiag.clusterings import fingerprint
+
+    return fingerprint(settings={k: v for k, v in settings.items() if k != "device"})
+
 
 def check_same_data(t, prev: dict) -> None:
     """Refuse to resume a run trained on other data (a negated or permuted copy included).
@@ -126,8 +155,7 @@ def fingerprints(c, x: np.ndarray) -> dict:
     a run whose fingerprints differ from the command's."""
     from hcdiag.clusterings import fingerprint
 
-    settings = {k: v for k, v in c.to_dict().items() if k != "device"}
-    return {"data": fingerprint(x), "settings": fingerprint(settings=settings)}
+    return {"data": fingerprint(x), "settings": _settings_hash(c.to_dict())}
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -1,17 +1,19 @@
 """The methods of the system under test, by name: Historical Consensus and its baselines.
 
 >>> list(METHODS)
-['hct', 'vanilla', 'beta', 'anneal', 'freebits', 'aggressive']
+['hct', 'vanilla', 'beta', 'anneal', 'freebits', 'aggressive', 'em-type']
 """
 
 from __future__ import annotations
 
 from hcdiag.train.methods.aggressive import Aggressive
 from hcdiag.train.methods.base import Method
+from hcdiag.train.methods.em_type import EMType
 from hcdiag.train.methods.hct import HCT
 from hcdiag.train.methods.vae import Anneal, Beta, FreeBits, Vanilla
 
-METHODS: dict[str, Method] = {m.name: m for m in (HCT(), Vanilla(), Beta(), Anneal(), FreeBits(), Aggressive())}
+METHODS: dict[str, Method] = {m.name: m for m in (HCT(), Vanilla(), Beta(), Anneal(), FreeBits(), Aggressive(),
+                                                   EMType())}
 
 
 def get_method(name: str) -> Method:

@@ -34,6 +34,14 @@ class Joint:
             o.step()
 
 
+def random_batch(t, state: dict) -> torch.Tensor:
+    """A uniformly drawn full batch slot of the current permutation, drawn with the run's index generator
+    (so runs are reproducible): the later batches of an encoder inner loop."""
+    loop, bs = t.loop, t.cfg.batch_size
+    j = int(torch.randint(max(1, loop.n // bs), (1,), generator=state["g_idx"]))  # full batches, as Loop.batch serves
+    return loop.X[state["perm"][j * bs:(j + 1) * bs].to(loop.device)]
+
+
 def inner_loop(t, model, enc_opt, state: dict, xb: torch.Tensor, weights=None) -> int:
     """He et al. 2019's inner loop before one decoder step; returns the number of encoder steps taken.
 
@@ -44,15 +52,13 @@ def inner_loop(t, model, enc_opt, state: dict, xb: torch.Tensor, weights=None) -
     sentinel) and the loop stops if it rose (``burn_pre_loss - burn_cur_loss < 0``); it stops in any case
     after ``aggressive_max_inner`` steps. All batches have ``batch_size`` rows, so the mean of per-batch mean
     losses is their per-example mean."""
-    c, loop = t.cfg, t.loop
-    bs, every = c.batch_size, c.aggressive_check_every
-    slots = max(1, loop.n // bs)  # full batches in a permutation, as Loop.batch serves them
+    c = t.cfg
+    every = c.aggressive_check_every
     pre, block = math.inf, []
     for i in range(1, c.aggressive_max_inner + 1):
         if i > 1:
-            j = int(torch.randint(slots, (1,), generator=state["g_idx"]))
-            xb = loop.X[state["perm"][j * bs:(j + 1) * bs].to(loop.device)]
-        block.append(loop.step(model, enc_opt, state, None, 0.0, 1.0, xb=xb, weights=weights)[0])
+            xb = random_batch(t, state)
+        block.append(t.loop.step(model, enc_opt, state, None, 0.0, 1.0, xb=xb, weights=weights)[0])
         if i % every == 0:
             cur = float(torch.stack(block).mean())
             if pre - cur < 0:
