@@ -112,9 +112,9 @@ def _he_inner_count(losses, cap, every):
     return cap
 
 
-def _scripted_inner(tr, model, opt, state, losses, monkeypatch):
-    """Run the inner loop with ``Loop.step`` replaced by a script of losses; return the count, the (optimizer,
-    batch) of every step and the current batch the loop started from."""
+def _scripted_inner(tr, model, opt, state, losses, monkeypatch, loop_fn=None):
+    """Run an encoder loop (default the aggressive inner loop) with ``Loop.step`` replaced by a script of
+    losses; return the count, the (optimizer, batch) of every step and the current batch the loop started from."""
     calls = []
 
     def fake_step(self, model_, opt_, state_, ids, beta, kl_weight, free_bits=0.0, xb=None, weights=None):
@@ -123,7 +123,7 @@ def _scripted_inner(tr, model, opt, state, losses, monkeypatch):
 
     monkeypatch.setattr(Loop, "step", fake_step)
     xb = tr.loop.batch(state)
-    return aggressive.inner_loop(tr, model, opt, state, xb), calls, xb
+    return (loop_fn or aggressive.inner_loop)(tr, model, opt, state, xb), calls, xb
 
 
 @pytest.mark.parametrize("losses,cap,every,expected", [
@@ -579,15 +579,8 @@ def test_em_type_e_step_stops_on_convergence_or_at_its_cap(seed, monkeypatch):
         want = _em_count(losses, cap, every, tol)
         tr, model, opt, state = _agg_setup(seed, method="em-type", em_max_e_steps=cap, em_check_every=every,
                                            em_tol=tol)
-        calls = []
-
-        def fake_step(self, model_, opt_, state_, ids, beta, kl_weight, free_bits=0.0, xb=None, weights=None):
-            calls.append((opt_, xb))
-            return torch.tensor([losses[len(calls) - 1], 0.0, 0.0, 0.0])
-
-        monkeypatch.setattr(Loop, "step", fake_step)
-        xb = tr.loop.batch(state)
-        assert em_type.e_step(tr, model, opt, state, xb) == want == len(calls)
+        n, calls, xb = _scripted_inner(tr, model, opt, state, losses, monkeypatch, em_type.e_step)
+        assert n == want == len(calls)
         assert calls[0][1] is xb and all(o is opt for o, _ in calls)
         monkeypatch.undo()
 

@@ -53,18 +53,26 @@ def inner_loop(t, model, enc_opt, state: dict, xb: torch.Tensor, weights=None) -
     after ``aggressive_max_inner`` steps. All batches have ``batch_size`` rows, so the mean of per-batch mean
     losses is their per-example mean."""
     c = t.cfg
-    every = c.aggressive_check_every
+    return encoder_loop(t, model, enc_opt, state, xb, weights, cap=c.aggressive_max_inner,
+                        every=c.aggressive_check_every, stop=lambda pre, cur: pre - cur < 0)
+
+
+def encoder_loop(t, model, enc_opt, state: dict, xb: torch.Tensor, weights, *, cap: int, every: int, stop) -> int:
+    """Encoder-only steps of the VAE objective (KL weight 1): the first on ``xb``, each later one on a
+    :func:`random_batch`; after every ``every`` steps the block's mean loss ``cur`` is compared with the
+    previous block's ``pre`` (+inf for the first) and the loop ends when ``stop(pre, cur)``; at most ``cap``
+    steps. Returns the number of steps taken."""
     pre, block = math.inf, []
-    for i in range(1, c.aggressive_max_inner + 1):
+    for i in range(1, cap + 1):
         if i > 1:
             xb = random_batch(t, state)
         block.append(t.loop.step(model, enc_opt, state, None, 0.0, 1.0, xb=xb, weights=weights)[0])
         if i % every == 0:
             cur = float(torch.stack(block).mean())
-            if pre - cur < 0:
+            if stop(pre, cur):
                 return i
             pre, block = cur, []
-    return c.aggressive_max_inner
+    return cap
 
 
 class Aggressive(Vanilla):

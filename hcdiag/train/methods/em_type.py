@@ -22,24 +22,15 @@ import math
 import numpy as np
 import torch
 
-from hcdiag.train.methods.aggressive import random_batch
+from hcdiag.train.methods.aggressive import encoder_loop
 from hcdiag.train.methods.vae import Vanilla
 
 
 def e_step(t, model, enc_opt, state: dict, xb: torch.Tensor, weights=None) -> int:
     """Encoder-only steps until the E-step converges (module docstring); returns the steps taken."""
     c = t.cfg
-    pre, block = math.inf, []
-    for i in range(1, c.em_max_e_steps + 1):
-        if i > 1:
-            xb = random_batch(t, state)
-        block.append(t.loop.step(model, enc_opt, state, None, 0.0, 1.0, xb=xb, weights=weights)[0])
-        if i % c.em_check_every == 0:
-            cur = float(torch.stack(block).mean())
-            if math.isfinite(pre) and pre - cur < c.em_tol * abs(pre):
-                return i
-            pre, block = cur, []
-    return c.em_max_e_steps
+    return encoder_loop(t, model, enc_opt, state, xb, weights, cap=c.em_max_e_steps, every=c.em_check_every,
+                        stop=lambda pre, cur: math.isfinite(pre) and pre - cur < c.em_tol * abs(pre))
 
 
 class EMType(Vanilla):
