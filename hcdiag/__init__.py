@@ -9,3 +9,12 @@ test) -> ``runfile`` (the contract) -> ``checks`` -> ``report`` -> ``verify``.
 __version__ = "0.1.0"
 
 from hcdiag.errors import HcdiagError, InputError  # noqa: F401
+
+
+def __getattr__(name: str):
+    # hcdiag.Recorder without importing torch on `import hcdiag` (the recorder needs it; the CLI's start does not)
+    if name == "Recorder":
+        from hcdiag.recorder import Recorder
+
+        return Recorder
+    raise AttributeError(f"module 'hcdiag' has no attribute {name!r}")
