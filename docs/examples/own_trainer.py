@@ -1,6 +1,7 @@
 """A producer of its own: a plain PyTorch VAE trained in its own loop, written as an hcdiag run file (docs/runfile.md).
 Only its parameter names follow the `mlp` family, so hcdiag rebuilds the snapshots and recomputes what it checks.
-Run: python docs/examples/own_trainer.py run.pt && hcdiag check-barrier run.pt (a vanilla VAE: no HCT rounds)."""
+Run: python docs/examples/own_trainer.py run.pt && hcdiag check-barrier run.pt (a vanilla VAE: no HCT rounds).
+This writes the dict by hand to show the contract; hcdiag.Recorder does it for you (README, "Your own training loop")."""
 import sys
 
 import numpy as np
