@@ -287,7 +287,12 @@ def test_given_clusterings_and_spectrum_are_stored_as_the_run_file_needs(seed, t
     assert (bare.lambda_max, bare.multiple) == (3.0, 0.5)
     assert bare.to_run(partial=True)["config"]["dataset"] == {"name": "mine", "N": 5}
     bare.snapshot("final", tiny_vae())
+    bare.history(step=0, loss=torch.tensor(1.5, requires_grad=True))  # a loss still attached to its graph
+    bare.history(step=10, kl=0.5, au=1)  # series absent from a row are NaN there (history may be non-finite)
     doc = bare.to_run()
+    h = doc["history"]
+    assert h["step"].tolist() == [0, 10] and h["loss"].tolist()[0] == 1.5 and math.isnan(h["loss"][1])
+    assert math.isnan(h["kl"][0]) and h["kl"][1] == 0.5 and math.isnan(h["au"][0]) and "losses" not in h
     assert doc["rounds"] is None and "resp" not in doc["clusterings"] and doc["config"]["hct"] is None
     assert load_run(bare.save(tmp_path / "bare.pt")).method == "vanilla"
 
@@ -318,6 +323,37 @@ def test_a_model_config_that_does_not_describe_the_module_is_refused():
                                          r"describe the module"):
         rec.snapshot("init", net)
     rec.snapshot("init", net.state_dict())  # a bare state_dict cannot be compared: stored as given
+
+
+class Dropping(nn.Module):
+    """Dropout (random in train mode), float64 parameters and an image-shaped decoder output (B, 1, 1, 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec, self.drop = nn.Linear(5, 4).double(), nn.Linear(2, 5).double(), nn.Dropout(0.5)
+
+    def encode(self, x):
+        return self.drop(self.enc(x)).chunk(2, dim=1)
+
+    def decode(self, z):
+        return self.dec(z).reshape(-1, 1, 1, 5)
+
+
+def test_outputs_are_deterministic_eval_mode_float32_rows_and_the_mode_is_restored():
+    rec, net = tiny(), Dropping()
+    out = rec.snapshot("a", net)
+    assert net.training  # put back in training mode after the evaluation
+    x = torch.from_numpy(tiny_data(0)[:40]).double()
+    with torch.no_grad():
+        mu, lv = net.enc(x).chunk(2, dim=1)  # eval mode: dropout off
+        xhat = net.dec(mu)
+    assert out.mu.dtype == out.xhat.dtype == torch.float32 and not out.mu.requires_grad
+    torch.testing.assert_close(out.mu, mu.float(), rtol=0, atol=0)
+    torch.testing.assert_close(out.logvar, lv.float(), rtol=0, atol=0)
+    torch.testing.assert_close(out.xhat, xhat.float(), rtol=0, atol=0)  # (B, 1, 1, 5) stored as rows (B, 5)
+    torch.testing.assert_close(rec.snapshot("b", net).xhat, out.xhat, rtol=0, atol=0)  # deterministic
+    out.xhat.zero_()  # what the recorder returns is a copy
+    assert rec.outputs("a").xhat.abs().sum() > 0
 
 
 class Broken(nn.Module):
