@@ -468,15 +468,15 @@ def _run_ms_ssim(path: str, snapshot: str) -> dict:
 
     run = load_run(path)
     x = run.eval_x.float()  # (m, N)
-    shape = (run.config.get("model") or {}).get("image_shape")
+    shape = (run.config.model or {}).get("image_shape")
     if not shape:
         return {"value": None, "data_range": None, "params": None, "reason": "config.model has no image_shape"}
-    if run.has_parameters and snapshot in (run.data.get("snapshots") or {}):
-        model = build_model(run.config["model"])
+    if run.has_parameters and run.has_state(snapshot):
+        model = build_model(run.config.model)
         model.load_state_dict(run.snapshot(snapshot))
         xhat = encode_decode(model, x)[2]
     elif run.outputs(snapshot) is not None:
-        xhat = run.outputs(snapshot)["xhat"].float()
+        xhat = run.outputs(snapshot).xhat.float()
     else:
         return {"value": None, "data_range": None, "params": None, "reason": f"no snapshot {snapshot!r}"}
     data_range = float(x.max() - x.min())

@@ -31,7 +31,7 @@ def missing_series(run, figure: str) -> str | None:
     h = run.history
     if h is None:
         return "the run file has no history"
-    if h.get("step") is None or not len(h["step"]):
+    if not len(h):
         return "history holds no rows"
     absent = [f"history.{k}" for k in HISTORY_FIGURES[figure] if h.get(k) is None]
     return f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} absent" if absent else None
@@ -41,22 +41,22 @@ def clustering_losses_over_training(run, ax=None):
     """Paper Figure 2 (left): l_C of every clustering over training, retained vs discarded, eps_t lines."""
     fig, ax = axes(ax)
     h = run.history
-    steps = np.asarray(h["step"])
-    L = np.asarray(h["losses"])  # (h, R0)
+    steps = np.asarray(h.step)
+    L = np.asarray(h.get("losses"))  # (h, R0)
     ref = run.refinement
-    final = set(int(i) for i in ref["pair"]) if ref else set()
+    final = set(ref.pair) if ref is not None else set()
     discarded_at = {}
     for r in run.rounds or []:
-        for i in set(int(a) for a in r["active"]) - set(int(k) for k in r["kept"]):
-            discarded_at[i] = int(r["round"])
+        for i in set(r.active) - set(r.kept):
+            discarded_at[i] = r.round
     for i in range(L.shape[1]):
         kw = dict(lw=1.6, color="C3", zorder=3) if i in final else dict(lw=0.8, alpha=0.6, color=f"C{discarded_at.get(i, 0) % 3}")
         ax.plot(steps, L[:, i], **kw)
     for r in run.rounds or []:
-        ax.axhline(float(r["eps"]), ls=":", lw=0.8, color="k")
-    if ref:
-        ax.axhline(float(ref["eps_T"]), ls="--", lw=1.0, color="C3", label=f"eps_T = {float(ref['eps_T']):.3g}")
-        ax.axhline(float(ref["eps"]), ls="-.", lw=1.0, color="gray", label=f"target eps = {float(ref['eps']):g}")
+        ax.axhline(r.eps, ls=":", lw=0.8, color="k")
+    if ref is not None:
+        ax.axhline(ref.eps_T, ls="--", lw=1.0, color="C3", label=f"eps_T = {ref.eps_T:.3g}")
+        ax.axhline(ref.eps, ls="-.", lw=1.0, color="gray", label=f"target eps = {ref.eps:g}")
     ax.plot([], [], color="C3", lw=1.6, label="final pair (retained)")
     ax.plot([], [], color="C0", lw=0.8, label="discarded (colour = round)")
     ax.plot([], [], color="k", ls=":", label="eps_t of each round")
@@ -127,10 +127,10 @@ def kl_and_active_units(run, ax=None):
     ``history.stage`` are drawn when present)."""
     fig, ax = axes(ax)
     h = run.history
-    steps = np.asarray(h["step"])
-    ax.plot(steps, np.asarray(h["kl"]), color="C0", label="KL (nats, eval rows)")
+    steps = np.asarray(h.step)
+    ax.plot(steps, np.asarray(h.get("kl")), color="C0", label="KL (nats, eval rows)")
     ax.axhline(COLLAPSE_KL, ls=":", color="C0", lw=0.8, label=f"collapse threshold {COLLAPSE_KL:g}")
-    stage = np.asarray(h["stage"]) if h.get("stage") is not None else np.zeros(len(steps), dtype=int)
+    stage = np.asarray(h.get("stage")) if h.get("stage") is not None else np.zeros(len(steps), dtype=int)
     for s, col in ((2, "C2"), (3, "C4")):
         if (stage == s).any():
             ax.axvspan(steps[stage == s].min(), steps[stage == s].max(), color=col, alpha=0.1,
@@ -140,7 +140,7 @@ def kl_and_active_units(run, ax=None):
     handles, labels = ax.get_legend_handles_labels()
     if h.get("au") is not None:
         ax2 = ax.twinx()
-        ax2.step(steps, np.asarray(h["au"]), where="post", color="C1", label="active units (Burda)")
+        ax2.step(steps, np.asarray(h.get("au")), where="post", color="C1", label="active units (Burda)")
         ax2.set_ylabel("active units")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2

@@ -45,6 +45,7 @@ from hcdiag.errors import InputError, NumericalError
 from hcdiag.losses import Schedule
 from hcdiag.metrics import active_units, as_tensor, clustering_losses, kl_total, recon_mse
 from hcdiag.models import ModelConfig, build_model, encode_decode
+from hcdiag import records
 from hcdiag.paper import LOSS_CONVENTIONS
 from hcdiag.runfile import EVAL_BATCH_ROWS, FORMAT, REFERENCE_NAMES, VERSION, save_run, validate_run
 from hcdiag.validation import as_data_matrix
@@ -73,28 +74,9 @@ class Outputs:
         return Outputs(self.mu.clone(), self.logvar.clone(), self.xhat.clone(), self.losses.clone())
 
 
-@dataclass(frozen=True, eq=False)
-class RoundRecord:
-    """A stage-1 round as stored: ``losses`` (R0,) float64 at ``snapshot``, ``eps = max over kept`` (Def. 4.2)."""
-
-    round: int
-    active: tuple[int, ...]
-    kept: tuple[int, ...]
-    losses: torch.Tensor
-    eps: float
-    snapshot: str
-
-
-@dataclass(frozen=True, eq=False)
-class RefinementRecord:
-    """The refinement as stored: ``eps_T = max(l_a, l_b)`` at ``snapshot`` and ``reached = eps_T < eps``."""
-
-    pair: tuple[int, int]
-    eps: float
-    eps_T: float
-    reached: bool
-    epochs: int
-    snapshot: str
+# what round() and refinement() return: the records the run file stores (hcdiag.records)
+RoundRecord = records.Round
+RefinementRecord = records.Refinement
 
 
 def _cpu_state(module: Any, where: str) -> dict:
@@ -257,12 +239,12 @@ class Recorder:
         self._snapshots: dict[str, dict] = {}
         self._outputs: dict[str, Outputs] = {}
         self._order: list[str] = []
-        self._rounds: list[dict] = []
-        self._refinement: dict | None = None
-        self._stage3: dict | None = None
+        self._rounds: list[records.Round] = []
+        self._refinement: records.Refinement | None = None
+        self._stage3: records.Stage3 | None = None
         self._history: list[dict] = []
         self._rows_at_round = 0  # history rows recorded before the last round: the refinement's come after
-        self._references: dict[str, dict] = {}
+        self._references: dict[str, records.Reference] = {}
 
     # -- construction ----------------------------------------------------------------------------------------
     def _data(self, data, dataset):
@@ -605,10 +587,9 @@ class Recorder:
         snap = self._known(snapshot, f"{where}: snapshot") if snapshot is not None else self._last(where)
         losses = self._outputs[snap].losses.clone()  # (R0,)
         eps = float(losses[kk].max())
-        self._rounds.append({"round": t, "active": torch.tensor(a), "kept": torch.tensor(kk), "losses": losses,
-                             "eps": eps, "snapshot": snap})
+        self._rounds.append(records.Round(t, a, kk, losses, eps, snap, where=where))
         self._rows_at_round = len(self._history)
-        return RoundRecord(t, tuple(a), tuple(kk), losses.clone(), eps, snap)
+        return records.Round(t, a, kk, losses.clone(), eps, snap, where=where)  # the caller's copy
 
     def refinement(self, *, pair, eps: float, epochs: int, snapshot: str | None = None,
                    beta: float | None = None) -> RefinementRecord:
@@ -633,12 +614,10 @@ class Recorder:
         losses = self._outputs[snap].losses
         eps_T = max(float(losses[p[0]]), float(losses[p[1]]))
         rows = [r["losses"][p].tolist() for r in self._history[self._rows_at_round:] if "losses" in r]
-        self._refinement = {"pair": torch.tensor(p), "reached": eps_T < eps, "eps": eps, "eps_T": eps_T,
-                            "epochs": epochs, "snapshot": snap,
-                            "losses": torch.tensor(rows or [losses[p].tolist()], dtype=torch.float64).reshape(-1, 2)}
-        if beta is not None:
-            self._refinement["beta"] = _finite_float(beta, f"{where}: beta")
-        return RefinementRecord((p[0], p[1]), eps, eps_T, eps_T < eps, epochs, snap)
+        history = torch.tensor(rows or [losses[p].tolist()], dtype=torch.float64).reshape(-1, 2)
+        beta = _finite_float(beta, f"{where}: beta") if beta is not None else None
+        self._refinement = records.Refinement(p, eps_T < eps, eps, eps_T, epochs, history, snap, beta, where=where)
+        return records.Refinement(p, eps_T < eps, eps, eps_T, epochs, history.clone(), snap, beta, where=where)
 
     def stage3(self, *, clustering: int, snapshots: Sequence[str], epochs: int) -> None:
         """Record stage 3 (the stress test on one ``clustering``): its ``epochs`` and the snapshot names along
@@ -652,7 +631,7 @@ class Recorder:
         if isinstance(snapshots, str) or not isinstance(snapshots, (list, tuple)):
             raise InputError(f"{where}: snapshots must be a list of snapshot names; got {snapshots!r}.")
         names = [self._known(s, f"{where}: snapshots[{i}]") for i, s in enumerate(snapshots)]
-        self._stage3 = {"clustering": c, "epochs": _int_at(epochs, f"{where}: epochs"), "snapshots": names}
+        self._stage3 = records.Stage3(c, _int_at(epochs, f"{where}: epochs"), names, where=where)
 
     def history(self, *, step: int, epoch: float | None = None, stage: int | None = None, loss: float | None = None,
                 recon: float | None = None, kl_train: float | None = None, cluster: float | None = None,
@@ -727,15 +706,12 @@ class Recorder:
         metrics = {"kl": kl_total(out.mu, out.logvar), "au": active_units(out.mu).count,
                    "mse": recon_mse(self.x, out.xhat)}
         method = "hct-control" if name == "control" else "vanilla"
-        entry: dict[str, Any] = {"config": {"method": method, "s2": s2, "multiple": multiple, **rcfg},
-                                 "metrics": metrics}
-        if name == "control" and "pair" not in entry["config"] and self._refinement is not None:
-            entry["config"]["pair"] = self._refinement["pair"].tolist()
+        ref_cfg = {"method": method, "s2": s2, "multiple": multiple, **rcfg}
+        if name == "control" and "pair" not in ref_cfg and self._refinement is not None:
+            ref_cfg["pair"] = list(self._refinement.pair)
+        states, order = None, None
         if cfg is not None:
-            entry["config"]["model"] = dict(cfg)
-            entry["state"] = state
-        else:
-            entry["outputs"] = {"mu": out.mu, "logvar": out.logvar, "xhat": out.xhat}
+            ref_cfg["model"] = dict(cfg)
         if snapshots is not None:
             if name != "vanilla" or not isinstance(snapshots, dict):
                 raise InputError(f"{where}: snapshots are the vanilla reference's {{name: module or state_dict}} along "
@@ -744,8 +720,11 @@ class Recorder:
             for sname, sd in snapshots.items():
                 states[self._name(sname, f"{where}: snapshots")] = _cpu_state(sd, f"{where}: snapshots[{sname!r}]")
                 self._load(net, states[sname], f"{where}: snapshots[{sname!r}]", cfg)
-            entry["snapshots"], entry["snapshot_order"] = states, list(states)
-        self._references[name] = entry
+            order = list(states)
+        self._references[name] = records.Reference(
+            name, ref_cfg, state if cfg is not None else None,
+            records.Outputs(out.mu, out.logvar, out.xhat, where=f"{where}: outputs") if cfg is None else None,
+            states, order, metrics, where=where)
         return dict(metrics)
 
     # -- the run file ----------------------------------------------------------------------------------------
@@ -781,17 +760,14 @@ class Recorder:
         if self.is_hct:
             hct = {**self._hct, "r0": self.r0, "k": self.k}
             if self._refinement is not None:
-                hct["eps"] = self._refinement["eps"]
-        cfg = {"method": self.method, "s2": float(self.s2), "lambda_max": float(self.lambda_max),
-               "multiple": float(self.multiple), "hct": hct, "model": dict(self.model_config) if self.model_config
-               else None, "dataset": dict(self._dataset), "seed": self.seed, "producer": "hcdiag.Recorder",
-               "versions": {"hcdiag": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
-                            "sklearn": sklearn.__version__, "python": platform.python_version()}}
-        if self.loss is not None:
-            cfg["loss"] = self.loss
-        if self.beta is not None:
-            cfg["beta"] = dict(self.beta)
-        return cfg
+                hct["eps"] = self._refinement.eps
+        return records.RunConfig(
+            self.method, float(self.s2), lambda_max=float(self.lambda_max), multiple=float(self.multiple),
+            loss=self.loss, beta=dict(self.beta) if self.beta is not None else None, hct=hct,
+            dataset=dict(self._dataset), model=dict(self.model_config) if self.model_config else None, seed=self.seed,
+            versions={"hcdiag": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+                      "sklearn": sklearn.__version__, "python": platform.python_version()},
+            extra={"producer": "hcdiag.Recorder"}).to_dict()
 
     def _history_dict(self) -> dict | None:
         if not self._history:
@@ -810,7 +786,7 @@ class Recorder:
         if any("losses" in r for r in rows):
             blank = torch.full((self.r0,), math.nan, dtype=torch.float64)
             out["losses"] = torch.stack([r.get("losses", blank) for r in rows])  # (h, R0)
-        return out
+        return records.History(out.pop("step"), out, where="history()").to_dict()
 
     def to_run(self, *, partial: bool = False) -> dict:
         """The run dict (version 1) as :meth:`save` writes it; ``partial=True`` for a run still training."""
@@ -820,24 +796,24 @@ class Recorder:
                 what = "the hct run" if self.is_hct else "the run"
                 raise InputError(f"{what} is incomplete: it lacks {', '.join(missing)}; record them, or save it with "
                                  "partial=True (a run still training).")
-        ev = {"x": self.x.clone(), "xbar": self.xbar.clone(), "eigenvalues": self.eigenvalues.clone()}
-        if self._rows is not None:
-            ev["rows"] = self._rows.clone()
+        ev = records.EvalSet(self.x.clone(), self.xbar.clone(), self.eigenvalues.clone(),
+                             self._rows.clone() if self._rows is not None else None).to_dict()
         run: dict[str, Any] = {
             "format": FORMAT, "version": VERSION,
             "status": {"complete": not partial, "stage": "done" if not partial else self._stage(), "error": None},
             "config": self._config(), "eval": ev,
-            "clusterings": {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self._clusterings.items()},
-            "rounds": [dict(r) for r in self._rounds] if (self.is_hct or self._rounds) else None,
-            "refinement": dict(self._refinement) if self._refinement is not None else None,
-            "stage3": dict(self._stage3) if self._stage3 is not None else None,
+            "clusterings": records.Clusterings(**{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                                  for k, v in self._clusterings.items()}).to_dict(),
+            "rounds": [r.to_dict() for r in self._rounds] if (self.is_hct or self._rounds) else None,
+            "refinement": self._refinement.to_dict() if self._refinement is not None else None,
+            "stage3": self._stage3.to_dict() if self._stage3 is not None else None,
             "history": self._history_dict(), "snapshot_order": list(self._order),
-            "references": {k: dict(v) for k, v in self._references.items()},
+            "references": records.References(**self._references).to_dict(),
         }
         if self.model_config is not None:
             run["snapshots"] = dict(self._snapshots)
         else:
-            run["outputs"] = {name: {"mu": o.mu, "logvar": o.logvar, "xhat": o.xhat}
+            run["outputs"] = {name: records.Outputs(o.mu, o.logvar, o.xhat, where=f"outputs.{name}").to_dict()
                               for name, o in self._outputs.items()}
         return run
 

@@ -36,23 +36,22 @@ from typing import Any
 import torch
 
 from hcdiag.errors import InputError
-from hcdiag.paper import LOSS_CONVENTIONS
 from hcdiag.paper import METHODS as PAPER_METHODS
+from hcdiag.records import (HISTORY_SERIES, MODEL_FAMILIES, REFERENCE_NAMES, RESP_ROW_TOL, Aggressive,  # noqa: F401
+                            Clusterings, Dims, EvalSet, History, Outputs, Reference, References, Refinement, Round,
+                            RunConfig, Stage3, Status, bool_at, dict_at, float_at, int_at, kind, model_fields, need,
+                            state_dict_at, str_at, tensor_at)
 
 FORMAT = "hcdiag-run"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
 METHODS = PAPER_METHODS  # hcdiag's trainer's methods; a producer may name its own (config.method)
-MODEL_FAMILIES = ("mlp", "conv", "linear")
-REFERENCE_NAMES = ("collapsed", "vanilla", "control")
-HISTORY_SERIES = ("epoch", "stage", "loss", "recon", "kl", "cluster", "au", "inner_steps")
 
 _ALLOWED = "tensors, dicts, lists, tuples, str, int, float, bool and None"
 _DOCS = "see docs/runfile.md"
 _PARTIAL_HINT = ("load it with partial=True (on the command line: hcdiag check-barrier --partial) to check a run "
                  "still training")
-RESP_ROW_TOL = 1e-4  # |sum_k resp[c, i, k] - 1| allowed in clusterings.resp (float32 storage of K probabilities)
 # Levels of dicts, lists and tuples a run file may nest. The schema needs 5 (references.<r>.snapshots.<name>.<key>);
 # a file nesting deeper is not a run file, and walking it must not end in a RecursionError.
 MAX_DEPTH = 64
@@ -67,9 +66,7 @@ ALIGN_BYTES = 16  # per entry of weight matching's k x k similarity matrix (floa
 # validation
 
 
-def _kind(v: Any) -> str:
-    t = type(v)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+_kind = kind
 
 
 def _short(where: str, limit: int = 80) -> str:
@@ -158,113 +155,41 @@ def _check_plain(obj: Any, where: str) -> int:
 
 
 class _Validator:
-    """One pass over a run dict; raises :class:`InputError` (one line) on the first problem."""
+    """One pass over a run dict; raises :class:`InputError` (one line) on the first problem. The parts are
+    read into their records (:mod:`hcdiag.records`, which check their own fields and the dimensions they share
+    through ``self.dims``); what ties parts together is checked here. ``self.parts`` holds the records."""
 
     def __init__(self, run: dict, partial: bool, max_memory: int | None = None):
         self.run = run
         self.partial = partial
         self.max_memory = max_memory
-        self.dims: dict[str, tuple[int, str]] = {}  # dim name -> (value, key it came from)
+        self.dims = Dims()  # dim name -> (value, key it came from): N, R0, K, m, n, h
+        self.parts: dict[str, Any] = {}  # part name -> its record (config, eval, clusterings, rounds, ...)
         self._expected: dict[str, dict] = {}  # config.model (repr) -> {parameter name: shape}
         self._meta: dict[str, Any] = {}  # config.model (repr) -> its model on the meta device
         self._rebuilt: dict[str, tuple[dict, str]] = {}  # config.model (repr) -> (it, where) for models with states
         self.stored_bytes = 0  # the distinct tensor storages of the run
 
     # ---- helpers -------------------------------------------------------------------------
-    def need(self, d: dict, key: str, where: str, what: str = "") -> Any:
-        if key not in d:
-            full = f"{where}.{key}" if where else key
-            raise InputError(f"{full} is missing; a run file needs it{(' (' + what + ')') if what else ''}; {_DOCS}.")
-        return d[key]
-
-    @staticmethod
-    def dict_at(v: Any, where: str) -> dict:
-        if not isinstance(v, dict):
-            raise InputError(f"{where} must be a dict; got {_kind(v)}; {_DOCS}.")
-        return v
-
-    @staticmethod
-    def int_at(v: Any, where: str, lo: int | None = None) -> int:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise InputError(f"{where} must be an int; got {v!r} ({_kind(v)}).")
-        if lo is not None and v < lo:
-            raise InputError(f"{where} must be an int >= {lo}; got {v}.")
-        return v
-
-    @staticmethod
-    def str_at(v: Any, where: str, choices: tuple[str, ...] | None = None) -> str:
-        if not isinstance(v, str):
-            raise InputError(f"{where} must be a str; got {v!r} ({_kind(v)}).")
-        if choices is not None and v not in choices:
-            raise InputError(f"{where} must be one of {', '.join(choices)}; got {v!r}.")
-        return v
-
-    @staticmethod
-    def bool_at(v: Any, where: str) -> bool:
-        if not isinstance(v, bool):
-            raise InputError(f"{where} must be a bool; got {v!r} ({_kind(v)}).")
-        return v
-
-    @staticmethod
-    def float_at(v: Any, where: str, positive: bool = False, finite: bool = True) -> float:
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype.is_floating_point:
-            v = v.item()
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise InputError(f"{where} must be a float; got {v!r} ({_kind(v)}).")
-        if finite and not math.isfinite(v):
-            raise InputError(f"{where} must be finite; got {v!r}.")
-        if positive and not v > 0:
-            raise InputError(f"{where} must be a float > 0; got {v!r}.")
-        return float(v)
-
-    def tensor_at(self, v: Any, where: str, ndim: int | tuple[int, ...], *, kind: str = "float",
-                  finite: bool = False) -> torch.Tensor:
-        if not isinstance(v, torch.Tensor):
-            raise InputError(f"{where} must be a tensor; got {_kind(v)}; {_DOCS}.")
-        ndims = (ndim,) if isinstance(ndim, int) else ndim
-        if v.ndim not in ndims:
-            want = " or ".join(f"{d}-D" for d in ndims)
-            raise InputError(f"{where} must be a {want} tensor; got shape {tuple(v.shape)}; {_DOCS}.")
-        if kind == "float" and not v.dtype.is_floating_point:
-            raise InputError(f"{where} must be a floating-point tensor; got dtype {v.dtype}.")
-        if kind == "int" and (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool):
-            raise InputError(f"{where} must be an integer tensor (int64); got dtype {v.dtype}.")
-        if finite and kind == "float":
-            bad = int((~torch.isfinite(v)).sum())
-            if bad:
-                raise InputError(f"{where} holds {bad} non-finite value(s) (NaN or inf) of {v.numel()}; "
-                                 "the checks need finite values there: fix the producer and write the run again.")
-        return v
+    need = staticmethod(need)
+    dict_at = staticmethod(dict_at)
+    int_at = staticmethod(int_at)
+    str_at = staticmethod(str_at)
+    bool_at = staticmethod(bool_at)
+    float_at = staticmethod(float_at)
 
     def agree(self, dim: str, value: int, where: str) -> None:
         """Every occurrence of a dimension (N, R0, K, m, n, h) must agree with the first one seen."""
-        if dim in self.dims:
-            first, src = self.dims[dim]
-            if first != value:
-                raise InputError(f"{src} has {dim}={first} but {where} has {dim}={value}; "
-                                 "both must describe the same run: fix the producer.")
-        else:
-            self.dims[dim] = (value, where)
-
-    def ids_at(self, v: Any, where: str) -> list[int]:
-        t = self.tensor_at(v, where, 1, kind="int")
-        ids = [int(i) for i in t.tolist()]
-        r0 = self.dims["R0"][0]
-        out = [i for i in ids if not 0 <= i < r0]
-        if out:
-            raise InputError(f"{where} holds clustering id(s) {out[:5]} outside 0..{r0 - 1} (R0={r0}).")
-        if len(set(ids)) != len(ids):
-            raise InputError(f"{where} repeats clustering ids ({ids}); each id may appear once.")
-        return ids
+        self.dims.agree(dim, value, where)
 
     def snapshot_exists(self, name: Any, where: str) -> None:
-        self.str_at(name, where)
+        str_at(name, where)
         if name not in self.snapshot_names:
             raise InputError(f"{where} names snapshot {name!r}, which is neither in snapshots nor in outputs; "
                              "write that snapshot or fix the name.")
 
     # ---- the schema ----------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self) -> dict[str, Any]:
         run = self.run
         if not isinstance(run, dict):
             raise InputError(f"the run must be a dict with format={FORMAT!r}; got {_kind(run)}.")
@@ -294,79 +219,28 @@ class _Validator:
         self.references()
         if self.max_memory is not None:
             self.memory(self.max_memory)
+        return self.parts
 
     def status(self) -> None:
         status = self.run.get("status")
         if status is None:
+            self.parts["status"] = Status()
             return
-        self.dict_at(status, "status")
-        complete = self.bool_at(self.need(status, "complete", "status"), "status.complete")
-        stage = self.str_at(status.get("stage", ""), "status.stage")
-        error = status.get("error")
-        if error is not None:
-            self.str_at(error, "status.error")
-        if not complete and not self.partial:
-            lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+        st = self.parts["status"] = Status.from_dict(status)
+        if not st.complete and not self.partial:
+            lines = [ln.strip() for ln in (st.error or "").splitlines() if ln.strip()]
             # a recorded traceback ends with the exception itself: that is the line worth showing
             shown = (lines[-1] if lines[0].startswith("Traceback") else lines[0]) if lines else ""
             why = f" with the error: {shown[:200]}" if shown else ""
-            raise InputError(f"status says the run is not complete (it stopped at stage {stage!r}{why}); "
+            raise InputError(f"status says the run is not complete (it stopped at stage {st.stage!r}{why}); "
                              f"wait for training to finish, or {_PARTIAL_HINT}.")
 
     def config(self) -> None:
-        cfg = self.dict_at(self.need(self.run, "config", ""), "config")
-        self.str_at(self.need(cfg, "method", "config", "the training method, e.g. 'hct'"), "config.method")
-        self.float_at(self.need(cfg, "s2", "config", "the decoder variance"), "config.s2", positive=True)
-        for key in ("lambda_max", "multiple"):
-            if cfg.get(key) is not None:
-                self.float_at(cfg[key], f"config.{key}", positive=True)
-        if cfg.get("loss") is not None:
-            self.str_at(cfg["loss"], "config.loss", LOSS_CONVENTIONS)
-        if cfg.get("beta") is not None:
-            beta = self.dict_at(cfg["beta"], "config.beta")
-            if "schedule" in beta:
-                self.str_at(beta["schedule"], "config.beta.schedule")
-            for key in ("start", "end"):
-                if key in beta:
-                    self.float_at(beta[key], f"config.beta.{key}")
-        if cfg.get("seed") is not None:
-            self.int_at(cfg["seed"], "config.seed")
-        if cfg.get("device") is not None:
-            self.str_at(cfg["device"], "config.device")
-        for key in ("versions", "hct"):
-            if cfg.get(key) is not None:
-                self.dict_at(cfg[key], f"config.{key}")
-        dataset = cfg.get("dataset")
-        if dataset is not None:
-            self.dict_at(dataset, "config.dataset")
-            if dataset.get("N") is not None:
-                self.int_at(dataset["N"], "config.dataset.N", lo=1)
-            shape = dataset.get("image_shape")
-            if shape is not None:
-                self._shape_list(shape, "config.dataset.image_shape", allowed=(2, 3))  # grayscale: [H, W]
-        model = cfg.get("model")
-        if model is not None:
-            self.model_dict(model, "config.model")
+        self.parts["config"] = RunConfig.from_dict(self.need(self.run, "config", ""))
 
     def model_dict(self, model: Any, where: str) -> dict:
-        """A ``config.model`` dict (the run's or a reference's): its fields, then that hcdiag can build it."""
-        self.dict_at(model, where)
-        self.str_at(self.need(model, "family", where), f"{where}.family", MODEL_FAMILIES)
-        self.int_at(self.need(model, "input_dim", where), f"{where}.input_dim", lo=1)
-        self.int_at(self.need(model, "latent_dim", where), f"{where}.latent_dim", lo=1)
-        for key in ("enc_widths", "dec_widths", "channels"):
-            if model.get(key) is not None:
-                self._int_list(model[key], f"{where}.{key}")
-        if model.get("activation") is not None:
-            from hcdiag.models import _ACTIVATIONS
-
-            self.str_at(model["activation"], f"{where}.activation", tuple(_ACTIVATIONS))
-        shape = model.get("image_shape")
-        if model["family"] == "conv" and shape is None:
-            raise InputError(f"{where}.image_shape is missing; a conv model needs [C, H, W] to be rebuilt.")
-        if shape is not None:
-            self._shape_list(shape, f"{where}.image_shape")
-        return model
+        """A ``config.model`` dict (the run's or a reference's): its fields (:func:`hcdiag.records.model_fields`)."""
+        return model_fields(model, where)
 
     @staticmethod
     def _model_key(model: dict) -> str:
@@ -424,103 +298,31 @@ class _Validator:
                 raise InputError(f"{where}.{key} has shape {tuple(t.shape)} but the model of {model_where} "
                                  f"(family {family!r}) has {shape}; {model_where} must describe the model that was "
                                  "trained (widths, latent_dim, input_dim, channels).")
-            self.tensor_at(t, f"{where}.{key}", t.ndim, finite=True)
-
-    def _int_list(self, v: Any, where: str) -> list[int]:
-        if not isinstance(v, (list, tuple)):
-            raise InputError(f"{where} must be a list of ints; got {_kind(v)}.")
-        for i, x in enumerate(v):
-            self.int_at(x, f"{where}[{i}]", lo=1)
-        return list(v)
-
-    def _shape_list(self, v: Any, where: str, allowed=(3,)) -> None:
-        dims = self._int_list(v, where)
-        if len(dims) not in allowed:
-            want = " or ".join({2: "[H, W]", 3: "[C, H, W]"}[a] for a in allowed)
-            raise InputError(f"{where} must be {want}; got {list(dims)}.")
+            tensor_at(t, f"{where}.{key}", t.ndim, finite=True)
 
     def eval(self) -> None:
-        ev = self.dict_at(self.need(self.run, "eval", ""), "eval")
-        x = self.tensor_at(self.need(ev, "x", "eval", "the evaluation subset [m, N]"), "eval.x", 2, finite=True)
-        self.agree("m", x.shape[0], "eval.x")
-        self.agree("N", x.shape[1], "eval.x")
-        xbar = self.tensor_at(self.need(ev, "xbar", "eval", "the full-data mean [N]"), "eval.xbar", 1, finite=True)
-        self.agree("N", xbar.shape[0], "eval.xbar")
-        eig = self.tensor_at(self.need(ev, "eigenvalues", "eval", "the top data eigenvalues"),
-                             "eval.eigenvalues", 1, finite=True)
-        if eig.numel() == 0:
-            raise InputError("eval.eigenvalues is empty; store at least lambda_max (the top eigenvalue).")
-        if eig.numel() > self.dims["N"][0]:
-            raise InputError(f"eval.eigenvalues has {eig.numel()} values but the data has N={self.dims['N'][0]} dimensions.")
-        if bool((eig < 0).any()):
-            raise InputError(f"eval.eigenvalues holds {int((eig < 0).sum())} negative value(s); eigenvalues of a "
-                             "covariance are >= 0: clip round-off negatives to 0.")
-        if eig.numel() > 1 and bool((eig[1:] > eig[:-1]).any()):
-            raise InputError("eval.eigenvalues must be sorted in descending order; sort them (largest first).")
-        if ev.get("rows") is not None:
-            rows = self.tensor_at(ev["rows"], "eval.rows", 1, kind="int")
-            self.agree("m", rows.shape[0], "eval.rows")
-        dataset = self.run["config"].get("dataset") or {}
+        self.parts["eval"] = EvalSet.from_dict(self.need(self.run, "eval", ""), dims=self.dims)
+        cfg: RunConfig = self.parts["config"]
+        dataset = cfg.dataset or {}
         if isinstance(dataset.get("N"), int):
             self.agree("N", dataset["N"], "config.dataset.N")
         for where, shape in (("config.dataset.image_shape", dataset.get("image_shape")),
-                             ("config.model.image_shape", (self.run["config"].get("model") or {}).get("image_shape"))):
+                             ("config.model.image_shape", (cfg.model or {}).get("image_shape"))):
             if shape is not None:
                 self.agree("N", math.prod(shape), where)
-        model = self.run["config"].get("model")
-        if model is not None:
-            self.agree("N", model["input_dim"], "config.model.input_dim")
-            self.agree("n", model["latent_dim"], "config.model.latent_dim")
+        if cfg.model is not None:
+            self.agree("N", cfg.model["input_dim"], "config.model.input_dim")
+            self.agree("n", cfg.model["latent_dim"], "config.model.latent_dim")
 
     def clusterings(self) -> None:
-        cl = self.dict_at(self.need(self.run, "clusterings", ""), "clusterings")
-        c = self.tensor_at(self.need(cl, "centroids", "clusterings", "[R0, K, N]"), "clusterings.centroids", 3, finite=True)
-        self.agree("R0", c.shape[0], "clusterings.centroids")
-        self.agree("K", c.shape[1], "clusterings.centroids")
-        self.agree("N", c.shape[2], "clusterings.centroids")
-        if c.shape[0] < 1 or c.shape[1] < 1:
-            raise InputError(f"clusterings.centroids has shape {tuple(c.shape)}; it needs R0 >= 1 clusterings of K >= 1 centroids.")
-        w = self.tensor_at(self.need(cl, "weights", "clusterings", "[R0, K]"), "clusterings.weights", 2, finite=True)
-        self.agree("R0", w.shape[0], "clusterings.weights")
-        self.agree("K", w.shape[1], "clusterings.weights")
-        seeds = self.tensor_at(self.need(cl, "seeds", "clusterings", "the EM seeds [R0]"), "clusterings.seeds", 1, kind="int")
-        self.agree("R0", seeds.shape[0], "clusterings.seeds")
-        ll = self.tensor_at(self.need(cl, "loglik", "clusterings", "[R0]"), "clusterings.loglik", 1, finite=True)
-        self.agree("R0", ll.shape[0], "clusterings.loglik")
-        ctype = self.str_at(self.need(cl, "covariance_type", "clusterings"), "clusterings.covariance_type")
-        if cl.get("covariances") is not None:
-            cov = self.tensor_at(cl["covariances"], "clusterings.covariances", (3, 4), finite=True)
-            self.agree("R0", cov.shape[0], "clusterings.covariances")
-            self.agree("K", cov.shape[1], "clusterings.covariances")
-            self.agree("N", cov.shape[2], "clusterings.covariances")
-            if cov.ndim == 4:
-                self.agree("N", cov.shape[3], "clusterings.covariances (last axis)")
-            want = {"diag": 3, "full": 4}.get(ctype)
-            if want is not None and cov.ndim != want:
-                raise InputError(f"clusterings.covariances is {cov.ndim}-D but covariance_type is {ctype!r}, "
-                                 f"which needs a {want}-D tensor.")
-        if cl.get("resp") is not None:
-            resp = self.tensor_at(cl["resp"], "clusterings.resp", 3, finite=True)
-            self.agree("R0", resp.shape[0], "clusterings.resp")
-            self.agree("m", resp.shape[1], "clusterings.resp")
-            self.agree("K", resp.shape[2], "clusterings.resp")
-            neg = int((resp < 0).sum())
-            if neg:
-                raise InputError(f"clusterings.resp holds {neg} negative value(s); responsibilities are probabilities "
-                                 "(>= 0, each row summing to 1): store the GMM's posterior P(k | x) on eval.x.")
-            off = (resp.double().sum(2) - 1).abs() > RESP_ROW_TOL  # (R0, m)
-            if bool(off.any()):
-                c, i = (int(v) for v in off.nonzero()[0])
-                raise InputError(f"clusterings.resp rows must sum to 1 (within {RESP_ROW_TOL:g}); {int(off.sum())} of "
-                                 f"{off.numel()} do not (first: clustering {c}, eval row {i}, sum "
-                                 f"{float(resp[c, i].double().sum()):.6g}): store each clustering's posterior "
-                                 "P(k | x) on eval.x, normalised over its K components.")
-        hct = self.run["config"].get("hct")
-        if isinstance(hct, dict) and hct.get("r0") is not None:
-            self.agree("R0", self.int_at(hct["r0"], "config.hct.r0", lo=1), "config.hct.r0")
+        self.parts["clusterings"] = Clusterings.from_dict(self.need(self.run, "clusterings", ""), dims=self.dims)
+        hct = self.parts["config"].hct
+        if hct is not None and hct.get("r0") is not None:
+            self.agree("R0", hct["r0"], "config.hct.r0")
 
     def snapshots_and_outputs(self) -> None:
         run = self.run
+        cfg: RunConfig = self.parts["config"]
         snaps = run.get("snapshots")
         outs = run.get("outputs")
         if snaps is None and outs is None:
@@ -530,26 +332,24 @@ class _Validator:
         if snaps is not None:
             self.dict_at(snaps, "snapshots")
             for name, state in snaps.items():
-                self.str_at(name, "a snapshots key")
-                self.dict_at(state, f"snapshots.{name}")
-                for key, value in state.items():
-                    if not isinstance(value, torch.Tensor):
-                        raise InputError(f"snapshots.{name}.{key} must be a tensor (a state_dict holds tensors); got {_kind(value)}.")
+                str_at(name, "a snapshots key")
+                state_dict_at(state, f"snapshots.{name}")
                 names.append(name)
-            if snaps and run["config"].get("model") is None and not outs:
+            if snaps and cfg.model is None and not outs:
                 raise InputError("snapshots are given but config.model is missing, so hcdiag cannot rebuild the model; "
                                  "add config.model or store outputs per snapshot.")
-            model = run["config"].get("model")
-            if model is not None:
+            if cfg.model is not None:
                 for name, state in snaps.items():
-                    self.state_fits(state, f"snapshots.{name}", model, "config.model")
+                    self.state_fits(state, f"snapshots.{name}", cfg.model, "config.model")
+        outputs: dict[str, Outputs] = {}
         if outs is not None:
             self.dict_at(outs, "outputs")
             for name, out in outs.items():
-                self.str_at(name, "an outputs key")
-                self.outputs_at(out, f"outputs.{name}", "n")
+                str_at(name, "an outputs key")
+                outputs[name] = Outputs.from_dict(out, f"outputs.{name}", self.dims)
                 if name not in names:
                     names.append(name)
+        self.parts["outputs"] = outputs
         self.snapshot_names = names
         order = run.get("snapshot_order")
         if order is not None:
@@ -563,201 +363,105 @@ class _Validator:
             if missing:
                 raise InputError(f"snapshot_order lacks {missing[:5]}, which are in snapshots/outputs; "
                                  "list every snapshot once, in training order.")
+            self.snapshot_names = list(order)
         if not names and not self.partial:
             raise InputError(f"snapshots and outputs are both empty; a complete run needs at least one snapshot; {_PARTIAL_HINT}.")
-
-    def outputs_at(self, out: Any, where: str, latent: str) -> None:
-        """``{"mu": [m, n], "logvar": [m, n], "xhat": [m, N]}`` on eval.x, finite; ``latent`` names the
-        dimension n must agree with (``"n"`` for the run's own outputs)."""
-        self.dict_at(out, where)
-        mu = self.tensor_at(self.need(out, "mu", where), f"{where}.mu", 2, finite=True)
-        lv = self.tensor_at(self.need(out, "logvar", where), f"{where}.logvar", 2, finite=True)
-        xh = self.tensor_at(self.need(out, "xhat", where), f"{where}.xhat", 2, finite=True)
-        for t, key in ((mu, "mu"), (lv, "logvar"), (xh, "xhat")):
-            self.agree("m", t.shape[0], f"{where}.{key}")
-        self.agree(latent, mu.shape[1], f"{where}.mu")
-        self.agree(latent, lv.shape[1], f"{where}.logvar")
-        self.agree("N", xh.shape[1], f"{where}.xhat")
-
-    def _is_hct(self) -> bool:
-        cfg = self.run["config"]
-        return cfg.get("method") == "hct" or isinstance(cfg.get("hct"), dict)
 
     def _absent(self, key: str, what: str) -> bool:
         """True when ``key`` is None/absent; refuses that for a complete HCT run."""
         if self.run.get(key) is not None:
             return False
-        if self._is_hct() and not self.partial:
+        if self.parts["config"].is_hct and not self.partial:
             raise InputError(f"{key} is missing; a complete hct run records {what}; {_PARTIAL_HINT}.")
         return True
 
     def rounds(self) -> None:
+        self.parts["rounds"] = None
         if self._absent("rounds", "one entry per stage-1 round"):
             return
         rounds = self.run["rounds"]
         if not isinstance(rounds, (list, tuple)):
             raise InputError(f"rounds must be a list of dicts; got {_kind(rounds)}.")
-        r0 = self.dims["R0"][0]
-        if not rounds and self._is_hct() and not self.partial and r0 > 2:  # R0 = 2 has no round to run
+        r0 = self.dims.get("R0")
+        if not rounds and self.parts["config"].is_hct and not self.partial and r0 > 2:  # R0 = 2 has no round to run
             raise InputError(f"rounds is empty; a complete hct run with R0={r0} records one entry per stage-1 "
                              f"round; {_PARTIAL_HINT}.")
-        previous = None
+        records: list[Round] = []
         for i, entry in enumerate(rounds):
             where = f"rounds[{i}]"
-            self.dict_at(entry, where)
-            number = self.int_at(self.need(entry, "round", where), f"{where}.round", lo=0)
-            if previous is not None and number <= previous:
-                raise InputError(f"{where}.round is {number} after round {previous}; rounds must be in training order.")
-            previous = number
-            active = self.ids_at(self.need(entry, "active", where), f"{where}.active")
-            kept = self.ids_at(self.need(entry, "kept", where), f"{where}.kept")
-            extra = sorted(set(kept) - set(active))
-            if extra:
-                raise InputError(f"{where}.kept holds {extra} which are not in {where}.active; kept must be a subset of active.")
-            losses = self.tensor_at(self.need(entry, "losses", where, "l_C of every clustering"),
-                                    f"{where}.losses", 1, finite=True)
-            self.agree("R0", losses.shape[0], f"{where}.losses")
-            self.float_at(self.need(entry, "eps", where), f"{where}.eps")
-            self.snapshot_exists(self.need(entry, "snapshot", where), f"{where}.snapshot")
+            rec = Round.from_dict(entry, where, self.dims)
+            if records and rec.round <= records[-1].round:
+                raise InputError(f"{where}.round is {rec.round} after round {records[-1].round}; rounds must be in "
+                                 "training order.")
+            self.snapshot_exists(rec.snapshot, f"{where}.snapshot")
+            records.append(rec)
+        self.parts["rounds"] = tuple(records)
 
     def refinement(self) -> None:
+        self.parts["refinement"] = None
         if self._absent("refinement", "the stage-2 refinement"):
             return
-        ref = self.dict_at(self.run["refinement"], "refinement")
-        pair = self.ids_at(self.need(ref, "pair", "refinement"), "refinement.pair")
-        if len(pair) != 2:
-            raise InputError(f"refinement.pair must hold 2 clustering ids; got {pair}.")
-        self.bool_at(self.need(ref, "reached", "refinement"), "refinement.reached")
-        eps = self.float_at(self.need(ref, "eps", "refinement"), "refinement.eps", positive=True)
-        hct = self.run["config"].get("hct")
-        if isinstance(hct, dict) and hct.get("eps") is not None:
+        ref = self.parts["refinement"] = Refinement.from_dict(self.run["refinement"], "refinement", self.dims)
+        hct = self.parts["config"].hct
+        if hct is not None and hct.get("eps") is not None:
             said = self.float_at(hct["eps"], "config.hct.eps", positive=True)
-            if not math.isclose(said, eps, rel_tol=1e-9):
-                raise InputError(f"refinement.eps is {eps:g} but config.hct.eps is {said:g}; the refinement's target is "
-                                 "one number: write the eps the refinement trained towards in both.")
-        self.float_at(self.need(ref, "eps_T", "refinement"), "refinement.eps_T", finite=False)
-        self.int_at(self.need(ref, "epochs", "refinement"), "refinement.epochs", lo=0)
-        losses = self.tensor_at(self.need(ref, "losses", "refinement", "[e, 2] history of l_a, l_b"),
-                                "refinement.losses", 2)
-        if losses.shape[1] != 2:
-            raise InputError(f"refinement.losses must have shape [e, 2] (l_a, l_b per epoch); got {tuple(losses.shape)}.")
-        self.snapshot_exists(self.need(ref, "snapshot", "refinement"), "refinement.snapshot")
+            if not math.isclose(said, ref.eps, rel_tol=1e-9):
+                raise InputError(f"refinement.eps is {ref.eps:g} but config.hct.eps is {said:g}; the refinement's "
+                                 "target is one number: write the eps the refinement trained towards in both.")
+        self.snapshot_exists(ref.snapshot, "refinement.snapshot")
 
     def stage3(self) -> None:
+        self.parts["stage3"] = None
         if self._absent("stage3", "the stage-3 stress test"):
             return
-        s3 = self.dict_at(self.run["stage3"], "stage3")
-        c = self.int_at(self.need(s3, "clustering", "stage3"), "stage3.clustering", lo=0)
-        r0 = self.dims["R0"][0]
-        if c >= r0:
-            raise InputError(f"stage3.clustering is {c}, outside 0..{r0 - 1} (R0={r0}).")
-        self.int_at(self.need(s3, "epochs", "stage3"), "stage3.epochs", lo=0)
-        names = self.need(s3, "snapshots", "stage3")
-        if not isinstance(names, (list, tuple)):
-            raise InputError(f"stage3.snapshots must be a list of snapshot names; got {_kind(names)}.")
-        for i, name in enumerate(names):
+        s3 = self.parts["stage3"] = Stage3.from_dict(self.run["stage3"], "stage3", self.dims)
+        for i, name in enumerate(s3.snapshots):
             self.snapshot_exists(name, f"stage3.snapshots[{i}]")
 
     def history(self) -> None:
         hist = self.run.get("history")
-        if hist is None:
-            return
-        self.dict_at(hist, "history")
-        step = self.tensor_at(self.need(hist, "step", "history"), "history.step", 1, kind="int")
-        self.agree("h", step.shape[0], "history.step")
-        for key in HISTORY_SERIES:
-            if hist.get(key) is not None:
-                t = self.tensor_at(hist[key], f"history.{key}", 1, kind="int" if key == "stage" else "any")
-                self.agree("h", t.shape[0], f"history.{key}")
-        stage = hist.get("stage")
-        if stage is not None and stage.numel() and bool(((stage < 0) | (stage > 3)).any()):
-            raise InputError("history.stage holds values outside 0..3 (0: EM, 1: rounds, 2: refinement, 3: stress test).")
-        if hist.get("losses") is not None:
-            losses = self.tensor_at(hist["losses"], "history.losses", 2)
-            self.agree("h", losses.shape[0], "history.losses")
-            self.agree("R0", losses.shape[1], "history.losses")
+        self.parts["history"] = None if hist is None else History.from_dict(hist, "history", self.dims)
 
     def aggressive(self) -> None:
         """The aggressive baseline's record (He et al. 2019): MI per aggressive epoch, the epoch it ended."""
         agg = self.run.get("aggressive")
-        if agg is None:
-            return
-        self.dict_at(agg, "aggressive")
-        mi = self.tensor_at(self.need(agg, "mi", "aggressive", "[e] MI in nats at the end of each aggressive epoch"),
-                            "aggressive.mi", 1)
-        ended = agg.get("ended_epoch")
-        if ended is not None:
-            self.int_at(ended, "aggressive.ended_epoch", lo=1)
-            if ended != mi.shape[0]:
-                raise InputError(f"aggressive.ended_epoch is {ended} but aggressive.mi holds {mi.shape[0]} epoch(s); "
-                                 "MI is estimated at the end of every aggressive epoch, the last one included: "
-                                 "fix the producer.")
+        self.parts["aggressive"] = None if agg is None else Aggressive.from_dict(agg)
 
     def references(self) -> None:
         refs = self.run.get("references")
+        self.parts["references"] = None
         if refs is None:
             return
         self.dict_at(refs, "references")
-        run_model = self.run["config"].get("model")
+        run_model = self.parts["config"].model
+        records = {}
         for name in REFERENCE_NAMES:
-            ref = refs.get(name)
-            if ref is None:
+            if refs.get(name) is None:
                 continue
             where = f"references.{name}"
-            self.dict_at(ref, where)
-            cfg = self.dict_at(self.need(ref, "config", where), f"{where}.config")
-            self.float_at(self.need(cfg, "s2", f"{where}.config"), f"{where}.config.s2", positive=True)
-            self.float_at(self.need(cfg, "multiple", f"{where}.config"), f"{where}.config.multiple", positive=True)
-            self.str_at(self.need(cfg, "method", f"{where}.config"), f"{where}.config.method")
+            rec = records[name] = Reference.from_dict(name, refs[name], where, self.dims)
             # its own config.model, else the run's (a reference of the run's architecture need not repeat it)
-            model, model_where = cfg.get("model"), f"{where}.config.model"
+            model, model_where = rec.model, f"{where}.config.model"
             if model is not None:
-                self.model_dict(model, model_where)
                 self.agree("N", model["input_dim"], f"{model_where}.input_dim")
             else:
                 model, model_where = run_model, "config.model"
-            state, outs = ref.get("state"), ref.get("outputs")
-            if state is None and (outs is None or name != "collapsed"):
-                what = ("its parameters (a state_dict) or, for a model hcdiag cannot rebuild, its outputs on eval.x"
-                        if name == "collapsed" else "its parameters (a state_dict of its config.model)")
-                raise InputError(f"{where}.state is missing; a reference needs {what}; {_DOCS}.")
-            if state is not None:
-                self.dict_at(state, f"{where}.state")
-                for key, value in state.items():
-                    if not isinstance(value, torch.Tensor):
-                        raise InputError(f"{where}.state.{key} must be a tensor (a state_dict holds tensors); got {_kind(value)}.")
+            if rec.state is not None:
                 if model is None:
                     alt = f", or store {where}.outputs instead" if name == "collapsed" else ""
                     raise InputError(f"{where}.state is given but neither {where}.config.model nor config.model says "
                                      f"how to rebuild it; add {where}.config.model{alt}.")
-                self.state_fits(state, f"{where}.state", model, model_where)
-            if outs is not None:
-                self.outputs_at(outs, f"{where}.outputs", f"n of {where}")
-                if model is not None and state is not None:
-                    self.agree(f"n of {where}", int(model["latent_dim"]), f"{model_where}.latent_dim")
-            snaps = ref.get("snapshots")
-            if snaps is not None:  # the vanilla reference's training trajectory (I3's baseline distance)
-                self.dict_at(snaps, f"{where}.snapshots")
-                if snaps and model is None:
+                self.state_fits(rec.state, f"{where}.state", model, model_where)
+            if rec.outputs is not None and model is not None and rec.state is not None:
+                self.agree(f"n of {where}", int(model["latent_dim"]), f"{model_where}.latent_dim")
+            if rec.snapshots is not None:  # the vanilla reference's training trajectory (I3's baseline distance)
+                if rec.snapshots and model is None:
                     raise InputError(f"{where}.snapshots are given but neither {where}.config.model nor config.model "
                                      f"says how to rebuild them; add {where}.config.model.")
-                for sname, sd in snaps.items():
-                    self.str_at(sname, f"a {where}.snapshots key")
-                    self.dict_at(sd, f"{where}.snapshots.{sname}")
-                    for key, value in sd.items():
-                        if not isinstance(value, torch.Tensor):
-                            raise InputError(f"{where}.snapshots.{sname}.{key} must be a tensor (a state_dict holds "
-                                             f"tensors); got {_kind(value)}.")
+                for sname, sd in rec.snapshots.items():
                     self.state_fits(sd, f"{where}.snapshots.{sname}", model, model_where)
-                order = ref.get("snapshot_order")
-                if order is not None:
-                    if not isinstance(order, (list, tuple)) or sorted(map(str, order)) != sorted(snaps) \
-                            or len(set(order)) != len(order):
-                        raise InputError(f"{where}.snapshot_order must list every name of {where}.snapshots once, in "
-                                         f"training order; got {list(order) if isinstance(order, (list, tuple)) else _kind(order)} "
-                                         f"for {sorted(snaps)}.")
-            if ref.get("metrics") is not None:
-                self.dict_at(ref["metrics"], f"{where}.metrics")
+        self.parts["references"] = References(**records, extra={k: v for k, v in refs.items()
+                                                                if k not in REFERENCE_NAMES})
 
     # ---- the memory bound ------------------------------------------------------------------
     def activations_per_row(self, model: dict, where: str) -> int:
@@ -796,9 +500,9 @@ class _Validator:
         shapes and the models on the meta device: nothing is allocated."""
         from hcdiag.alignment import permutation_spec
 
-        m, N = self.dims["m"][0], self.dims["N"][0]
-        R0, K = self.dims["R0"][0], self.dims["K"][0]
-        n = self.dims.get("n", (0, ""))[0]
+        m, N = self.dims.get("m"), self.dims.get("N")
+        R0, K = self.dims.get("R0"), self.dims.get("K")
+        n = self.dims.get("n") or 0
         rows = min(m, EVAL_BATCH_ROWS)
         parts = [(self.stored_bytes, "the file's tensors")]
         for model, where in self._rebuilt.values():
@@ -913,22 +617,26 @@ def default_max_memory() -> int:
 
 
 class Run:
-    """A read-only view over a validated run dict (the dict itself is at :attr:`data`).
+    """A read-only view over a validated run dict: its parts as typed records (:mod:`hcdiag.records`); the dict
+    itself is at :attr:`data`.
 
     Shapes: ``eval_x`` (m, N); ``xbar`` (N,); ``eigenvalues`` (k,) descending;
     ``centroids`` (R0, K, N). ``r0`` is R0 (number of clusterings), ``k`` is K (centroids per
     clustering), ``N`` the data dimension, ``m`` the number of evaluation rows. Tensors are on CPU
-    when read with :func:`load_run`.
+    when read with :func:`load_run`. The records share the dict's tensors (nothing is copied).
     """
 
-    __slots__ = ("_path", "_data", "_complete")
+    __slots__ = ("_path", "_data", "_complete", "_parts", "_names")
 
     def __init__(self, data: dict, path: str | os.PathLike | None = None, *, partial: bool = False,
                  max_memory: int | None = None):
-        validate_run(data, partial=partial, max_memory=max_memory)
+        v = _Validator(data, partial, max_memory)
+        parts = v.validate()
         object.__setattr__(self, "_path", Path(path) if path is not None else None)
         object.__setattr__(self, "_data", data)
         object.__setattr__(self, "_complete", is_complete(data) if partial else True)
+        object.__setattr__(self, "_parts", parts)
+        object.__setattr__(self, "_names", list(v.snapshot_names))
 
     def __setattr__(self, name, value):
         raise AttributeError("Run is read-only; edit .data and build a new Run to change it")
@@ -945,6 +653,7 @@ class Run:
 
     @property
     def data(self) -> dict:
+        """The version-1 dict as read (the records below are views of it)."""
         return self._data
 
     @property
@@ -952,22 +661,22 @@ class Run:
         return self._data["version"]
 
     @property
-    def config(self) -> dict:
-        return self._data["config"]
+    def config(self) -> RunConfig:
+        return self._parts["config"]
 
     @property
-    def status(self) -> dict:
-        """``{"complete", "stage", "error"}``; an absent status reads as complete."""
-        return self._data.get("status") or {"complete": True, "stage": "done", "error": None}
+    def status(self) -> Status:
+        """An absent status reads as complete."""
+        return self._parts["status"]
 
     @property
     def method(self) -> str:
-        return self.config["method"]
+        return self.config.method
 
     @property
     def s2(self) -> float:
         """Decoder variance (the paper's sigma'^2), in squared data units."""
-        return float(self.config["s2"])
+        return self.config.s2
 
     @property
     def complete(self) -> bool:
@@ -975,34 +684,38 @@ class Run:
 
     # ---- evaluation data and clusterings -------------------------------------------------
     @property
+    def eval(self) -> EvalSet:
+        return self._parts["eval"]
+
+    @property
     def eval_x(self) -> torch.Tensor:
         """Evaluation subset, shape (m, N)."""
-        return self._data["eval"]["x"]
+        return self.eval.x
 
     @property
     def xbar(self) -> torch.Tensor:
         """Full-data mean, shape (N,)."""
-        return self._data["eval"]["xbar"]
+        return self.eval.xbar
 
     @property
     def eigenvalues(self) -> torch.Tensor:
         """Top data-covariance eigenvalues, shape (k,), descending; ``eigenvalues[0]`` is lambda_max."""
-        return self._data["eval"]["eigenvalues"]
+        return self.eval.eigenvalues
 
     @property
     def lambda_max(self) -> float:
         """``config.lambda_max`` when given, else the top stored eigenvalue."""
-        value = self.config.get("lambda_max")
-        return float(value) if value is not None else float(self.eigenvalues[0])
+        value = self.config.lambda_max
+        return value if value is not None else self.eval.lambda_max
 
     @property
-    def clusterings(self) -> dict:
-        return self._data["clusterings"]
+    def clusterings(self) -> Clusterings:
+        return self._parts["clusterings"]
 
     @property
     def centroids(self) -> torch.Tensor:
         """Centroids of every clustering, shape (R0, K, N)."""
-        return self._data["clusterings"]["centroids"]
+        return self.clusterings.centroids
 
     @property
     def r0(self) -> int:
@@ -1023,35 +736,38 @@ class Run:
     @property
     def latent_dim(self) -> int | None:
         """Latent dim n, from ``config.model`` or else from the outputs; None when neither says."""
-        model = self.config.get("model")
-        if model is not None:
-            return int(model["latent_dim"])
-        for out in (self._data.get("outputs") or {}).values():
-            return int(out["mu"].shape[1])
+        if self.config.model is not None:
+            return int(self.config.model["latent_dim"])
+        for out in self._parts["outputs"].values():
+            return int(out.mu.shape[1])
         return None
 
     # ---- snapshots -----------------------------------------------------------------------
     @property
     def snapshot_names(self) -> list[str]:
         """Snapshot names in training order (``snapshot_order``, else snapshots then outputs keys)."""
-        order = self._data.get("snapshot_order")
-        if order is not None:
-            return list(order)
-        names = list(self._data.get("snapshots") or {})
-        names += [n for n in (self._data.get("outputs") or {}) if n not in names]
-        return names
+        return list(self._names)
 
     @property
     def has_parameters(self) -> bool:
         """True when snapshots hold state_dicts and ``config.model`` says how to rebuild the model."""
-        return bool(self._data.get("snapshots")) and self.config.get("model") is not None
+        return bool(self._data.get("snapshots")) and self.config.model is not None
 
     @property
     def has_outputs(self) -> bool:
-        return bool(self._data.get("outputs"))
+        return bool(self._parts["outputs"])
 
     def _where(self) -> str:
         return f"{self._path}: " if self._path is not None else ""
+
+    @property
+    def has_snapshot_order(self) -> bool:
+        """Whether the file states the training order (``snapshot_order``) rather than leaving it to the keys."""
+        return self._data.get("snapshot_order") is not None
+
+    def has_state(self, name: str) -> bool:
+        """Whether snapshot ``name`` has parameters (a state_dict) in the file."""
+        return name in (self._data.get("snapshots") or {})
 
     def snapshot(self, name: str) -> dict:
         """The state_dict (str -> tensor) saved under ``name``."""
@@ -1062,30 +778,35 @@ class Run:
                              f"{have}); pick one of those, or use outputs({name!r}).")
         return snaps[name]
 
-    def outputs(self, name: str) -> dict | None:
-        """``{"mu": (m, n), "logvar": (m, n), "xhat": (m, N)}`` for snapshot ``name``, or None."""
-        return (self._data.get("outputs") or {}).get(name)
+    def outputs(self, name: str) -> Outputs | None:
+        """The stored :class:`~hcdiag.records.Outputs` (mu (m, n), logvar (m, n), xhat (m, N)) of snapshot
+        ``name``, or None."""
+        return self._parts["outputs"].get(name)
 
     # ---- training record -----------------------------------------------------------------
     @property
-    def rounds(self) -> list | None:
-        return self._data.get("rounds")
+    def rounds(self) -> tuple[Round, ...] | None:
+        return self._parts["rounds"]
 
     @property
-    def refinement(self) -> dict | None:
-        return self._data.get("refinement")
+    def refinement(self) -> Refinement | None:
+        return self._parts["refinement"]
 
     @property
-    def stage3(self) -> dict | None:
-        return self._data.get("stage3")
+    def stage3(self) -> Stage3 | None:
+        return self._parts["stage3"]
 
     @property
-    def history(self) -> dict | None:
-        return self._data.get("history")
+    def history(self) -> History | None:
+        return self._parts["history"]
 
     @property
-    def references(self) -> dict | None:
-        return self._data.get("references")
+    def aggressive(self) -> Aggressive | None:
+        return self._parts["aggressive"]
+
+    @property
+    def references(self) -> References | None:
+        return self._parts["references"]
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.<>]+)")

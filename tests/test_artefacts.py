@@ -32,7 +32,7 @@ N_TINY = 1500
 
 
 def _outputs(run, name, state=None):
-    model = build_model(run.config["model"])
+    model = build_model(run.config.model)
     model.load_state_dict(state if state is not None else run.snapshot(name))
     return encode_decode(model, run.eval_x.float())
 
@@ -107,7 +107,7 @@ def test_figure2_values_equal_recomputation(t1, tiny_dir):
     assert kl["snapshot"] == "final"
     assert kl["kl"] == pytest.approx(_kl_au(hct, "final")[0], rel=1e-6, abs=1e-9)
     i3 = by["I3"]["values"]
-    pc = parameter_vector(run.references["collapsed"]["state"])
+    pc = parameter_vector(run.references.collapsed.state)
     naive = [float(torch.linalg.vector_norm(parameter_vector(run.snapshot(s)) - pc)) for s in i3["snapshots"]]
     np.testing.assert_allclose(i3["param_distance"], naive, rtol=1e-9)
     for r in res.rows:
@@ -237,7 +237,7 @@ def test_table2_ms_ssim_equals_direct_computation_from_run_files(t2):
         direct, single = [], []
         for path, snap in zip(r["runs"], v["snapshots"]):
             run = load_run(path)
-            assert run.config["model"]["family"] == "conv" and run.config["model"]["image_shape"] == [1, 8, 8]
+            assert run.config.model["family"] == "conv" and run.config.model["image_shape"] == [1, 8, 8]
             x = run.eval_x.float().reshape(-1, 1, 8, 8)
             xhat = _outputs(run, snap)[2].reshape(-1, 1, 8, 8)  # the model rebuilt from the stored state_dict
             span = float(x.max() - x.min())
@@ -280,8 +280,8 @@ def test_figure4_reduced_runs_recompute(tmp_path):
     for r in pts:
         run = load_run(r["runs"][0])
         key = r["values"]["key"]
-        assert run.config["train"][key] == pytest.approx(r["values"]["value"])  # the ablated value survives the overrides
-        assert run.config["train"]["epochs"] == TINY["epochs"]
+        assert run.config.train[key] == pytest.approx(r["values"]["value"])  # the ablated value survives the overrides
+        assert run.config.train["epochs"] == TINY["epochs"]
         assert r["values"]["kl"] == pytest.approx(_kl_au(r["runs"][0], "final")[0], rel=1e-6, abs=1e-9)
     assert "REDUCED" in res.title and len(artefacts.save_figures(res, tmp_path)) == 2
 

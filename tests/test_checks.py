@@ -526,11 +526,11 @@ def test_t2b_floor_is_approached_by_the_real_trainer_when_the_encoder_collapses(
     run = load_run(tmp_path / "run.pt")
     ref = run.refinement
     res = exclusion.check_t2b(RunContext(run))
-    a = int(ref["pair"][0])
-    f = t2b_floor(run.xbar, run.centroids[a].double(), beta=ref["beta"], s2=run.s2, convention="scaled")
+    a = ref.pair[0]
+    f = t2b_floor(run.xbar, run.centroids[a].double(), beta=ref.beta, s2=run.s2, convention="scaled")
     assert res.values["collapsed_floor"] == pytest.approx(f.l, rel=1e-12)
     assert res.values["floors"][str(a)]["l"] == pytest.approx(f.l, rel=1e-12)
-    model = build_model(run.config["model"])
+    model = build_model(run.config.model)
     model.load_state_dict(run.snapshot("refined"))
     mu, lv, xh = encode_decode(model, run.eval_x)
     assert naive_kl(mu.numpy(), lv.numpy()) < 1e-3  # collapsed
@@ -542,7 +542,7 @@ def test_t2b_floor_is_approached_by_the_real_trainer_when_the_encoder_collapses(
     # above or below the single-clustering floor (measured: +1.6% at seed 0, -0.2% at seed 33).
     c_hat = xh.double().mean(0)
     basin = int(((run.centroids[a].double() - c_hat) ** 2).sum(1).argmin())
-    l_a = float(ref["losses"][-1][0])
+    l_a = float(ref.losses[-1][0])
     assert l_a == pytest.approx(float(f.per_centroid[basin]), rel=0.1)
     assert l_a >= 0.9 * f.l  # and no collapsed model gets far below the floor
 

@@ -38,8 +38,8 @@ def test_tiny_run_end_to_end_json(data_file, tmp_path, capsys):
     run = load_run(out)
     assert doc["method"] == "hct" and run.complete
     assert doc["s2"] == pytest.approx(2.0 * run.lambda_max)
-    assert doc["refinement"]["eps_T"] == pytest.approx(run.refinement["eps_T"])
-    assert [r["kept"] for r in doc["rounds"]] == [r["kept"].tolist() for r in run.rounds]
+    assert doc["refinement"]["eps_T"] == pytest.approx(run.refinement.eps_T)
+    assert [r["kept"] for r in doc["rounds"]] == [list(r.kept) for r in run.rounds]
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -113,7 +113,7 @@ def test_em_type_trains_from_the_command_line_and_its_run_passes_the_checks(tmp_
     from hcdiag.runfile import load_run
 
     run = load_run(out)
-    assert run.config["method"] == "em-type" and run.config["train"]["em_tol"] == 0.01 and run.complete
+    assert run.config.method == "em-type" and run.config.train["em_tol"] == 0.01 and run.complete
     capsys.readouterr()
     assert main(["check-barrier", str(out), "--format", "json"]) in (0, 1)
     doc = json.loads(capsys.readouterr().out)

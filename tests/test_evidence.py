@@ -304,8 +304,8 @@ def test_hcdiags_own_trainer_writes_files_that_verify(seed, tmp_path):
     assert len(ev.rounds) == 1 and ev.refinement is not None
     S = naive_scale(run.eval_x)
     for r, entry in zip(ev.rounds, run.rounds):
-        assert abs(float(entry["eps"]) - r.eps) <= naive_tol(float(entry["eps"]), r.eps, S)
-    assert abs(run.refinement["eps_T"] - ev.refinement.eps_T) <= naive_tol(run.refinement["eps_T"], ev.refinement.eps_T, S)
+        assert abs(entry.eps - r.eps) <= naive_tol(entry.eps, r.eps, S)
+    assert abs(run.refinement.eps_T - ev.refinement.eps_T) <= naive_tol(run.refinement.eps_T, ev.refinement.eps_T, S)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,14 +26,14 @@ def test_the_example_producer_writes_a_run_check_barrier_accepts(tmp_path, capsy
                           env={**os.environ, "OMP_NUM_THREADS": "2"}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     run = load_run(out)  # the schema, state_dicts that fit config.model included
-    assert run.config["model"]["family"] == "mlp" and run.snapshot_names[0] == "epoch0"
+    assert run.config.model["family"] == "mlp" and run.snapshot_names[0] == "epoch0"
     verify(RunContext(run))  # its stored outputs are its snapshot's
     # the stored outputs are what hcdiag's own rebuild of the module gives (an oracle independent of verify)
-    model = build_model(run.config["model"])
+    model = build_model(run.config.model)
     model.load_state_dict(run.snapshot("epoch6"))
     mu, _, xhat = encode_decode(model, run.eval_x)
-    torch.testing.assert_close(mu, run.outputs("epoch6")["mu"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(xhat, run.outputs("epoch6")["xhat"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mu, run.outputs("epoch6").mu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xhat, run.outputs("epoch6").xhat, rtol=1e-5, atol=1e-6)
     code = main(["check-barrier", str(out), "--format", "json"])
     stdout, err = capsys.readouterr()
     assert code in (0, 1) and err == ""  # verdicts are whatever they are; never bad input

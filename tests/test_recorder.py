@@ -135,14 +135,14 @@ def record_hct(rec, vae, x, gen, *, history=False):
 def assert_recorded_numbers(run, seen, centroids):
     """The stored round losses, eps_t, eps_T and reached against the naive loop on the models' own xhat."""
     for r in run.rounds:
-        want = naive_losses(seen[r["snapshot"]][2], centroids)
-        np.testing.assert_allclose(r["losses"].numpy(), want, rtol=1e-10, atol=1e-10)
-        assert r["eps"] == pytest.approx(max(want[int(c)] for c in r["kept"]), rel=1e-10)  # Def. 4.2
+        want = naive_losses(seen[r.snapshot][2], centroids)
+        np.testing.assert_allclose(r.losses.numpy(), want, rtol=1e-10, atol=1e-10)
+        assert r.eps == pytest.approx(max(want[c] for c in r.kept), rel=1e-10)  # Def. 4.2
     ref = run.refinement
-    want = naive_losses(seen[ref["snapshot"]][2], centroids)
-    eps_T = max(want[int(c)] for c in ref["pair"])
-    assert ref["eps_T"] == pytest.approx(eps_T, rel=1e-10)
-    assert ref["reached"] == (eps_T < ref["eps"])
+    want = naive_losses(seen[ref.snapshot][2], centroids)
+    eps_T = max(want[c] for c in ref.pair)
+    assert ref.eps_T == pytest.approx(eps_T, rel=1e-10)
+    assert ref.reached == (eps_T < ref.eps)
 
 
 @pytest.fixture
@@ -161,20 +161,20 @@ def test_own_vae_recorded_as_outputs_is_checked_by_check_barrier(seed, synthetic
     path = rec.save(tmp_path / "own.pt")
 
     run = load_run(path)
-    assert run.config["model"] is None and not run.has_parameters and run.complete
+    assert run.config.model is None and not run.has_parameters and run.complete
     assert run.snapshot_names == ["init", "round0", "refined", "stage3_0", "stage3_1", "final"]
     for name, (mu, lv, xhat) in seen.items():  # the stored outputs are the model's on x_eval
         out = run.outputs(name)
-        torch.testing.assert_close(out["mu"], mu, rtol=0, atol=0)
-        torch.testing.assert_close(out["logvar"], lv, rtol=0, atol=0)
-        torch.testing.assert_close(out["xhat"], xhat, rtol=0, atol=0)
+        torch.testing.assert_close(out.mu, mu, rtol=0, atol=0)
+        torch.testing.assert_close(out.logvar, lv, rtol=0, atol=0)
+        torch.testing.assert_close(out.xhat, xhat, rtol=0, atol=0)
     assert_recorded_numbers(run, seen, run.centroids)
-    col = run.references["collapsed"]
+    col = run.references.collapsed
     mu, lv, xhat = model_outputs(collapsed, run.eval_x)
-    torch.testing.assert_close(col["outputs"]["xhat"], xhat, rtol=0, atol=0)
-    assert col["config"]["multiple"] == 10.0 and metrics["kl"] == pytest.approx(
+    torch.testing.assert_close(col.outputs.xhat, xhat, rtol=0, atol=0)
+    assert col.config["multiple"] == 10.0 and metrics["kl"] == pytest.approx(
         float((0.5 * (mu.double() ** 2 + lv.double().exp() - 1 - lv.double())).sum(1).mean()), rel=1e-9)
-    assert run.clusterings["resp"].shape == (4, 400, 8)  # T4's teacher, from the fitted covariances
+    assert run.clusterings.resp.shape == (4, 400, 8)  # T4's teacher, from the fitted covariances
 
     verdicts = check_barrier(path, capsys)
     for cid in NO_PARAMETERS:
@@ -204,7 +204,7 @@ def test_rebuildable_mlp_stores_parameters_and_every_check_runs(seed, synthetic,
     path = rec.save(tmp_path / "mlp.pt")
 
     run = load_run(path)
-    assert run.has_parameters and not run.has_outputs and run.config["model"] == cfg.to_dict()
+    assert run.has_parameters and not run.has_outputs and run.config.model == cfg.to_dict()
     for name, model_out in seen.items():  # what the recorder evaluated is the model's own output
         for got, want in zip((rec.outputs(name).mu, rec.outputs(name).logvar, rec.outputs(name).xhat), model_out):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -213,14 +213,14 @@ def test_rebuildable_mlp_stores_parameters_and_every_check_runs(seed, synthetic,
     torch.testing.assert_close(model_outputs(net, run.eval_x)[2], seen["final"][2], rtol=0, atol=0)
     assert_recorded_numbers(run, seen, run.centroids)
     h = run.history
-    assert h["losses"].shape == (len(h["step"]), 4) and h["stage"].tolist()[0] == 1
+    assert h.get("losses").shape == (len(h), 4) and h.get("stage").tolist()[0] == 1
     # the refinement's history: (l_a, l_b) of the history rows after the round, the last at the refined model
-    pair = [int(c) for c in run.refinement["pair"]]
-    np.testing.assert_allclose(run.refinement["losses"][-1].numpy(), naive_losses(seen["refined"][2],
+    pair = [int(c) for c in run.refinement.pair]
+    np.testing.assert_allclose(run.refinement.losses[-1].numpy(), naive_losses(seen["refined"][2],
                                run.centroids[pair]), rtol=1e-10)
-    assert run.references["vanilla"]["snapshot_order"] == ["init", "epoch1", "epoch2", "epoch3"]
-    assert run.references["control"]["config"]["pair"] == pair
-    assert run.config["hct"] == {"r0": 4, "k": 8, "eps": 1e-4}
+    assert run.references.vanilla.order == ["init", "epoch1", "epoch2", "epoch3"]
+    assert run.references.control.config["pair"] == pair
+    assert run.config.hct == {"r0": 4, "k": 8, "eps": 1e-4}
 
     verdicts = check_barrier(path, capsys)
     for cid, c in verdicts.items():
@@ -309,7 +309,7 @@ def test_a_run_still_training_saves_as_partial_and_an_incomplete_one_is_refused(
         rec.save(tmp_path / "part.pt")
     assert not (tmp_path / "part.pt").exists()
     run = load_run(rec.save(tmp_path / "part.pt", partial=True), partial=True)
-    assert not run.complete and run.status["stage"] == "stage1" and len(run.rounds) == 1
+    assert not run.complete and run.status.stage == "stage1" and len(run.rounds) == 1
     code = main(["check-barrier", "--partial", str(tmp_path / "part.pt")])
     assert code in (0, 1) and "run: partial" in capsys.readouterr().out
 

@@ -77,7 +77,7 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     assert res["phase"]["synthetic"]["latent_dim"] == TINY["latent_dim"]
     van = next(r for r in doc["claims"] if r["claim"].startswith("Vanilla VAE collapses"))
     run = load_run(tmp_path / "main/synthetic/vanilla_m2_scaled_s0.pt")
-    m = build_model(run.config["model"])
+    m = build_model(run.config.model)
     m.load_state_dict(run.snapshot("final"))
     mu, lv, _ = encode_decode(m, run.eval_x)
     kl = kl_total(mu, lv)
@@ -154,7 +154,7 @@ def _final_kl(path) -> float:
     from hcdiag.runfile import load_run
 
     run = load_run(path)
-    m = build_model(run.config["model"])
+    m = build_model(run.config.model)
     m.load_state_dict(run.snapshot("final"))
     mu, lv, _ = encode_decode(m, run.eval_x.float())
     return kl_total(mu, lv)
@@ -204,7 +204,7 @@ def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, mon
     for j in jobs:
         run = load_run(tmp_path / j.name)
         assert run.complete and (tmp_path / j.name).with_suffix(".checks.json").exists(), j.name
-        t = run.config["train"]
+        t = run.config.train
         assert t["epoch_unit"] == "epochs" and t["latent_dim"] == PAPER_TINY["latent_dim"], j.name
         assert t["epochs"] == (g["phase_epochs"] if j.group == "phase" else PAPER_TINY["epochs"]), j.name
         if j.group == "ablation":

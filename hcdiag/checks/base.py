@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Literal
 
 import torch
@@ -10,7 +10,7 @@ import torch
 from hcdiag.errors import InputError
 from hcdiag.metrics import clustering_losses
 from hcdiag.models import ModelConfig, build_model, encode_decode
-from hcdiag.runfile import EVAL_BATCH_ROWS
+from hcdiag.runfile import EVAL_BATCH_ROWS, Run
 
 Verdict = Literal["holds", "fails", "inconclusive"]
 VERDICTS = ("holds", "fails", "inconclusive")
@@ -102,7 +102,7 @@ class RunContext:
         self.x = run.eval_x.float().to(self.device)
         self.xbar = run.xbar.double()
         self.centroids = run.centroids.float().to(self.device)
-        self.model_cfg = run.config.get("model")
+        self.model_cfg = run.config.model
         self._out: dict[str, tuple] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._model = None
@@ -122,9 +122,17 @@ class RunContext:
     def setting(self, key: str, default: Any, why: str | None = None) -> Any:
         """The run-file field at the dotted path ``key`` (e.g. ``'config.loss'``, ``'refinement.beta'``);
         when it is absent or None, ``default``, recorded so the check's JSON says so (``values["defaults"]``)."""
-        node: Any = self.run.data
+        node: Any = self.run
         for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node = node.get(part)
+            elif is_dataclass(node) or isinstance(node, Run):  # a record: its field, else a key it kept as-is
+                value = getattr(node, part, None)
+                if value is None and isinstance(getattr(node, "extra", None), dict):
+                    value = node.extra.get(part)
+                node = value
+            else:
+                node = None
             if node is None:
                 self.note_default(key, default, why or f"{key} is absent from the run file")
                 return default
@@ -168,7 +176,7 @@ class RunContext:
         return encode_decode(self.model(state), self.x, self.batch_size)
 
     def state(self, name: str) -> dict | None:
-        if self.has_parameters and name in self.run.data.get("snapshots", {}):
+        if self.has_parameters and self.run.has_state(name):
             return self.run.snapshot(name)
         return None
 
@@ -187,8 +195,7 @@ class RunContext:
                 o = self.run.outputs(name)
                 if o is None:
                     raise KeyError(name)
-                self._out[name] = (o["mu"].float().to(self.device), o["logvar"].float().to(self.device),
-                                   o["xhat"].float().to(self.device))
+                self._out[name] = tuple(t.float().to(self.device) for t in o.astuple())
         return self._out[name]
 
     # -- clustering losses (eq. 8) -----------------------------------------------------------------------
@@ -206,7 +213,7 @@ class RunContext:
     # -- the run's structure -----------------------------------------------------------------------------
     @property
     def order(self) -> list[str]:
-        if self.run.data.get("snapshot_order") is None and self.run.snapshot_names:
+        if not self.run.has_snapshot_order and self.run.snapshot_names:
             self.note_default("snapshot_order", "the snapshots keys, then the outputs keys",
                               "snapshot_order is absent, so training order is read from the keys")
         return list(self.run.snapshot_names)
@@ -248,51 +255,55 @@ class RunContext:
         return None if ref is None else ref.reached
 
     # -- references ----------------------------------------------------------------------------------------
+    def reference(self, name: str):
+        """The run's :class:`~hcdiag.records.Reference` ``name`` (collapsed, vanilla, control), or None."""
+        refs = self.run.references
+        return refs.get(name) if refs is not None else None
+
     def reference_model_config(self, name: str) -> tuple[dict | None, str]:
         """``(config.model, where it is)`` of reference ``name``: its own, else the run's."""
-        ref = (self.run.references or {}).get(name) or {}
-        own = (ref.get("config") or {}).get("model")
+        ref = self.reference(name)
+        own = ref.model if ref is not None else None
         return (own, f"references.{name}.config.model") if own is not None else (self.model_cfg, "config.model")
 
     def same_architecture(self, name: str) -> bool:
         """Whether reference ``name`` has parameters of the run's own architecture (a straight parameter path
         to it, or a parameter distance, is defined only then)."""
-        ref = (self.run.references or {}).get(name) or {}
-        return ref.get("state") is not None and self.has_parameters and \
+        ref = self.reference(name)
+        return ref is not None and ref.state is not None and self.has_parameters and \
             self.reference_model_config(name)[0] == self.model_cfg
 
     def reference_outputs(self, name: str, source: str | None = None):
         """``(mu (m, n), logvar (m, n), xhat (m, N))`` of reference ``name`` on eval.x, float32: rebuilt from
         its ``state`` (with its own config.model, else the run's) when it has one, else its stored ``outputs``;
         ``source='state'`` or ``'outputs'`` picks one. None when the reference (or that source) is absent."""
-        ref = (self.run.references or {}).get(name)
+        ref = self.reference(name)
         if ref is None:
             return None
         cfg, _ = self.reference_model_config(name)
         if source is None:
-            source = "state" if ref.get("state") is not None and cfg is not None else "outputs"
+            source = "state" if ref.state is not None and cfg is not None else "outputs"
         if (name, source) not in self._ref_out:
             if source == "state":
-                if ref.get("state") is None or cfg is None:
+                if ref.state is None or cfg is None:
                     return None
                 for d in self._absent_model_fields(cfg, self.reference_model_config(name)[1]):
                     self.note_default(**d)
                 if cfg == self.model_cfg:
-                    out = self.outputs_of_state(ref["state"])
+                    out = self.outputs_of_state(ref.state)
                 else:
                     model = build_model(cfg, device=self.device)
                     try:
-                        model.load_state_dict(ref["state"])
+                        model.load_state_dict(ref.state)
                     except RuntimeError:
-                        raise InputError(_mismatch(cfg, model.state_dict(), ref["state"])) from None
+                        raise InputError(_mismatch(cfg, model.state_dict(), ref.state)) from None
                     out = encode_decode(model, self.x, self.batch_size)
                 out = _finite_outputs(out, f"references.{name} rebuilt from references.{name}.state",
                                       "its parameters overflow there: store a finite reference.")
             else:
-                o = ref.get("outputs")
-                if o is None:
+                if ref.outputs is None:
                     return None
-                out = tuple(o[k].float().to(self.device) for k in ("mu", "logvar", "xhat"))
+                out = tuple(t.float().to(self.device) for t in ref.outputs.astuple())
             self._ref_out[(name, source)] = out
         return self._ref_out[(name, source)]
 

@@ -129,22 +129,18 @@ def recompute(ctx) -> Evidence:
     run = ctx.run
     rounds = []
     for i, r in enumerate(run.rounds or []):
-        snap = str(r["snapshot"])
-        _outputs_of(ctx, snap, f"rounds[{i}].snapshot")
-        losses = ctx.losses(snap).double()  # (R0,)
-        kept = tuple(int(c) for c in r["kept"])
-        eps = float(losses[list(kept)].max()) if kept else float("nan")
-        rounds.append(RoundEvidence(i, int(r["round"]), snap, kept, losses, eps))
+        _outputs_of(ctx, r.snapshot, f"rounds[{i}].snapshot")
+        losses = ctx.losses(r.snapshot).double()  # (R0,)
+        eps = float(losses[list(r.kept)].max()) if r.kept else float("nan")
+        rounds.append(RoundEvidence(i, r.round, r.snapshot, r.kept, losses, eps))
     refinement = None
     ref = run.refinement
-    if ref:
-        snap = str(ref["snapshot"])
-        _outputs_of(ctx, snap, "refinement.snapshot")
-        losses = ctx.losses(snap).double()
-        a, b = (int(c) for c in ref["pair"])
+    if ref is not None:
+        _outputs_of(ctx, ref.snapshot, "refinement.snapshot")
+        losses = ctx.losses(ref.snapshot).double()
+        a, b = ref.pair
         la, lb = float(losses[a]), float(losses[b])
-        eps = float(ref["eps"])
-        refinement = RefinementEvidence(snap, (a, b), la, lb, max(la, lb), eps, max(la, lb) < eps)
+        refinement = RefinementEvidence(ref.snapshot, (a, b), la, lb, max(la, lb), ref.eps, max(la, lb) < ref.eps)
     return Evidence(tuple(rounds), refinement, data_scale(run.eval_x))
 
 
@@ -157,9 +153,9 @@ def _model_words(cfg: dict | None) -> str:
     return words
 
 
-def _compare_outputs(rebuilt, stored: dict, where: str, source: str, model_where: str, cfg: dict | None) -> None:
-    for key, r in zip(("mu", "logvar", "xhat"), rebuilt):
-        s = stored[key].to(device=r.device, dtype=torch.float64)
+def _compare_outputs(rebuilt, stored, where: str, source: str, model_where: str, cfg: dict | None) -> None:
+    for key, r, s in zip(("mu", "logvar", "xhat"), rebuilt, stored.astuple()):
+        s = s.to(device=r.device, dtype=torch.float64)
         diff = (r.double() - s).abs()
         d = float(diff.max()) if diff.numel() else 0.0
         if not math.isfinite(d):
@@ -202,12 +198,12 @@ def _verify(ctx) -> Evidence:
             if stored is not None and ctx.state(name) is not None:
                 rebuilt = ctx.outputs(name)
                 _compare_outputs(rebuilt, stored, f"outputs.{name}", f"snapshot {name}", "config.model", ctx.model_cfg)
-    col = (run.references or {}).get("collapsed")
-    if col is not None and col.get("outputs") is not None:
+    col = ctx.reference("collapsed")
+    if col is not None and col.outputs is not None:
         rebuilt = ctx.reference_outputs("collapsed", source="state")
         if rebuilt is not None:
             cfg, model_where = ctx.reference_model_config("collapsed")
-            _compare_outputs(rebuilt, col["outputs"], "references.collapsed.outputs", "references.collapsed.state",
+            _compare_outputs(rebuilt, col.outputs, "references.collapsed.outputs", "references.collapsed.state",
                              model_where, cfg)
     # 2. the thresholds and losses, recomputed at their snapshots
     for name in ctx.order:  # every snapshot rebuilt from parameters must give finite outputs (RunContext refuses)
@@ -218,20 +214,20 @@ def _verify(ctx) -> Evidence:
     for r in ev.rounds:
         entry = run.rounds[r.index]
         src = f"the {r.snapshot} snapshot"
-        stored = entry["losses"].double()
+        stored = entry.losses.double()
         for c in range(stored.shape[0]):
             _check_loss(f"rounds[{r.index}].losses[{c}]", float(stored[c]), float(r.losses[c]), S, src,
                         f"l_C of clustering {c}, eq. 8; ")
-        _check_loss(f"rounds[{r.index}].eps", float(entry["eps"]), r.eps, S, src,
+        _check_loss(f"rounds[{r.index}].eps", entry.eps, r.eps, S, src,
                     f"the max of l_C over rounds[{r.index}].kept; ")
     ref = ev.refinement
     if ref is not None:
         stored = run.refinement
         src = f"the {ref.snapshot} snapshot"
-        _check_loss("refinement.eps_T", float(stored["eps_T"]), ref.eps_T, S, src,
+        _check_loss("refinement.eps_T", stored.eps_T, ref.eps_T, S, src,
                     f"max(l_a, l_b) over refinement.pair {list(ref.pair)}; ")
         tol = loss_tolerance(ref.eps_T, ref.eps, S)
-        said = bool(stored["reached"])
+        said = stored.reached
         contradicts = (ref.eps_T - ref.eps > tol) if said else (ref.eps - ref.eps_T > tol)
         if contradicts:
             rel = ">=" if ref.eps_T >= ref.eps else "<"

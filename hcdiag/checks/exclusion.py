@@ -16,6 +16,7 @@ from hcdiag.checks.delta import delta_star, delta_star_pair, delta_t1, shared_ce
 from hcdiag.claims import collapsed
 from hcdiag.metrics import kl_total
 from hcdiag.paper import COLLAPSE_KL
+from hcdiag.records import Refinement, RunConfig
 
 SECTION = "Theorem 4.4"
 
@@ -113,13 +114,13 @@ def check_t2(ctx: RunContext, *, shared_tol: float | None = None) -> CheckResult
                                "no constant reconstruction lies in F_T")
 
 
-def _refinement_beta(ctx: RunContext, ref: dict, cfg: dict) -> tuple[float | None, str]:
+def _refinement_beta(ctx: RunContext, ref: Refinement, cfg: RunConfig) -> tuple[float | None, str]:
     """The clustering weight beta during refinement and where it comes from: ``refinement.beta`` (hcdiag's
     trainer records it), else ``config.beta`` (a constant schedule stays at ``start``; ``linear`` and ``warmup``
     end at ``end``); None when the run states neither (then no value is assumed)."""
-    if ref.get("beta") is not None:
-        return float(ref["beta"]), "refinement.beta"
-    b = cfg.get("beta") or {}
+    if ref.beta is not None:
+        return ref.beta, "refinement.beta"
+    b = cfg.beta or {}
     if b.get("start") is None and b.get("end") is None:
         return None, "the run states no beta (refinement.beta or config.beta)"
     schedule = ctx.setting("config.beta.schedule", "linear", "config.beta.schedule is absent; a linear schedule "
@@ -137,15 +138,15 @@ def check_t2b(ctx: RunContext) -> CheckResult:
     claim = "Refinement trains until max(l_a, l_b) < eps (section 4.2.2; eps = 1e-5 in the text, 1e-4 in Table 3)."
     ref = ctx.run.refinement
     reg = ctx.final_region()
-    if not ref or reg is None:
+    if ref is None or reg is None:
         return inconclusive("T2b", claim, "section 4.2.2", "the run has no refinement")
     cfg = ctx.run.config
-    s2 = float(cfg["s2"])
-    eps, eps_T = float(ref["eps"]), ctx.refinement_eps_T
+    s2 = cfg.s2
+    eps, eps_T = ref.eps, ctx.refinement_eps_T
     reached = bool(ctx.refinement_reached)  # recomputed from the refined model, never the file's flag
-    values = {"eps": eps, "eps_T": eps_T, "reached": reached, "epochs": int(ref["epochs"]), "s2": s2}
+    values = {"eps": eps, "eps_T": eps_T, "reached": reached, "epochs": ref.epochs, "s2": s2}
     beta, beta_from = _refinement_beta(ctx, ref, cfg)
-    conv_from = "config.loss" if cfg.get("loss") else "assumed: config.loss is absent, so the literal convention"
+    conv_from = "config.loss" if cfg.loss else "assumed: config.loss is absent, so the literal convention"
     conv = ctx.setting("config.loss", "literal", "config.loss is absent; the collapsed floor assumes the literal "
                        "convention (claims.md)")
     values.update(beta=beta, beta_from=beta_from, convention=conv, convention_from=conv_from)
@@ -179,14 +180,14 @@ def check_t3(ctx: RunContext) -> CheckResult:
     with its own ``config.model``, else the run's), else from its stored ``references.collapsed.outputs``."""
     claim = ("The constructed collapsed solution (vanilla VAE at s2 = 10 lambda_max) is collapsed and has "
              "l_C >= delta_C for every clustering.")
-    ref = (ctx.run.references or {}).get("collapsed")
+    ref = ctx.reference("collapsed")
     if ref is None:
         return inconclusive("T3", claim, "section 5.3", "the run has no collapsed reference model")
     out = ctx.reference_outputs("collapsed")
     if out is None:
         return inconclusive("T3", claim, "section 5.3", "the collapsed reference can be neither rebuilt (no state "
                             "with a config.model) nor read (no references.collapsed.outputs)")
-    source = ("references.collapsed.state" if ref.get("state") is not None
+    source = ("references.collapsed.state" if ref.state is not None
               and ctx.reference_model_config("collapsed")[0] is not None else "references.collapsed.outputs")
     mu, lv, xhat = out
     kl = kl_total(mu, lv)
@@ -199,7 +200,7 @@ def check_t3(ctx: RunContext) -> CheckResult:
     values = {"kl": kl, "collapsed": collapsed(kl), "spread": spread, "total_variance": total_var,
               "spread_ratio": spread / total_var if total_var > 0 else float("nan"),
               "losses": losses.tolist(), "delta_C": dC.tolist(), "below_delta": below,
-              "multiple": ref["config"].get("multiple"), "tolerance": ctx.tol, "evaluated_from": source}
+              "multiple": ref.config.get("multiple"), "tolerance": ctx.tol, "evaluated_from": source}
     if not collapsed(kl):
         return CheckResult("T3", claim, "section 5.3", "fails", values, witness={"kl": kl},
                            summary=f"the 'collapsed' reference is not collapsed: KL = {kl:.3g} >= {COLLAPSE_KL:g}")
@@ -219,7 +220,7 @@ def check_t4(ctx: RunContext, *, margin: float = 0.05, snapshot: str = "final") 
     from hcdiag.checks.witness import certify_nonconstant
 
     claim = "The final encoder mean is not constant in x (certificate: alignment loss < I_T - margin)."
-    resp = ctx.run.clusterings.get("resp")
+    resp = ctx.run.clusterings.resp
     if resp is None:
         return inconclusive("T4", claim, "companion notes (seed 000)", "the run file stores no responsibilities "
                             "(clusterings.resp) for the teacher")
@@ -232,10 +233,10 @@ def check_t4(ctx: RunContext, *, margin: float = 0.05, snapshot: str = "final") 
                          "last one in training order")
     st3 = ctx.run.stage3
     ref = ctx.run.refinement
-    cid = int(st3["clustering"]) if st3 else (int(ref["pair"][0]) if ref else 0)
-    if not st3:
+    cid = st3.clustering if st3 is not None else (ref.pair[0] if ref is not None else 0)
+    if st3 is None:
         ctx.note_default("stage3.clustering", cid, "stage3 is absent: the teacher is the clustering of "
-                         + ("refinement.pair[0]" if ref else "id 0 (no refinement either)"))
+                         + ("refinement.pair[0]" if ref is not None else "id 0 (no refinement either)"))
     T = resp[cid].double()
     T = T / T.sum(1, keepdim=True)  # rows validated to sum to 1 within RESP_ROW_TOL: remove float32 rounding
     m = T.shape[0]

@@ -22,9 +22,9 @@ def check_i1(ctx: RunContext) -> CheckResult:
     collapsed (:func:`hcdiag.claims.collapsed`: KL < 0.01)."""
     claim = "Trained afterwards on a single clustering, the model stays in F_T and does not collapse."
     reg, st3 = ctx.final_region(), ctx.run.stage3
-    if reg is None or not st3:
+    if reg is None or st3 is None:
         return inconclusive("I1", claim, SECTION, "the run has no refinement and stage 3")
-    names = [s for s in list(st3.get("snapshots", [])) + ["final"] if s in ctx.order]
+    names = [s for s in list(st3.snapshots) + ["final"] if s in ctx.order]
     rows = []
     for s in names:
         mu, lv, _ = ctx.outputs(s)
@@ -91,9 +91,9 @@ def check_i2(ctx: RunContext, *, points: int = 21) -> CheckResult:
     ds = delta.delta_star_pair(ctx.centroids[reg.ids[0]], ctx.centroids[reg.ids[1]])
     why_not = "the run carries no rebuildable architecture (outputs only)"
     if start is not None:
-        col = (ctx.run.references or {}).get("collapsed")
+        col = ctx.reference("collapsed")
         if col is not None and ctx.same_architecture("collapsed"):
-            values["to_collapsed"] = _summarize_path(_path(ctx, start, col["state"], reg.ids, points), reg.eps, ctx.tol)
+            values["to_collapsed"] = _summarize_path(_path(ctx, start, col.state, reg.ids, points), reg.eps, ctx.tol)
             # the reference is only a collapsed model if its KL says so (T3 checks the same)
             kl = kl_total(*ctx.reference_outputs("collapsed")[:2])
             values["to_collapsed"].update(kl=kl, collapsed=collapsed(kl))
@@ -176,7 +176,7 @@ def check_i3(ctx: RunContext) -> CheckResult:
     reference's distance beside it (paper 5.3, Figure 2 right), and the permutation-aligned parameter
     distance (claims.md: hidden units matched by weight matching) as extra evidence."""
     claim = "The distance to the collapsed solution increases as training progresses (Figure 2 right)."
-    col = (ctx.run.references or {}).get("collapsed")
+    col = ctx.reference("collapsed")
     if col is None:
         return inconclusive("I3", claim, "section 5.3", "the run has no collapsed reference model")
     if not ctx.has_parameters:
@@ -188,19 +188,19 @@ def check_i3(ctx: RunContext) -> CheckResult:
     # snapshots with outputs only have no distance; a snapshot identical to the one before it (hcdiag's 'final'
     # is the last stage-3 snapshot) is one point, not two: counted twice it would move Spearman's p
     names, repeated = _distinct(ctx.state, [s for s in ctx.order if ctx.state(s) is not None])
-    param = [parameter_distance(col["state"], ctx.state(s)) for s in names]
+    param = [parameter_distance(col.state, ctx.state(s)) for s in names]
     func = [float(((ctx.outputs(s)[2] - xc) ** 2).sum(1).mean()) for s in names]
     rho, p = _spearman(param)
     rho_f, p_f = _spearman(func)
     values = {"snapshots": names, "repeated_snapshots": repeated, "param_distance": param, "function_distance": func,
               "spearman_rho": rho,
               "p_value": p, "function_spearman_rho": rho_f, "function_p_value": p_f,
-              **_aligned_distances(ctx, col["state"], [ctx.state(s) for s in names])}
-    van = (ctx.run.references or {}).get("vanilla")
-    if van is not None and van.get("snapshots") and ctx.reference_model_config("vanilla")[0] == ctx.model_cfg:
-        vn, _ = _distinct(van["snapshots"].get, list(van.get("snapshot_order") or van["snapshots"].keys()))
-        vdist = [parameter_distance(col["state"], van["snapshots"][s]) for s in vn]
-        vfunc = [float(((ctx.outputs_of_state(van["snapshots"][s])[2] - xc) ** 2).sum(1).mean()) for s in vn]
+              **_aligned_distances(ctx, col.state, [ctx.state(s) for s in names])}
+    van = ctx.reference("vanilla")
+    if van is not None and van.snapshots and ctx.reference_model_config("vanilla")[0] == ctx.model_cfg:
+        vn, _ = _distinct(van.snapshots.get, van.order)
+        vdist = [parameter_distance(col.state, van.snapshots[s]) for s in vn]
+        vfunc = [float(((ctx.outputs_of_state(van.snapshots[s])[2] - xc) ** 2).sum(1).mean()) for s in vn]
         values.update(vanilla_snapshots=vn, vanilla_param_distance=vdist, vanilla_function_distance=vfunc,
                       vanilla_spearman_rho=_spearman(vdist)[0])
     ref_note = (f"; beside it, the vanilla reference's distance has rho = {values['vanilla_spearman_rho']:.2f}"

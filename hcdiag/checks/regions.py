@@ -115,10 +115,10 @@ def probes(ctx: RunContext, radii=(0.01, 0.03, 0.1, 0.3), draws: int = 3, alphas
             continue
         for al in alphas:
             yield {"probe": "line", "from": a, "to": b, "alpha": al}, ctx.losses_of_state(_lerp(sa, sb, al))
-    ctrl = (ctx.run.references or {}).get("control")
+    ctrl = ctx.reference("control")
     out = ctx.reference_outputs("control") if ctrl is not None else None
     if out is not None:  # rebuilt with its own config.model (else the run's), or its stored outputs
-        yield {"probe": "control", "pair": (ctrl.get("config") or {}).get("pair")}, ctx.losses_of_xhat(out[2])
+        yield {"probe": "control", "pair": ctrl.config.get("pair")}, ctx.losses_of_xhat(out[2])
 
 
 def _probe_label(w: dict) -> str:

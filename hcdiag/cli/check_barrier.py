@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     text += f", deciding checks: {','.join(require)})" if require else ")"
     if not run_obj.complete:
         st = run_obj.status
-        text += (f"\nrun: partial (stopped at stage {st.get('stage')!r}); checks whose stage is missing are "
+        text += (f"\nrun: partial (stopped at stage {st.stage!r}); checks whose stage is missing are "
                  "inconclusive")
     if args.report:
         left_out: list = []

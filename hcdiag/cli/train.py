@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hcdiag.cli.common import load_data
     from hcdiag.train import Progress, Trainer, make_config
+    from hcdiag.runfile import Run
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _t, _h in _OVERRIDES}
     overrides.update(method=args.method, multiple=args.multiple, seed=args.seed, device=args.device,
@@ -125,15 +126,15 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # a NumericalError (non-finite loss) is exit status 1, see hcdiag.cli
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         run_dict = trainer.run(resume=args.resume, overwrite=args.overwrite)
-    h = run_dict["history"]
-    final = {"kl": float(h["kl"][-1]), "au": int(h["au"][-1])}
-    payload = {"out": args.out, "method": cfg.method, "multiple": cfg.multiple, "s2": run_dict["config"]["s2"],
-               "lambda_max": run_dict["config"]["lambda_max"], "final": final,
-               "timings": run_dict.get("timings", {}),
-               "rounds": [{"round": r["round"], "kept": r["kept"], "eps": r["eps"]} for r in run_dict["rounds"]],
-               "refinement": ({k: run_dict["refinement"][k] for k in ("pair", "reached", "eps", "eps_T", "epochs")}
-                              if run_dict.get("refinement") else None),
-               "references": {k: v["metrics"] for k, v in run_dict.get("references", {}).items()}}
+    run = Run(run_dict)  # its records (hcdiag.records)
+    h, ref = run.history, run.refinement
+    final = {"kl": float(h.get("kl")[-1]), "au": int(h.get("au")[-1])}
+    payload = {"out": args.out, "method": cfg.method, "multiple": cfg.multiple, "s2": run.s2,
+               "lambda_max": run.lambda_max, "final": final, "timings": run_dict.get("timings", {}),
+               "rounds": [{"round": r.round, "kept": list(r.kept), "eps": r.eps} for r in run.rounds or ()],
+               "refinement": ({"pair": list(ref.pair), "reached": ref.reached, "eps": ref.eps, "eps_T": ref.eps_T,
+                               "epochs": ref.epochs} if ref is not None else None),
+               "references": {r.name: r.metrics for r in (run.references or ())}}
     lines = [f"wrote {args.out}: {cfg.method} at s2 = {cfg.multiple:g} x lambda_max = {payload['s2']:.4g}",
              f"final: KL = {final['kl']:.4f} nats, active units (Burda) = {final['au']}"]
     if payload["refinement"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from hcdiag.losses import LossWeights, Schedule
+from hcdiag.records import Reference
 from hcdiag.train.methods.vae import Vanilla, train_vae
 from hcdiag.train.writer import cpu_state, no_stream
 
@@ -26,7 +27,7 @@ def train_references(t, run: dict, pipeline: bool) -> None:
     ``run['references'][name]`` (config, state, metrics and, for ``vanilla``, its snapshots)."""
     c = t.cfg
     wanted = [r for r in c.references if pipeline or r == "collapsed"]
-    done = set(run.get("references", {}))
+    done = set(t.writer.references_done())
     t0 = time.perf_counter()
     for name in wanted:
         if name in done:
@@ -44,15 +45,15 @@ def train_references(t, run: dict, pipeline: bool) -> None:
             rcfg = {"method": "vanilla", "s2": t.s2, "multiple": c.multiple, "epochs": c.epochs}
             extra = {"snapshots": dict(snaps), "snapshot_order": [n for n, _ in snaps]}
         else:
-            if run.get("refinement") is None:
+            if t.writer.refinement() is None:
                 continue
             model, rcfg = _control(t, run)
         ev = t.loop.evaluate(model)
         rcfg["model"] = t.model_cfg.to_dict()
-        run["references"][name] = {"config": rcfg, "state": cpu_state(model.state_dict()),
-                                   "metrics": {"kl": ev["kl"], "au": ev["au"], "mse": ev["mse"]}, **extra}
+        t.writer.add_reference(Reference(name, rcfg, cpu_state(model.state_dict()),
+                                         metrics={"kl": ev["kl"], "au": ev["au"], "mse": ev["mse"]}, **extra))
         t.progress.summary(f"reference {name}: KL={ev['kl']:.4f}, AU={ev['au']}, MSE={ev['mse']:.4g}")
-        t.writer.save(model, None, no_stream(), {"stage": "references", "done": sorted(run["references"])})
+        t.writer.save(model, None, no_stream(), {"stage": "references", "done": t.writer.references_done()})
     t.timings["references"] = t.timings.get("references", 0.0) + time.perf_counter() - t0
 
 
@@ -61,11 +62,12 @@ def _control(t, run: dict):
     import torch
 
     c = t.cfg
-    pair = [int(i) for i in run["refinement"]["pair"]]
+    ref = t.writer.refinement()
+    pair = list(ref.pair)
     model = t.new_model()
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
     state = t.loop.new_state(c.seed + 3000)
-    budget = max(1, int(run["refinement"]["step"]))
+    budget = max(1, int(ref.step))
     b_end = Schedule(c.beta_schedule, c.beta_start, c.beta_end).value(1.0)
     while state["step"] < budget:
         t.loop.cycle(model, opt, state, pair, b_end, "reference (control), epoch %d" % (state["epoch"] + 1))

@@ -136,7 +136,7 @@ class Trainer:
                     if self.method.pipeline else None),
             "seed": c.seed, "device": str(self.device), "deterministic": c.deterministic,
             "fingerprint": dict(self.fingerprint),
-            "versions": {"hcdiag": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "versions": {"hcdiag": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
                          "sklearn": sklearn.__version__, "python": platform.python_version()},
         }
 

@@ -1,18 +1,21 @@
 """The run being written: snapshots, history rows, saves with the state ``--resume`` continues, and the
 atomic write of the run file (the contract of :mod:`hcdiag.runfile`, version 1).
 
-The run dict's keys are spelled here and in :mod:`hcdiag.train.trainer` (the dict's skeleton) only;
-methods add their own records (HCT's rounds, refinement and stage 3) through :meth:`RunWriter.run`.
+The run dict's top-level keys are spelled here and in :mod:`hcdiag.train.trainer` (the dict's skeleton)
+only; methods add typed records (:mod:`hcdiag.records`: HCT's rounds, refinement and stage 3, the references,
+the aggressive baseline's record) through :class:`RunWriter`, which stores their version-1 dicts.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
 
 from hcdiag.errors import InputError
+from hcdiag.records import Aggressive, Reference, Refinement, Round, Stage3
 
 STAGE_CODES = {"stage0": 0, "stage1": 1, "stage2": 2, "stage3": 3, "baseline": 1, "reference": 4}
 HISTORY_KEYS = ("step", "epoch", "stage", "loss", "recon", "kl_train", "cluster", "kl", "au", "losses")
@@ -88,9 +91,54 @@ class RunWriter:
 
     def snapshot(self, model, name: str) -> None:
         """Store the model's parameters as snapshot ``name`` (in training order)."""
-        self.run["snapshots"][name] = cpu_state(model.state_dict())
+        self.add_state(name, cpu_state(model.state_dict()))
+
+    def add_state(self, name: str, state: dict) -> None:
+        """Store ``state`` (a CPU state_dict) as snapshot ``name`` (in training order)."""
+        self.run["snapshots"][name] = state
         if name not in self.run["snapshot_order"]:
             self.run["snapshot_order"].append(name)
+
+    def resume_position(self) -> dict | None:
+        """Where the last save left off (``{"stage": ..., ...}``), or None for a run starting afresh."""
+        resume = self.run.get("resume")
+        return None if resume is None else resume["position"]
+
+    # -- the records methods add -------------------------------------------------------------------------
+    def rounds(self) -> list[Round]:
+        """The stage-1 rounds recorded so far (after a resume: those of the file)."""
+        return [Round.from_dict(r, f"rounds[{i}]") for i, r in enumerate(self.run.get("rounds") or [])]
+
+    def add_round(self, rec: Round) -> None:
+        self.run["rounds"].append(rec.to_dict())
+
+    def refinement(self) -> Refinement | None:
+        ref = self.run.get("refinement")
+        return None if ref is None else Refinement.from_dict(ref, "refinement")
+
+    def set_refinement(self, rec: Refinement) -> None:
+        self.run["refinement"] = rec.to_dict()
+
+    def set_stage3(self, rec: Stage3) -> None:
+        self.run["stage3"] = rec.to_dict()
+
+    def references_done(self) -> list[str]:
+        """Names of the references recorded so far."""
+        return sorted(self.run.get("references") or {})
+
+    def add_reference(self, rec: Reference) -> None:
+        self.run.setdefault("references", {})[rec.name] = rec.to_dict()
+
+    def set_aggressive(self, rec: Aggressive) -> None:
+        self.run["aggressive"] = rec.to_dict()
+
+    def history_series(self, key: str) -> list:
+        """The history series ``key`` being recorded (a list training appends to), created on first use with
+        NaN for the rows recorded before it (e.g. the init row of a series measured per epoch)."""
+        h = self.run["history"]
+        if key not in h:
+            h[key] = [math.nan] * len(h["step"])
+        return h[key]
 
     def record(self, model, stage: str, state: dict, terms: torch.Tensor | None) -> dict:
         """Evaluate the model and append one history row (training terms, KL, AU, every l_C); returns the

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hcdiag.models import encode_decode
+from hcdiag import records
 from hcdiag.train.methods.vae import Vanilla
 
 
@@ -81,8 +82,8 @@ class Aggressive(Vanilla):
     name = "aggressive"
 
     def begin(self, t, model, run, weights):
-        if run is not None:  # rows before the first epoch (the init row) have no inner loop
-            run["history"]["inner_steps"] = [math.nan] * len(run["history"]["step"])
+        if run is not None:  # rows before the first epoch (the init row) have no inner loop: NaN there
+            t.writer.history_series("inner_steps")
         enc = [p for n, p in model.named_parameters() if n.startswith(("encoder", "enc_"))]
         dec = [p for n, p in model.named_parameters() if not n.startswith(("encoder", "enc_"))]
         enc_opt, dec_opt = torch.optim.Adam(enc, lr=t.cfg.lr), torch.optim.Adam(dec, lr=t.cfg.lr)
@@ -103,7 +104,7 @@ class Aggressive(Vanilla):
 
     def after_epoch(self, t, model, ctx, run, epoch):
         if run is not None:
-            run["history"]["inner_steps"].append(float(np.mean(ctx["inner"])) if ctx["inner"] else 0.0)
+            t.writer.history_series("inner_steps").append(float(np.mean(ctx["inner"])) if ctx["inner"] else 0.0)
         if not ctx["on"]:
             return
         from hcdiag.metrics import mutual_information
@@ -117,6 +118,6 @@ class Aggressive(Vanilla):
                                f"{epoch + 1}; encoder inner loop off, encoder and decoder step together")
         ctx["last_mi"] = mi
 
-    def finish(self, ctx, run):
+    def finish(self, t, ctx, run):
         if run is not None:
-            run["aggressive"] = {"ended_epoch": ctx["ended"], "mi": torch.tensor(ctx["mis"], dtype=torch.float64)}
+            t.writer.set_aggressive(records.Aggressive(torch.tensor(ctx["mis"], dtype=torch.float64), ctx["ended"]))

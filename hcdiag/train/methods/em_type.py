@@ -39,8 +39,8 @@ class EMType(Vanilla):
     name = "em-type"
 
     def begin(self, t, model, run, weights):
-        if run is not None:  # rows before the first epoch (the init row) have no E-step
-            run["history"]["inner_steps"] = [math.nan] * len(run["history"]["step"])
+        if run is not None:  # rows before the first epoch (the init row) have no E-step: NaN there
+            t.writer.history_series("inner_steps")
         enc = [p for n, p in model.named_parameters() if n.startswith(("encoder", "enc_"))]
         dec = [p for n, p in model.named_parameters() if not n.startswith(("encoder", "enc_"))]
         return {"enc": torch.optim.Adam(enc, lr=t.cfg.lr), "dec": torch.optim.Adam(dec, lr=t.cfg.lr),
@@ -58,4 +58,4 @@ class EMType(Vanilla):
 
     def after_epoch(self, t, model, ctx, run, epoch):
         if run is not None:
-            run["history"]["inner_steps"].append(float(np.mean(ctx["inner"])))
+            t.writer.history_series("inner_steps").append(float(np.mean(ctx["inner"])))

@@ -19,6 +19,7 @@ import time
 import torch
 
 from hcdiag.losses import Schedule
+from hcdiag.records import Refinement, Round, Stage3
 from hcdiag.train.methods.base import Method
 from hcdiag.train.writer import snapshot_marks
 
@@ -57,9 +58,9 @@ class HCT(Method):
         model = t.new_model()
         opt = torch.optim.Adam(model.parameters(), lr=c.lr)
         beta = Schedule(c.beta_schedule, c.beta_start, c.beta_end)
-        if "resume" in run:
+        pos = t.writer.resume_position()
+        if pos is not None:
             state = t.writer.restore(model, opt, c.seed)
-            pos = run["resume"]["position"]
         else:
             state = t.loop.new_state(c.seed)
             t.writer.snapshot(model, "init")
@@ -77,9 +78,10 @@ def stage1(t, run: dict, model, opt, state: dict, beta: Schedule, pos: dict) -> 
     c = t.cfg
     R0 = t.loop.centroids.shape[0]
     cycles = max(1, n_rounds(R0, c.keep_ratio) * c.epochs_per_round)
-    active = list(range(R0)) if not run["rounds"] else [int(i) for i in run["rounds"][-1]["kept"]]
+    rounds = t.writer.rounds()
+    active = list(range(R0)) if not rounds else list(rounds[-1].kept)
+    r = len(rounds)
     while pos["stage"] == "stage1":
-        r = len(run["rounds"])
         if len(active) <= 2:
             return {"stage": "stage2"}
         for e in range(c.epochs_per_round):
@@ -90,12 +92,11 @@ def stage1(t, run: dict, model, opt, state: dict, beta: Schedule, pos: dict) -> 
         losses = ev["losses"]  # (R0,) float64, l_C of every clustering at Theta_t
         kept, eps_t = keep_best(losses, active, c.keep_ratio)
         t.writer.snapshot(model, f"round{r}")
-        run["rounds"].append({"round": r, "active": torch.tensor(active), "kept": torch.tensor(kept),
-                              "losses": losses.clone(), "eps": eps_t, "snapshot": f"round{r}",
-                              "beta": float(beta.value(state["epoch"] / cycles))})
+        t.writer.add_round(Round(r, active, kept, losses.clone(), eps_t, f"round{r}",
+                                 beta=float(beta.value(state["epoch"] / cycles)), where=f"rounds[{r}]"))
         t.progress.summary(f"round {r}: {len(active)} -> {len(kept)} clusterings kept {kept}, eps_t={eps_t:.4g}, "
                            f"KL={ev['kl']:.3f}, AU={ev['au']}, MSE={ev['mse']:.4g}")
-        active = kept
+        active, r = kept, r + 1
         pos = {"stage": "stage1" if len(active) > 2 else "stage2"}
         t.writer.save(model, opt, state, pos)
     return pos
@@ -108,7 +109,8 @@ def stage2(t, run: dict, model, opt, state: dict, beta: Schedule, pos: dict) -> 
         return pos
     c = t.cfg
     b_end = beta.value(1.0)
-    pair = [int(i) for i in run["rounds"][-1]["kept"]] if run["rounds"] else list(range(t.loop.centroids.shape[0]))
+    rounds = t.writer.rounds()
+    pair = list(rounds[-1].kept) if rounds else list(range(t.loop.centroids.shape[0]))
     hist, reached = [], False
     ev = t.loop.evaluate(model)
     for e in range(c.refine_cap):
@@ -123,10 +125,9 @@ def stage2(t, run: dict, model, opt, state: dict, beta: Schedule, pos: dict) -> 
     la, lb = float(ev["losses"][pair[0]]), float(ev["losses"][pair[1]])
     reached = reached or max(la, lb) < c.eps
     t.writer.snapshot(model, "refined")
-    run["refinement"] = {"pair": torch.tensor(pair), "reached": bool(reached), "eps": float(c.eps),
-                         "eps_T": max(la, lb), "epochs": len(hist),
-                         "losses": torch.tensor(hist, dtype=torch.float64).reshape(-1, 2),
-                         "snapshot": "refined", "beta": float(b_end), "step": int(state["step"])}
+    t.writer.set_refinement(Refinement(pair, bool(reached), float(c.eps), max(la, lb), len(hist),
+                                       torch.tensor(hist, dtype=torch.float64).reshape(-1, 2), "refined",
+                                       beta=float(b_end), step=int(state["step"]), where="refinement"))
     t.progress.summary(f"refinement on {pair}: {len(hist)} epochs, eps_T={max(la, lb):.4g} "
                        f"({'reached' if reached else 'NOT reached'} eps={c.eps:g}), KL={ev['kl']:.3f}, AU={ev['au']}")
     pos = {"stage": "stage3"}
@@ -141,7 +142,7 @@ def stage3(t, run: dict, model, opt, state: dict, beta: Schedule, pos: dict) -> 
         return pos
     c = t.cfg
     b_end = beta.value(1.0)
-    a = int(run["refinement"]["pair"][0])
+    a = t.writer.refinement().pair[0]
     marks = snapshot_marks(c.stage3_epochs, c.stage3_snapshots)
     names = []
     for e in range(c.stage3_epochs):
@@ -153,7 +154,7 @@ def stage3(t, run: dict, model, opt, state: dict, beta: Schedule, pos: dict) -> 
             t.writer.snapshot(model, names[-1])
     t.writer.snapshot(model, "final")
     ev = t.loop.evaluate(model)
-    run["stage3"] = {"clustering": a, "epochs": c.stage3_epochs, "snapshots": names}
+    t.writer.set_stage3(Stage3(a, c.stage3_epochs, names, where="stage3"))
     t.progress.summary(f"stage 3 on clustering {a}: {c.stage3_epochs} epochs, KL={ev['kl']:.3f}, "
                        f"AU={ev['au']}, l_a={float(ev['losses'][a]):.4g}")
     pos = {"stage": "references", "done": []}

@@ -43,21 +43,20 @@ class Vanilla(Method):
     def after_epoch(self, t, model, ctx: dict, run: dict | None, epoch: int) -> None:
         pass
 
-    def finish(self, ctx: dict, run: dict | None) -> None:
+    def finish(self, t, ctx: dict, run: dict | None) -> None:
         pass
 
     # -- the run ------------------------------------------------------------------------------------------
     def train(self, t, run: dict) -> None:
         """``epochs`` data epochs; snapshots ``init``, evenly spaced epochs and ``final``."""
         model = t.new_model()
-        if "resume" in run and run["resume"]["position"].get("stage") == "references":
+        if (t.writer.resume_position() or {}).get("stage") == "references":
             return
         t0 = time.perf_counter()
         state, snaps = train_vae(t, self, model, t.cfg.epochs, run=run, stage="baseline")
         t.timings["baseline"] = time.perf_counter() - t0
         for name, sd in snaps:
-            run["snapshots"][name] = sd
-            run["snapshot_order"].append(name)
+            t.writer.add_state(name, sd)
         t.writer.save(model, None, state, {"stage": "references", "done": []})
 
 
@@ -111,6 +110,6 @@ def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage
         method.after_epoch(t, model, ctx, run, e)
         if e + 1 in marks and e + 1 < epochs:
             snaps.append((f"epoch{e + 1}", cpu_state(model.state_dict())))
-    method.finish(ctx, run)
+    method.finish(t, ctx, run)
     snaps.append(("final", cpu_state(model.state_dict())))
     return state, snaps
