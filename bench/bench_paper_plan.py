@@ -85,8 +85,9 @@ def job_counts(cfg, n: int) -> Counts:
             lo, hi = van + inner_lo * spe * min(1, e), van * (1 + cfg.aggressive_max_inner)
             return Counts(0, 0, lo, hi, e + 1, e + 1, min(1, e), e, cfg.r0)
         return Counts(0, 0, van, van, e + 1, e + 1, 0, 0, cfg.r0)
-    spc = spe if cfg.epoch_unit == "epochs" else cfg.steps_per_clustering
-    per = (lambda a: a) if cfg.mode == "cycle" else (lambda a: 1)  # steps per clustering-slot of a cycle
+    spc = spe if cfg.epoch_unit in ("epochs", "data_pass") else cfg.steps_per_clustering
+    # steps per clustering-slot of a cycle; data_pass: one data pass per cycle whatever the active set's size
+    per = (lambda a: a) if cfg.mode == "cycle" and cfg.epoch_unit != "data_pass" else (lambda a: 1)
     sizes = _rounds(cfg.r0, cfg.keep_ratio)
     s1 = sum(per(a) for a in sizes) * cfg.epochs_per_round * spc
     s2_hi = cfg.refine_cap * per(2) * spc
@@ -229,7 +230,7 @@ def checks_cost() -> None:
 
 def main():
     torch.set_num_threads(1)  # as run_job trains
-    assert GRIDS["paper"]["ablations"] and PRESETS["paper"]["epoch_unit"] == "epochs"
+    assert GRIDS["paper"]["ablations"] and PRESETS["paper"]["epoch_unit"] == "data_pass"
     syn = load("synthetic")
     plan("synthetic", syn, unit_costs(syn, em_r0=PRESETS["paper"]["r0"]))
     try:

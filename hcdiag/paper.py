@@ -83,9 +83,12 @@ INCONSISTENCIES = [
     ("vanilla collapse", "'vanilla VAE collapses completely (KL < 0.01)' (5.2, 8) vs KL 0.18-0.32 with 2.3-5.1 "
                          "active units (Table 1)"),
     ("MNIST stage 3", "final single-cluster KL 0.00 on MNIST (Table 1), against Corollary 4.5"),
-    ("'epoch'", "Algorithm 1: one batch per clustering per epoch; 4.2.1: E epochs (both supported: --epoch-unit)"),
+    ("'epoch'", "Algorithm 1: one batch per clustering per epoch; 4.2.1: E epochs cycling through R_t; the "
+                "paper's cost (2-3x vanilla, 6.2; 4-6 h vs 1-2 h, B.2) fits only one data pass per epoch cycling "
+                "through R_t (all three supported: epoch_unit steps, epochs, data_pass; the paper preset: "
+                "data_pass)"),
     ("cycling vs simultaneous", "Algorithm 1 cycles one clustering per step; 4.1 trains 'simultaneously' "
-                                "(both supported: --mode)"),
+                                "(both supported: mode cycle, simultaneous)"),
     ("loss scaling", "eq. 7 does not say how the terms are scaled (conventions literal, scaled, mean, and a "
                      "beta warm-up from 0)"),
     ("Lemma 4.3 proof", "K_{t+1} ⊂ K_t makes the max over K_{t+1} smaller, so F_{t+1} is in general larger"),

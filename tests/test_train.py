@@ -640,3 +640,59 @@ def test_resume_of_a_file_that_predates_a_setting_at_its_default(seed, tmp_path,
     with pytest.raises(InputError, match=r"--resume: .*old2\.pt was written with another config \(keys differ: "
                                          r"train\.em_tol\)"):
         Trainer(other, x, tmp_path / "old2.pt").run(resume=True)
+
+
+# -- the readings of HCT's epoch (hcdiag.train.config.EPOCH_UNITS) --------------------------------------------
+
+def _recording_loop(monkeypatch, n, batch_size, spc, mode, unit):
+    """A Loop whose steps record the clustering ids they train on (no model is trained)."""
+    loop = Loop(torch.zeros(n, 2), torch.zeros(4, 2), None, batch_size=batch_size, spc=spc, mode=mode,
+                device=torch.device("cpu"), unit=unit)
+    seen = []
+
+    def step(model, opt, state, ids, beta, kl_weight, **kw):
+        seen.append(ids.tolist())
+        return torch.zeros(4)
+
+    monkeypatch.setattr(loop, "step", step)
+    return loop, seen
+
+
+@pytest.mark.parametrize("active", [[3, 1, 2], [0, 5], [7]])
+def test_data_pass_epoch_is_one_pass_cycling_through_the_active_clusterings(monkeypatch, seed, active):
+    n, bs = 10 + seed % 50, 1 + seed % 7
+    loop, seen = _recording_loop(monkeypatch, n, bs, 99, "cycle", "data_pass")
+    state = {"step": 0}
+    loop.cycle(None, None, state, active, 1.0, "test")
+    passes = -(-n // bs)  # one pass over the data, whatever |S_t| is
+    assert seen == [[active[i % len(active)]] for i in range(passes)] and state["step"] == passes
+    assert loop.steps_per_cycle(len(active)) == passes
+
+
+@pytest.mark.parametrize("unit,mode", [("steps", "cycle"), ("epochs", "cycle"), ("steps", "simultaneous"),
+                                       ("data_pass", "simultaneous")])
+def test_the_other_readings_keep_their_step_counts(monkeypatch, unit, mode):
+    active, spc = [2, 0, 1], 4
+    loop, seen = _recording_loop(monkeypatch, 30, 7, spc, mode, unit)
+    loop.cycle(None, None, {"step": 0}, active, 1.0, "test")
+    if mode == "simultaneous":
+        want = [active] * (5 if unit == "data_pass" else spc)  # ceil(30 / 7) = 5 steps in a data pass
+    else:
+        want = [[c] for _ in range(spc) for c in active]  # every clustering spc steps, interleaved
+    assert seen == want and loop.steps_per_cycle(len(active)) == len(want)
+
+
+def test_data_pass_rounds_cost_one_pass_per_epoch_and_the_run_records_its_reading(seed, tmp_path):
+    from hcdiag.runfile import load_run
+
+    x = _data(seed, n=300)
+    cfg = make_config(None, seed=seed % 10_000, **{**TINY, "r0": 8, "references": ()}, epoch_unit="data_pass")
+    Trainer(cfg, x, tmp_path / "run.pt").run()
+    run = load_run(tmp_path / "run.pt")
+    h = run.history
+    steps, stage = h.step.tolist(), h.get("stage").tolist()
+    per_epoch = -(-300 // TINY["batch_size"])
+    stage1 = [b - a for a, b, s in zip(steps, steps[1:], stage[1:]) if s == 1]
+    assert stage1 == [per_epoch] * (n_rounds(8, 0.5) * TINY["epochs_per_round"])  # over 8 and 4 clusterings alike
+    assert run.config.hct["epoch_unit"] == "data_pass" and run.config.hct["steps_per_clustering"] is None
+    assert run.config.hct["steps_per_epoch"] == per_epoch and run.config.train["epoch_unit"] == "data_pass"

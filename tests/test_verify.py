@@ -133,7 +133,7 @@ def test_strict_exits_1_when_a_claim_fails(tiny_grid, tmp_path, capsys):
 # the paper preset's grid, end to end at a tiny scale
 
 # sizes only: everything structural (methods, multiples, conventions, ablations, R0 = 16, K = 8, EM backend,
-# epoch_unit='epochs', eps, beta schedule, references) stays the paper preset's and the paper grid's
+# epoch_unit='data_pass', eps, beta schedule, references) stays the paper preset's and the paper grid's
 PAPER_TINY = dict(enc_widths=(8,), dec_widths=(8,), latent_dim=2, batch_size=128, epochs=1, epochs_per_round=1,
                   refine_cap=2, stage3_epochs=1, eval_rows=200)
 
@@ -205,7 +205,7 @@ def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, mon
         run = load_run(tmp_path / j.name)
         assert run.complete and (tmp_path / j.name).with_suffix(".checks.json").exists(), j.name
         t = run.config.train
-        assert t["epoch_unit"] == "epochs" and t["latent_dim"] == PAPER_TINY["latent_dim"], j.name
+        assert t["epoch_unit"] == "data_pass" and t["latent_dim"] == PAPER_TINY["latent_dim"], j.name
         assert t["epochs"] == (g["phase_epochs"] if j.group == "phase" else PAPER_TINY["epochs"]), j.name
         if j.group == "ablation":
             key = next(k for k in V.ABLATIONS if j.tag.startswith(k))

@@ -16,9 +16,11 @@ with the loop, one module per model, and pythae's split of model, config and tra
 * :mod:`~hcdiag.train.references`: the collapsed model, the vanilla reference and the no-history control;
 * :mod:`~hcdiag.train.trainer`: :class:`Trainer`, which ties them together, and :func:`train`.
 
-A *cycle* gives every active clustering ``steps_per_clustering`` steps, interleaved (Algorithm 1's "epoch"
-is one step per clustering). ``epoch_unit='epochs'`` (section 4.2.1's reading) sets ``steps_per_clustering``
-to one full pass over the data. ``mode='cycle'`` uses one clustering's term per step (Algorithm 1);
+A *cycle* is HCT's "epoch", by ``epoch_unit`` (:data:`~hcdiag.train.config.EPOCH_UNITS`, with the argument):
+``steps`` gives every active clustering ``steps_per_clustering`` steps, interleaved (Algorithm 1's "epoch" is
+one step per clustering); ``epochs`` gives each one full pass over the data; ``data_pass`` (the paper
+preset's) is one pass over the data whose steps cycle through the active clusterings. ``mode='cycle'``
+uses one clustering's term per step (Algorithm 1);
 ``mode='simultaneous'`` puts every active clustering's term in every step (section 4.1).
 
 The run file is written atomically at the end of every round and stage; ``resume=True`` continues a partial

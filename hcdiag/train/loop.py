@@ -28,16 +28,30 @@ class Loop:
     """The data (``X`` (n, N) on ``device``), its evaluation rows ``eval_x`` (m, N), the loss ``weights``
     and the clusterings' ``centroids`` (R0, K, N) of one run, and the steps that train on them.
 
-    ``batch_size`` rows per step; a *cycle* gives every active clustering ``spc`` steps, interleaved
-    (``mode='cycle'``, Algorithm 1) or with every active clustering's term in each step
-    (``mode='simultaneous'``, section 4.1)."""
+    ``batch_size`` rows per step. A *cycle* (HCT's "epoch") is, by ``unit`` (the readings of the paper's
+    epoch, :data:`hcdiag.train.config.EPOCH_UNITS`):
+
+    * ``steps`` or ``epochs``: every active clustering gets ``spc`` steps (``epochs``: ``spc`` is a data pass,
+      so a cycle costs ``|S_t|`` passes);
+    * ``data_pass``: one pass over the data (``steps_per_epoch`` steps) whose steps cycle through the active
+      clusterings, step ``i`` on clustering ``i mod |S_t|``, so a cycle costs one pass whatever ``|S_t|`` is.
+
+    Steps train on one clustering's term at a time (``mode='cycle'``, Algorithm 1) or on every active
+    clustering's term in each step (``mode='simultaneous'``, section 4.1: then ``data_pass`` is one pass of
+    such steps)."""
 
     def __init__(self, X: torch.Tensor, eval_x: torch.Tensor, weights: LossWeights, *, batch_size: int, spc: int,
-                 mode: str, device: torch.device):
+                 mode: str, device: torch.device, unit: str = "steps"):
         self.X, self.eval_x, self.weights = X, eval_x, weights
         self.n = X.shape[0]
-        self.batch_size, self.spc, self.mode, self.device = batch_size, spc, mode, device
+        self.batch_size, self.spc, self.mode, self.device, self.unit = batch_size, spc, mode, device, unit
         self.steps_per_epoch = -(-self.n // batch_size)
+
+    def steps_per_cycle(self, active: int) -> int:
+        """Optimizer steps in one cycle over ``active`` clusterings."""
+        if self.unit == "data_pass":
+            return self.steps_per_epoch
+        return self.spc if self.mode == "simultaneous" else self.spc * active
         self.centroids: torch.Tensor | None = None
         self._cluster: ClusterTerm | None = None
 
@@ -88,8 +102,12 @@ class Loop:
         ids_all = torch.tensor(active, device=self.device)
         terms = []
         if self.mode == "simultaneous":
-            for _ in range(self.spc):
+            for _ in range(self.steps_per_cycle(len(active))):
                 terms.append(self.step(model, opt, state, ids_all, beta, 1.0))
+        elif self.unit == "data_pass":
+            for i in range(self.steps_per_epoch):
+                j = i % len(active)
+                terms.append(self.step(model, opt, state, ids_all[j:j + 1], beta, 1.0))
         else:
             for _ in range(self.spc):
                 for i in range(len(active)):

@@ -114,7 +114,7 @@ class Trainer:
         steps_per_epoch = -(-self.n // c.batch_size)
         self.loop = Loop(X, self.eval_x, LossWeights.for_convention(c.loss, self.s2, self.N), batch_size=c.batch_size,
                          spc=steps_per_epoch if c.epoch_unit == "epochs" else c.steps_per_clustering, mode=c.mode,
-                         device=self.device)
+                         device=self.device, unit=c.epoch_unit)
         self.fingerprint = guard.fingerprints(c, self.x_np)
 
     def config_dict(self) -> dict:
@@ -130,7 +130,8 @@ class Trainer:
             "s2": float(self.s2), "lambda_max": float(self.lambda_max), "multiple": float(c.multiple),
             "loss": c.loss, "beta": Schedule(c.beta_schedule, c.beta_start, c.beta_end).to_dict(),
             "hct": ({"r0": c.r0, "k": c.k, "mode": c.mode, "epoch_unit": c.epoch_unit,
-                     "steps_per_clustering": self.loop.spc, "epochs_per_round": c.epochs_per_round,
+                     "steps_per_clustering": None if c.epoch_unit == "data_pass" else self.loop.spc,
+                     "steps_per_epoch": self.loop.steps_per_epoch, "epochs_per_round": c.epochs_per_round,
                      "keep_ratio": c.keep_ratio, "eps": c.eps, "refine_cap": c.refine_cap,
                      "stage3_epochs": c.stage3_epochs, "covariance": c.covariance, "em_backend": c.em_backend}
                     if self.method.pipeline else None),
