@@ -696,3 +696,58 @@ def test_data_pass_rounds_cost_one_pass_per_epoch_and_the_run_records_its_readin
     assert stage1 == [per_epoch] * (n_rounds(8, 0.5) * TINY["epochs_per_round"])  # over 8 and 4 clusterings alike
     assert run.config.hct["epoch_unit"] == "data_pass" and run.config.hct["steps_per_clustering"] is None
     assert run.config.hct["steps_per_epoch"] == per_epoch and run.config.train["epoch_unit"] == "data_pass"
+
+
+# -- shared references (hcdiag.train.refcache) -----------------------------------------------------------------
+
+def _refs(run) -> dict:
+    out = {}
+    for ref in run.references:
+        out[ref.name] = dict(ref.state)
+        for sname, sd in (ref.snapshots or {}).items():
+            out[f"{ref.name}/{sname}"] = dict(sd)
+    return out
+
+
+def test_shared_references_are_bitwise_the_ones_each_run_trains(seed, tmp_path):
+    from hcdiag.runfile import load_run
+
+    x = _data(seed, n=300)
+    kw = dict(TINY, references=("collapsed", "vanilla", "control"))
+    own = Trainer(make_config(None, seed=seed % 10_000, **kw), x, tmp_path / "own.pt").run()
+    cache = tmp_path / "refs"
+    first = Trainer(make_config(None, seed=seed % 10_000, **kw), x, tmp_path / "a.pt", ref_cache=cache)
+    first.run()
+    files = sorted(p.name for p in cache.glob("ref-*.pt"))
+    assert [f.split("-")[1] for f in files] == ["collapsed", "vanilla"]  # the control depends on the run: never shared
+    second = Trainer(make_config(None, seed=seed % 10_000, **kw), x, tmp_path / "b.pt", ref_cache=cache)
+    second.run()
+    assert sorted(p.name for p in cache.glob("ref-*.pt")) == files  # read, not trained again
+    want = _refs(load_run(tmp_path / "own.pt"))
+    for name in ("a.pt", "b.pt"):
+        run = load_run(tmp_path / name)
+        got = _refs(run)
+        assert got.keys() == want.keys()
+        for k in want:
+            for p in want[k]:
+                assert torch.equal(got[k][p], want[k][p]), (name, k, p)
+        for ref in run.references:  # metrics are measured on this run's own evaluation rows
+            assert ref.metrics == own["references"][ref.name]["metrics"]
+
+
+def test_a_shared_reference_of_another_key_or_a_corrupt_file_is_retrained(seed, tmp_path):
+    x = _data(seed, n=300)
+    kw = dict(TINY, references=("collapsed",), method="vanilla")
+    cache = tmp_path / "refs"
+    Trainer(make_config(None, seed=1, **kw), x, None, ref_cache=cache).run()
+    [path] = cache.glob("ref-collapsed-*.pt")  # seed 1's
+    Trainer(make_config(None, seed=2, **kw), x, None, ref_cache=cache).run()  # another seed: another key
+    assert len(list(cache.glob("ref-collapsed-*.pt"))) == 2
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    own = Trainer(make_config(None, seed=1, **kw), x, None).run()
+    again = Trainer(make_config(None, seed=1, **kw), x, None, ref_cache=cache).run()
+    assert all(torch.equal(again["references"]["collapsed"]["state"][k], v)
+               for k, v in own["references"]["collapsed"]["state"].items())
+    got = torch.load(path, weights_only=True)  # the truncated file was replaced by the retrained reference
+    assert got["format"] == "hcdiag-reference" and all(torch.equal(got["state"][k], v)
+                                                       for k, v in own["references"]["collapsed"]["state"].items())

@@ -17,6 +17,7 @@ import time
 from hcdiag.losses import LossWeights, Schedule
 from hcdiag.records import Reference
 from hcdiag.train.methods.vae import Vanilla, train_vae
+from hcdiag.train.refcache import reference_key, shared
 from hcdiag.train.writer import cpu_state, no_stream
 
 VANILLA = Vanilla()
@@ -35,13 +36,14 @@ def train_references(t, run: dict, pipeline: bool) -> None:
         extra = {}
         if name == "collapsed":
             s2 = c.collapsed_multiple * t.lambda_max
-            model = t.new_model()
             w = LossWeights.for_convention(c.loss, s2, t.N)
-            train_vae(t, VANILLA, model, c.epochs, run=None, stage="reference", weights=w, seed_offset=1)
+            model = _shared_vanilla(t, name, s2, lambda m: train_vae(t, VANILLA, m, c.epochs, run=None,
+                                                                     stage="reference", weights=w, seed_offset=1))
             rcfg = {"method": "vanilla", "s2": s2, "multiple": c.collapsed_multiple, "epochs": c.epochs}
         elif name == "vanilla":
-            model = t.new_model()
-            _, snaps = train_vae(t, VANILLA, model, c.epochs, run=None, stage="reference", seed_offset=2)
+            snaps = []
+            model = _shared_vanilla(t, name, t.s2, lambda m: train_vae(t, VANILLA, m, c.epochs, run=None,
+                                                                       stage="reference", seed_offset=2), snaps)
             rcfg = {"method": "vanilla", "s2": t.s2, "multiple": c.multiple, "epochs": c.epochs}
             extra = {"snapshots": dict(snaps), "snapshot_order": [n for n, _ in snaps]}
         else:
@@ -55,6 +57,31 @@ def train_references(t, run: dict, pipeline: bool) -> None:
         t.progress.summary(f"reference {name}: KL={ev['kl']:.4f}, AU={ev['au']}, MSE={ev['mse']:.4g}")
         t.writer.save(model, None, no_stream(), {"stage": "references", "done": t.writer.references_done()})
     t.timings["references"] = t.timings.get("references", 0.0) + time.perf_counter() - t0
+
+
+def _shared_vanilla(t, name: str, s2: float, fit, snaps: list | None = None):
+    """The reference ``name`` trained by ``fit(model)`` (-> (stream state, snapshots)) from the run's initial
+    model, or read from the trainer's reference cache (:mod:`hcdiag.train.refcache`) when another run of the
+    grid trained the same one; its training snapshots are appended to ``snaps`` when given."""
+    want = {k: tuple(v.shape) for k, v in t.new_model().state_dict().items()}
+
+    def train():
+        model = t.new_model()
+        _, got = fit(model)
+        return cpu_state(model.state_dict()), got
+
+    def fits(state) -> bool:
+        return isinstance(state, dict) and {k: tuple(v.shape) for k, v in state.items()} == want
+
+    state, got, hit = shared(getattr(t, "ref_cache", None), reference_key(t, name, s2), train, fits)
+    if hit:
+        t.progress.summary(f"reference {name}: shared (trained by another run of this grid: same data, model, s2, "
+                           "convention, seed and settings)")
+    model = t.new_model()
+    model.load_state_dict(state)
+    if snaps is not None:
+        snaps.extend(got)
+    return model
 
 
 def _control(t, run: dict):

@@ -43,13 +43,15 @@ class Trainer:
     em_cache : folder of stage-0 EM results shared between runs (see
         :func:`hcdiag.clusterings.fit_clusterings_cached`), or None to fit every time. It changes no
         result: the cached set is the one this run would fit.
+    ref_cache : folder of references (the collapsed model, the vanilla reference) shared between runs
+        (:mod:`hcdiag.train.refcache`), or None to train them every time. It changes no result either.
 
     After :meth:`setup`, ``loop`` holds the data stream and steps (:class:`~hcdiag.train.loop.Loop`).
     """
 
     def __init__(self, cfg: TrainConfig, data, out: str | os.PathLike | None = None, *,
                  progress: Progress | None = None, lambda_max: float | None = None,
-                 em_cache: str | os.PathLike | None = None):
+                 em_cache: str | os.PathLike | None = None, ref_cache: str | os.PathLike | None = None):
         from hcdiag.validation import as_data_matrix
 
         self.cfg = cfg
@@ -68,6 +70,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self._lambda_max = lambda_max
         self.em_cache = em_cache
+        self.ref_cache = ref_cache
         self.timings: dict[str, float] = {}
         self.loop: Loop | None = None
         self.writer: RunWriter | None = None

@@ -1,0 +1,214 @@
+"""What a grid costs before it runs: the work of every job counted from its config, times unit costs
+measured on this machine (``hcdiag verify --plan``; ``bench paper_plan`` prints the same for the paper grid).
+
+Work per job (:func:`job_counts`): optimizer steps of HCT (stages 1-3, the no-history control) and of
+vanilla-type training (baselines, the collapsed model, the vanilla reference) as lower and upper bounds
+(refinement stops when ``max(l_a, l_b) < eps``, unknown in advance: from at once to ``refine_cap``
+cycles; the aggressive baseline's inner loop from one epoch of the shortest to every epoch of the
+longest), history evaluations, mutual-information estimates and EM runs. Unit costs (:func:`unit_costs`):
+seconds per vanilla step, per HCT step, per evaluation, per MI estimate and per EM run, measured with the
+preset's real architecture, batch and evaluation rows on one thread, as :func:`hcdiag.verify.run_job`
+trains. A grid's plan (:func:`grid_plan`) counts what verify's caches share once: one stage-0 fit per
+distinct EM setting (the em-cache) and one collapsed model and vanilla reference per distinct key (the
+reference cache, :mod:`hcdiag.train.refcache`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Work of one job: optimizer steps by kind (lower and upper bound), history evaluations, MI estimates,
+    EM runs (stage 0)."""
+
+    hct_lo: int = 0
+    hct_hi: int = 0
+    vanilla_lo: int = 0
+    vanilla_hi: int = 0
+    evals_lo: int = 0
+    evals_hi: int = 0
+    mi_lo: int = 0
+    mi_hi: int = 0
+    em_runs: int = 0
+
+    def __add__(self, o: Counts) -> Counts:
+        return Counts(*(getattr(self, f.name) + getattr(o, f.name) for f in fields(self)))
+
+    def seconds(self, u: dict, hi: bool) -> float:
+        """Serial seconds at the unit costs ``u`` (:func:`unit_costs`), lower (``hi=False``) or upper bound."""
+        pick = (lambda lo, h: h) if hi else (lambda lo, h: lo)
+        return (pick(self.hct_lo, self.hct_hi) * u["hct"] + pick(self.vanilla_lo, self.vanilla_hi) * u["vanilla"]
+                + pick(self.evals_lo, self.evals_hi) * u["eval"] + pick(self.mi_lo, self.mi_hi) * u["mi"]
+                + self.em_runs * u["em"])
+
+
+def round_sizes(r0: int, keep_ratio: float) -> list[int]:
+    """Active-set sizes of the stage-1 rounds (the trainer's halving rule), e.g. 16 -> [16, 8, 4]."""
+    from hcdiag.train.methods.hct import n_keep
+
+    sizes, a = [], r0
+    while a > 2:
+        sizes.append(a)
+        a = n_keep(a, keep_ratio)
+    return sizes
+
+
+def reference_steps(cfg, n: int) -> int:
+    """Optimizer steps of one collapsed model or vanilla reference (``epochs`` data epochs)."""
+    return cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
+def job_counts(cfg, n: int, *, shared_references: bool = False) -> Counts:
+    """The work a run of ``cfg`` on ``n`` rows does (claims.md, Training pipeline; :mod:`hcdiag.train`).
+    ``shared_references``: leave the collapsed model and the vanilla reference out (a grid's plan counts
+    each distinct one once)."""
+    spe = math.ceil(n / cfg.batch_size)  # steps per data epoch
+    refs = [r for r in cfg.references if cfg.method == "hct" or r == "collapsed"]
+    shared_steps = 0 if shared_references else sum(reference_steps(cfg, n) for r in refs if r != "control")
+    if cfg.method != "hct":
+        e = cfg.epochs
+        van = e * spe
+        evals = e + 1 + len(refs)
+        if cfg.method in ("aggressive", "em-type"):
+            # an encoder inner loop before each decoder step: at least two check blocks (aggressive: only while
+            # aggressive, at least the first epoch) and at most the cap, in every epoch
+            cap = cfg.aggressive_max_inner if cfg.method == "aggressive" else cfg.em_max_e_steps
+            every = cfg.aggressive_check_every if cfg.method == "aggressive" else cfg.em_check_every
+            inner_lo = min(2 * every, cap)
+            lo_epochs = min(1, e) if cfg.method == "aggressive" else e
+            mi = (min(1, e), e) if cfg.method == "aggressive" else (0, 0)
+            return Counts(0, 0, van + inner_lo * spe * lo_epochs + shared_steps, van * (1 + cap) + shared_steps,
+                          evals, evals, mi[0], mi[1], cfg.r0)
+        return Counts(0, 0, van + shared_steps, van + shared_steps, evals, evals, 0, 0, cfg.r0)
+    data_pass = cfg.epoch_unit == "data_pass"
+    spc = spe if cfg.epoch_unit in ("epochs", "data_pass") else cfg.steps_per_clustering
+    # steps per clustering-slot of a cycle; data_pass: one data pass per cycle whatever the active set's size
+    per = (lambda a: a) if cfg.mode == "cycle" and not data_pass else (lambda a: 1)
+    sizes = round_sizes(cfg.r0, cfg.keep_ratio)
+    s1 = sum(per(a) for a in sizes) * cfg.epochs_per_round * spc
+    s2_hi = cfg.refine_cap * per(2) * spc
+    s3 = cfg.stage3_epochs * spc
+    # init, each stage-1 cycle, refinement's first look at the pair, each stage-3 cycle, the final model
+    ev_lo = 1 + len(sizes) * cfg.epochs_per_round + 1 + cfg.stage3_epochs + 1 + len(refs)
+    ev_hi = ev_lo + cfg.refine_cap
+    hct_lo, hct_hi = s1 + s3, s1 + s2_hi + s3
+    if "control" in refs:  # the no-history control: the steps of stages 1 and 2, on the final pair
+        hct_lo, hct_hi = hct_lo + s1, hct_hi + s1 + s2_hi
+    return Counts(hct_lo, hct_hi, shared_steps, shared_steps, ev_lo, ev_hi, 0, 0, cfg.r0)
+
+
+def _median_block(fns: dict, reps: int, blocks: int) -> dict:
+    """Seconds per call of each function: interleaved blocks, the median block (load drifts hit all alike)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(blocks):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times[k].append((time.perf_counter() - t) / reps)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def unit_costs(data, preset: str = "paper", *, em_r0: int = 1, device: str = "cpu", reps: int = 3,
+               blocks: int = 3) -> dict:
+    """Seconds per vanilla step, HCT step, history evaluation, MI estimate and EM run (``em_r0`` runs timed,
+    divided), with ``preset``'s architecture, batch and evaluation rows on ``data``; also ``params``."""
+    import torch
+
+    from hcdiag.clusterings import fit_clusterings
+    from hcdiag.metrics import mutual_information
+    from hcdiag.models import encode_decode
+    from hcdiag.train import Trainer, make_config
+
+    cfg = make_config(preset, method="hct", device=device)
+    tr = Trainer(cfg, data, None)
+    tr.setup()
+    t = time.perf_counter()
+    cs = fit_clusterings(tr.x_np, em_r0, cfg.k, covariance=cfg.covariance, backend=cfg.em_backend, init=cfg.em_init,
+                         seed=cfg.seed, device=tr.device, uneven=True)
+    em = (time.perf_counter() - t) / em_r0
+    tr.loop.set_centroids(torch.as_tensor(cs.centroids, dtype=torch.float32))
+    model = tr.new_model()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = tr.loop.new_state(cfg.seed)
+    one = torch.tensor([0], device=tr.device)
+
+    def mi():
+        mu, lv, _ = encode_decode(model, tr.eval_x)
+        return mutual_information(mu, lv, seed=0)
+
+    out = _median_block({"vanilla": lambda: tr.loop.step(model, opt, state, None, 0.0, 1.0),
+                         "hct": lambda: tr.loop.step(model, opt, state, one, cfg.beta_start, 1.0),
+                         "eval": lambda: tr.loop.evaluate(model), "mi": mi}, reps=reps, blocks=blocks)
+    out["em"] = em
+    out["params"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
+    """The plan of ``jobs`` (:func:`hcdiag.verify.build_grid`): per group of jobs its count, work and serial
+    hours, and the whole grid's, with the stage-0 fits and the references verify's caches share counted
+    once. ``n_rows``: rows per dataset; ``units``: :func:`unit_costs` per dataset."""
+    from hcdiag.train import make_config
+
+    groups: dict[tuple[str, str], list] = {}
+    em_keys: dict[tuple, int] = {}
+    ref_keys: dict[tuple, int] = {}
+    for j in jobs:
+        cfg = make_config(j.preset, method=j.method, multiple=j.multiple, loss=j.loss, seed=j.seed, device="cpu",
+                          **dict(j.overrides))
+        n = n_rows[j.dataset]
+        em_keys[(j.dataset, cfg.seed, cfg.r0, cfg.k, cfg.covariance, cfg.em_backend, cfg.em_init)] = cfg.r0
+        for r in cfg.references:
+            if r == "collapsed" or (r == "vanilla" and cfg.method == "hct"):
+                m = cfg.collapsed_multiple if r == "collapsed" else cfg.multiple
+                key = (j.dataset, r, m, cfg.loss, cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.latent_dim,
+                       cfg.enc_widths, cfg.dec_widths, cfg.arch)
+                ref_keys[key] = reference_steps(cfg, n)
+        label = {"main": f"main {j.method}{' ' + j.tag if j.tag else ''}", "phase": "phase (vanilla)",
+                 "ablation": "ablations (hct)"}[j.group]
+        c = job_counts(cfg, n, shared_references=True)
+        groups.setdefault((j.dataset, label), []).append(Counts(**{**c.__dict__, "em_runs": 0}))
+    rows = []
+    for (ds, label), cs in groups.items():
+        s = sum(cs[1:], cs[0])
+        rows.append({"dataset": ds, "group": label, "jobs": len(cs), "counts": s,
+                     "hours": (s.seconds(units[ds], False) / 3600, s.seconds(units[ds], True) / 3600)})
+    em_h = sum(r0 * units[k[0]]["em"] for k, r0 in em_keys.items()) / 3600
+    ref_h = sum(steps * units[k[0]]["vanilla"] for k, steps in ref_keys.items()) / 3600
+    lo = sum(r["hours"][0] for r in rows) + em_h + ref_h
+    hi = sum(r["hours"][1] for r in rows) + em_h + ref_h
+    return {"rows": rows, "em_fits": sum(em_keys.values()), "em_hours": em_h, "references": len(ref_keys),
+            "reference_hours": ref_h, "hours": (lo, hi), "jobs": len(jobs)}
+
+
+def format_plan(plan: dict, units: dict, workers: int) -> str:
+    """The plan as the text ``hcdiag verify --plan`` prints."""
+    lines = []
+    for ds, u in units.items():
+        lines.append(f"{ds}: unit costs on this machine (one thread, {u['params']:,} parameters): vanilla step "
+                     f"{u['vanilla'] * 1e3:.1f} ms, HCT step {u['hct'] * 1e3:.1f} ms, evaluation {u['eval'] * 1e3:.0f} ms, "
+                     f"MI {u['mi'] * 1e3:.0f} ms, EM {u['em']:.2f} s per run")
+    lines.append(f"{'dataset':<15}{'group':<24}{'jobs':>5}{'HCT steps':>24}{'vanilla steps':>24}{'hours (lo..hi)':>17}")
+    for r in plan["rows"]:
+        c, (h_lo, h_hi) = r["counts"], r["hours"]
+        lines.append(f"{r['dataset']:<15}{r['group']:<24}{r['jobs']:>5}{f'{c.hct_lo:,}..{c.hct_hi:,}':>24}"
+                     f"{f'{c.vanilla_lo:,}..{c.vanilla_hi:,}':>24}{f'{h_lo:.2f}..{h_hi:.2f}':>17}")
+    lo, hi = plan["hours"]
+    lines.append(f"shared once: {plan['em_fits']} EM runs ({plan['em_hours']:.2f} h, the em-cache), "
+                 f"{plan['references']} collapsed/vanilla references ({plan['reference_hours']:.2f} h, the reference "
+                 "cache)")
+    lines.append(f"{plan['jobs']} jobs: {lo:.2f}..{hi:.2f} h serial on this machine; with {workers} worker(s) about "
+                 f"{lo / workers:.2f}..{hi / workers:.2f} h (a GPU divides the step and EM times, not the counts)")
+    return "\n".join(lines)
+
+
+__all__ = ["Counts", "format_plan", "grid_plan", "job_counts", "reference_steps", "round_sizes", "unit_costs"]
