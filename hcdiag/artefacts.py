@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hcdiag import claims
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, cli_text, flag
 from hcdiag.paper import COLLAPSE_KL, DATASETS, LOSS_CONVENTIONS, PAPER_ABLATION, PAPER_TABLE1, PAPER_TABLE2
 from hcdiag.plots import axes, has_path_curves
 from hcdiag.verify import (ABLATIONS, GRIDS, Job, ablation_jobs, ablation_rows, build_grid, collect, diffusion_table,
@@ -38,7 +38,8 @@ from hcdiag.verify import (ABLATIONS, GRIDS, Job, ablation_jobs, ablation_rows, 
 # the reduced ablation grid of the smoke preset (Figure 4 at a glance on small synthetic data)
 SMOKE_ABLATIONS = {"r0": [2, 4, 8], "eps": [1e-3, 1e-4]}
 FIGURE5_MULTIPLES = (2.0, 5.0)
-CIFAR_MISSING = "not run: CIFAR-10 files not found in --data-dir"
+_DATASETS = flag("--datasets", "datasets")
+CIFAR_MISSING = "not run: CIFAR-10 files not found in the data folder (data_dir)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,22 +295,22 @@ def _datasets(datasets) -> list[str]:
     datasets = [d for d in (datasets or []) if d]
     bad = [d for d in datasets if d not in DATASETS]
     if bad or not datasets:
-        raise InputError(f"--datasets: unknown dataset(s) {', '.join(bad) or '(none given)'}; choose among "
+        raise InputError(f"{_DATASETS}: unknown dataset(s) {', '.join(bad) or '(none given)'}; choose among "
                          f"{', '.join(DATASETS)}.")
     return datasets
 
 
 def _check(preset: str, seeds) -> None:
     if preset not in GRIDS:
-        raise InputError(f"--preset must be one of {', '.join(GRIDS)}. Got {preset!r}.")
+        raise InputError(f"{flag('--preset', 'preset')} must be one of {', '.join(GRIDS)}. Got {preset!r}.")
     if not isinstance(seeds, int) or seeds < 1:
-        raise InputError(f"--seeds must be an integer >= 1. Got {seeds}.")
+        raise InputError(f"{flag('--seeds', 'seeds')} must be an integer >= 1. Got {seeds}.")
 
 
 def _out(out_dir) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder.")
+        raise InputError(f"{flag('--out', 'out_dir')} {out} is a file; give a folder.")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -405,7 +406,7 @@ def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds:
             "reduced": _reduced(overrides, n_samples)}
     title = "Table 2: CIFAR-10 with a convolutional architecture, paper beside ours"
     if datasets != ["cifar10"]:
-        raise InputError(f"--datasets: Table 2 is on cifar10 only. Got {','.join(datasets)}.")
+        raise InputError(f"{_DATASETS}: Table 2 is on cifar10 only. Got {','.join(datasets)}.")
     from hcdiag.data import load
 
     try:
@@ -414,7 +415,7 @@ def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds:
         row = {"id": "table2", "claim": "Table 2 (all methods)", "item": "Table 2 (all methods)", "section": "5.6, Table 2",
                "conditions": f"cifar10, conv, preset {preset}",
                "paper": "; ".join(f"{k}: KL {v[0]}, AU {v[1]}, MS-SSIM {v[2]}" for k, v in PAPER_TABLE2.items()),
-               "ours": f"{CIFAR_MISSING} ({exc})",
+               "ours": f"{CIFAR_MISSING} ({str(exc)})",  # a result: the library's words
                "verdict": "inconclusive", "runs": [], "values": {"reason": str(exc)}}
         return Table1Result("table2", title, [row], {**meta, "n_runs": 0, "seconds": time.perf_counter() - t0})
     jobs = [replace(j, group="table2", overrides=tuple(sorted({**dict(j.overrides), "arch": "conv"}.items())))
@@ -503,7 +504,7 @@ def figure2(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
     t0 = time.perf_counter()
     losses = [loss] if loss else None
     if loss is not None and loss not in LOSS_CONVENTIONS:
-        raise InputError(f"--loss must be one of literal, scaled, mean. Got {loss!r}.")
+        raise InputError(f"{flag('--loss', 'loss')} must be one of literal, scaled, mean. Got {loss!r}.")
     jobs = [j for j in _main_jobs(preset, datasets[:1], 1, device=device, data_dir=data_dir, losses=losses)
             if j.label == "hct" and j.seed == 0]
     jobs = [j for j in jobs if j.loss == jobs[0].loss]
@@ -605,7 +606,7 @@ def figure5(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), see
     out = _out(out_dir)
     t0 = time.perf_counter()
     if loss is not None and loss not in LOSS_CONVENTIONS:
-        raise InputError(f"--loss must be one of literal, scaled, mean. Got {loss!r}.")
+        raise InputError(f"{flag('--loss', 'loss')} must be one of literal, scaled, mean. Got {loss!r}.")
     base = [j for j in _main_jobs(preset, datasets, seeds, device=device, data_dir=data_dir,
                                   losses=[loss] if loss else None) if j.label in ("hct", "vanilla")]
     first = base[0].loss
@@ -733,11 +734,11 @@ ARTEFACTS: dict[str, Callable[..., ArtefactResult]] = {
 # the scripts' command line
 
 
-def _conventions(text: str, flag: str) -> list[str]:
+def _conventions(text: str, option: str, *, one: bool = False) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in LOSS_CONVENTIONS]
-    if bad or not items or (flag == "--loss" and len(items) != 1):
-        raise InputError(f"{flag} must be {'one' if flag == '--loss' else 'a comma list'} of "
+    if bad or not items or (one and len(items) != 1):
+        raise InputError(f"{option} must be {'one' if one else 'a comma list'} of "
                          f"{', '.join(LOSS_CONVENTIONS)}. Got {text!r}.")
     return items
 
@@ -772,7 +773,7 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
         if getattr(args, "losses", None) is not None:
             kw["losses"] = _conventions(args.losses, "--losses")
         if getattr(args, "loss", None) is not None:
-            kw["loss"] = _conventions(args.loss, "--loss")[0]
+            kw["loss"] = _conventions(args.loss, "--loss", one=True)[0]
         if name != "diffusion":
             kw["device"] = args.device
         if name not in ("figure2", "diffusion"):
@@ -783,7 +784,7 @@ def script_main(name: str, argv: list[str] | None = None) -> int:
         (Path(args.out) / f"{name}.json").write_text(json.dumps(doc, indent=2))
         (Path(args.out) / f"{name}.md").write_text(res.to_markdown())
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_text(exc)}", file=sys.stderr)
         return 2
     if args.format == "json":
         json.dump(doc, sys.stdout, indent=2)

@@ -46,7 +46,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from hcdiag.errors import InputError, NumericalError
+from hcdiag.errors import InputError, NumericalError, flag
 from hcdiag.validation import as_data_matrix
 
 Covariance = Literal["diag", "full"]
@@ -66,7 +66,7 @@ DEFAULT_AUDIT_ROWS = 10_000
 _LOG_2PI = math.log(2.0 * math.pi)
 _ILL_DEFINED = ("Fitting the mixture model failed because some components have ill-defined empirical "
                 "covariance (for instance caused by singleton or collapsed samples); try to decrease "
-                "the number of components, or increase reg_covar (--reg-covar).")
+                f"the number of components, or increase reg_covar{flag(' (--reg-covar)', '')}.")
 
 
 # ----------------------------------------------------------------------------------------- R0, K
@@ -103,7 +103,8 @@ def check_r0(r0, *, uneven: bool = False) -> int:
     if not uneven and r0 & (r0 - 1):
         lo = 1 << (r0.bit_length() - 1)
         raise InputError(f"The 'r0' parameter must be a power of two for halving (Algorithm 1): {r0} is not a "
-                         f"power of two; use {lo} or {2 * lo}, or pass --uneven-halving to halve unevenly.")
+                         f"power of two; use {lo} or {2 * lo}, or pass {flag('--uneven-halving', 'uneven=True')} to "
+                         "halve unevenly.")
     return r0
 
 

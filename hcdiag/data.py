@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag
 from hcdiag.validation import as_data_matrix, physical_memory
 
 DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -228,7 +228,7 @@ def read_idx(path) -> np.ndarray:
     allocated (a header claiming (2^31, 2^31, 4) in a 100-byte file is refused, not reshaped).
     """
     path = Path(path)
-    _check_readable(path, "IDX file", "check the path or pass --data-dir")
+    _check_readable(path, "IDX file", f"check the path or pass {_DATA_DIR}")
     gz = False
     try:
         with open(path, "rb") as raw_fh:
@@ -329,12 +329,14 @@ def _read_idx_images(name: str, folder: Path, split: str, resize: int, howto: st
 
 def _data_dir(data_dir, name: str, howto: str) -> Path:
     if data_dir is None:
-        raise InputError(f"The {name} dataset needs --data-dir (data_dir=): {howto}.")
+        raise InputError(f"The {name} dataset needs {flag('--data-dir (data_dir=)', 'data_dir')}: {howto}.")
     return Path(data_dir).expanduser()
 
 
-_FASHION_HOWTO = "apt-get install dataset-fashion-mnist, or pass --data-dir FOLDER holding these files"
-_MNIST_HOWTO = ("pass --data-dir FOLDER holding the IDX files train-images-idx3-ubyte.gz, "
+_DATA_DIR = flag("--data-dir", "data_dir")
+_DATA_DIR_FOLDER = flag("--data-dir FOLDER", "data_dir=FOLDER")
+_FASHION_HOWTO = f"apt-get install dataset-fashion-mnist, or pass {_DATA_DIR_FOLDER} holding these files"
+_MNIST_HOWTO = (f"pass {_DATA_DIR_FOLDER} holding the IDX files train-images-idx3-ubyte.gz, "
                 "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
                 "(from https://yann.lecun.com/exdb/mnist/ or a mirror; nothing is downloaded here)")
 
@@ -395,7 +397,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 _CIFAR_HOWTO = ("download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extract it "
-                "and pass --data-dir FOLDER (nothing is downloaded here)")
+                f"and pass {_DATA_DIR_FOLDER} (nothing is downloaded here)")
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -494,7 +496,7 @@ def _generate_synthetic(n=50_000, dim=32, k=8, *, spread=0.5, separation=1.0, se
     if memory is not None and need > memory:
         raise InputError(f"The synthetic data of {n} rows x {dim} dims needs about {need / 2**30:.3g} GiB to generate, "
                          f"more than this machine's memory ({memory / 2**30:.3g} GiB); ask for fewer rows "
-                         "(--n-samples) or dims.")
+                         f"({flag('--n-samples', 'n_samples')}) or dims.")
     rng = np.random.default_rng(seed)
     means = rng.normal(0.0, separation, size=(k, dim))  # (K, N), mu_k ~ N(0, separation^2 I)
     labels = rng.integers(0, k, size=n, dtype=np.int64)  # equal weights 1/K

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag
 
 
 def resolve_device(device="auto"):
@@ -23,7 +23,8 @@ def resolve_device(device="auto"):
         except (RuntimeError, ValueError):
             raise InputError(f"The 'device' parameter must be auto, cpu or cuda. Got {device!r}.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("The 'device' parameter asks for cuda but no CUDA device is available; use --device cpu or auto.")
+        raise InputError("The 'device' parameter asks for cuda but no CUDA device is available; use "
+                         + flag("--device cpu or auto", "device='cpu' or 'auto'") + ".")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"The 'device' parameter must be auto, cpu or cuda. Got {device!r}.")
     return dev

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, marked
 from hcdiag.claims import collapsed as is_collapsed
 from hcdiag.paper import AU_THRESHOLD
 
@@ -71,7 +71,7 @@ def as_tensor(x, *, name: str, ndim: int | None = None, shape: str = "", dtype=N
             x = torch.as_tensor(arr if arr.flags.writeable else arr.copy())
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InputError(f"The '{name}' argument must be a numeric array{' of shape ' + shape if shape else ''}; "
-                             f"it could not be read as one ({exc}).") from None
+                             f"it could not be read as one ({marked(exc)}).") from None
     if x.is_complex():
         raise InputError(f"The '{name}' argument must be real-valued; got dtype {x.dtype}.")
     if ndim is not None and x.dim() != ndim:

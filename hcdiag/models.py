@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag
 
 Family = Literal["mlp", "conv", "linear"]
 
@@ -53,7 +53,8 @@ class ModelConfig:
             raise InputError(f"The activation must be one of {sorted(_ACTIVATIONS)}. Got {self.activation!r}.")
         if self.family == "conv":
             if not self.image_shape or len(self.image_shape) != 3:
-                raise InputError("The conv family needs image_shape (C, H, W); use --arch mlp for data without an image shape.")
+                raise InputError("The conv family needs image_shape (C, H, W); use " + flag("--arch mlp", "family='mlp'")
+                                 + " for data without an image shape.")
             c, h, w = self.image_shape
             if c * h * w != self.input_dim:
                 raise InputError(f"image_shape {tuple(self.image_shape)} has {c * h * w} values but input_dim is {self.input_dim}.")

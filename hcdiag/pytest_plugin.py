@@ -118,10 +118,15 @@ def pytest_collection_modifyitems(session, config, items):
 
     try:
         if runs:
+            from hcdiag.checks.barrier import parse_ids
             from hcdiag.testing import collect_items
 
+            require = config.getoption("--hcdiag-require")
+            require = parse_ids(require, "--hcdiag-require") if require else None  # the message names our option
             items.extend(collect_items(session, runs, tolerance=config.getoption("--hcdiag-tolerance"),
-                                       require=config.getoption("--hcdiag-require")))
+                                       require=require))
         items.extend(_precondition_items(session, config))
     except InputError as exc:  # a bad run file or option is a usage error: one line, no traceback
+        # str(): the library's words (parameter names, never hcdiag's own command-line flags), and _flags turns
+        # the parameters these options set into the options
         raise pytest.UsageError(f"hcdiag: {_flags(str(exc))}") from None

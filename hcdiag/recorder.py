@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hcdiag.errors import InputError, NumericalError
+from hcdiag.errors import InputError, NumericalError, marked
 from hcdiag.losses import Schedule
 from hcdiag.metrics import active_units, as_tensor, clustering_losses, kl_total, recon_mse
 from hcdiag.models import ModelConfig, build_model, encode_decode
@@ -114,7 +114,7 @@ def _array(value: Any, where: str, ndim: int, shape: str) -> torch.Tensor:
     try:
         t = as_tensor(value, name=where, ndim=ndim, shape=shape)
     except InputError as exc:
-        raise InputError(str(exc).replace(f"The '{where}' argument", where)) from None
+        raise InputError(marked(exc).replace(f"The '{where}' argument", where)) from None
     return t.detach().cpu()
 
 
@@ -304,7 +304,7 @@ class Recorder:
                 return Schedule(beta.get("schedule", "constant"), start,
                                 _finite_float(beta.get("end", start), "beta['end']")).to_dict()
             except InputError as exc:
-                raise InputError(f"beta: {exc}") from None
+                raise InputError(f"beta: {marked(exc)}") from None
         b = _finite_float(beta, "beta")
         return Schedule("constant", b, b).to_dict()
 
@@ -376,7 +376,7 @@ class Recorder:
                 # T4's teacher: P(k | x) of each clustering on the eval rows
                 resp = None if cs.get("resp") is not None else full.responsibilities(self.x.numpy())
             except (InputError, NumericalError) as exc:  # shapes that disagree, a full covariance not positive definite
-                raise InputError(f"clusterings: {exc}") from None
+                raise InputError(f"clusterings: {marked(exc)}") from None
             out["covariances"] = cov.float()
             if resp is not None:
                 out["resp"] = torch.as_tensor(resp, dtype=torch.float32)
@@ -827,5 +827,5 @@ class Recorder:
             if not partial:
                 validate_run(run)  # save_run validates as partial: a complete run must pass the full schema
         except InputError as exc:
-            raise InputError(f"refusing to write {path}: {exc}") from None
+            raise InputError(f"refusing to write {path}: {marked(exc)}") from None
         return save_run(run, path)

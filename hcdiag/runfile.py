@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag, marked
 from hcdiag.paper import METHODS as PAPER_METHODS
 from hcdiag.records import (HISTORY_SERIES, MODEL_FAMILIES, REFERENCE_NAMES, RESP_ROW_TOL, Aggressive,  # noqa: F401
                             Clusterings, Dims, EvalSet, History, Outputs, Reference, References, Refinement, Round,
@@ -50,8 +50,9 @@ METHODS = PAPER_METHODS  # hcdiag's trainer's methods; a producer may name its o
 
 _ALLOWED = "tensors, dicts, lists, tuples, str, int, float, bool and None"
 _DOCS = "see docs/runfile.md"
-_PARTIAL_HINT = ("load it with partial=True (on the command line: hcdiag check-barrier --partial) to check a run "
-                 "still training")
+_PARTIAL_HINT = (f"load it with partial=True{flag(' (on the command line: hcdiag check-barrier --partial)', '')} to "
+                 "check a run still training")
+_MAX_MEMORY = flag("--max-memory", "max_memory")  # load_run's memory bound, the command line's --max-memory
 # Levels of dicts, lists and tuples a run file may nest. The schema needs 5 (references.<r>.snapshots.<name>.<key>);
 # a file nesting deeper is not a run file, and walking it must not end in a RecursionError.
 MAX_DEPTH = 64
@@ -259,9 +260,10 @@ class _Validator:
                 with torch.device("meta"):
                     self._meta[key] = CLASSES[cfg.family](cfg)
             except InputError as exc:
-                raise InputError(f"{where} cannot be built: {str(exc).rstrip('.')}; fix {where}, {_DOCS}.") from None
+                raise InputError(f"{where} cannot be built: {marked(exc).rstrip('.')}; fix {where}, {_DOCS}.") from None
             except Exception as exc:  # noqa: BLE001 (a config the constructors cannot use: one line, no traceback)
-                raise InputError(f"{where} cannot be built ({type(exc).__name__}: {exc}); fix {where}, {_DOCS}.") from None
+                raise InputError(f"{where} cannot be built ({type(exc).__name__}: {marked(exc)}); fix {where}, "
+                                 f"{_DOCS}.") from None
         return self._meta[key]
 
     def expected_state(self, model: dict, where: str) -> dict[str, tuple[int, ...]]:
@@ -531,9 +533,9 @@ class _Validator:
             return
         big, what = max(parts)
         raise InputError(f"checking this run needs about {format_bytes(total)}, more than the memory bound "
-                         f"(--max-memory) of {format_bytes(limit)}; the largest part is {what}: "
-                         f"{format_bytes(big)}. Raise --max-memory if this machine has the memory (e.g. "
-                         f"--max-memory {_size_arg(total)}); if those sizes are wrong, fix the producer, {_DOCS}.")
+                         f"({_MAX_MEMORY}) of {format_bytes(limit)}; the largest part is {what}: "
+                         f"{format_bytes(big)}. Raise {_MAX_MEMORY} if this machine has the memory (e.g. "
+                         f"{_size_arg(total)}); if those sizes are wrong, fix the producer, {_DOCS}.")
 
 
 def validate_run(run: dict, *, partial: bool = False, max_memory: int | None = None) -> None:
@@ -582,8 +584,10 @@ def format_bytes(n: float) -> str:
 
 
 def _size_arg(n: int) -> str:
-    """A ``--max-memory`` value at least ``n`` bytes, in whole MiB or GiB (``512M``, ``17G``)."""
-    return f"{math.ceil(n / 2**20)}M" if n < 2**30 else f"{math.ceil(n / 2**30)}G"
+    """A memory bound of at least ``n`` bytes, in whole MiB or GiB, as it is given: ``--max-memory 512M`` on the
+    command line, ``max_memory=512 * 2**20`` to :func:`load_run`."""
+    count, unit, power = (math.ceil(n / 2**20), "M", 20) if n < 2**30 else (math.ceil(n / 2**30), "G", 30)
+    return flag(f"--max-memory {count}{unit}", f"max_memory={count} * 2**{power}")
 
 
 def machine_memory() -> int | None:
@@ -952,9 +956,9 @@ def load_run(path: str | os.PathLike, *, partial: bool = False, max_memory: int 
     if not head:
         raise InputError(f"{where}: is empty (0 bytes), not a run file; it was never written: run the training again.")
     if st.st_size > limit:
-        raise InputError(f"{where}: is {format_bytes(st.st_size)}, more than the memory bound (--max-memory) of "
-                         f"{format_bytes(limit)}, and loading it takes about its size in memory; raise --max-memory if "
-                         f"this machine has the memory (e.g. --max-memory {_size_arg(2 * st.st_size)}), or check it on a "
+        raise InputError(f"{where}: is {format_bytes(st.st_size)}, more than the memory bound ({_MAX_MEMORY}) of "
+                         f"{format_bytes(limit)}, and loading it takes about its size in memory; raise {_MAX_MEMORY} if "
+                         f"this machine has the memory (e.g. {_size_arg(2 * st.st_size)}), or check it on a "
                          "larger machine.")
     if head.startswith(b"PK"):
         _check_zip(p, where)
@@ -974,7 +978,7 @@ def load_run(path: str | os.PathLike, *, partial: bool = False, max_memory: int 
                          f"dicts and lists only a few levels deep: write the run with hcdiag.runfile.save_run, {_DOCS}.") from None
     except MemoryError:
         raise InputError(f"{where}: does not fit in this machine's memory (MemoryError in torch.load); check it on a "
-                         "machine with more memory, or lower --max-memory so such files are refused earlier.") from None
+                         f"machine with more memory, or lower {_MAX_MEMORY} so such files are refused earlier.") from None
     except Exception as exc:  # torch raises many types for bad files; each becomes one line
         import pickle
 
@@ -992,7 +996,7 @@ def load_run(path: str | os.PathLike, *, partial: bool = False, max_memory: int 
     try:
         return Run(data, p, partial=partial, max_memory=limit)
     except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
+        raise InputError(f"{where}: {marked(exc)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1076,7 +1080,7 @@ def save_run(run: dict, path: str | os.PathLike) -> Path:
     try:
         validate_run(run, partial=True)
     except InputError as exc:
-        raise InputError(f"refusing to write {p}: {exc}") from None
+        raise InputError(f"refusing to write {p}: {marked(exc)}") from None
     folder = p.parent
     if p.is_dir():
         raise InputError(f"{p}: is a directory; pass a file name for the run file (e.g. {p / 'run.pt'}).")

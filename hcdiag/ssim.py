@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, marked
 
 # Wang, Simoncelli & Bovik 2003, fine to coarse
 STANDARD_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -132,7 +132,7 @@ def _as_tensor(v, name: str) -> torch.Tensor:
             v = torch.as_tensor(v)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InputError(f"{name} must be a tensor or array of images; it could not be read as one "
-                             f"({exc}).") from None
+                             f"({marked(exc)}).") from None
     if v.is_complex():
         raise InputError(f"{name} must be real-valued; got dtype {v.dtype}.")
     return v

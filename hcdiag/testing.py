@@ -88,7 +88,7 @@ class RunFileCollector(pytest.Collector):
         self.run_path, self.tolerance, self.require = run_path, tolerance, require
 
     def collect(self):
-        ids = parse_ids(self.require, "--hcdiag-require") if self.require else None
+        ids = parse_ids(self.require, "require") if self.require else None
         for r in run_checks(self.run_path, select=ids, tolerance=self.tolerance):
             yield BarrierItem.from_parent(self, name=r.id, result=r, run_path=self.run_path)
 

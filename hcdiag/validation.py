@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag
 
 #: Largest |value| a data matrix may hold (see the module docstring).
 MAX_ABS = 1e15
@@ -126,7 +126,7 @@ def as_data_matrix(x, *, name: str = "data", drop_nonfinite: bool = False, min_r
         if bad.size:
             if not drop_nonfinite:
                 raise InputError(f"The {name} holds {bad.size} row(s) with NaN or inf ({_where(bad)}); "
-                                 "clean them or pass --drop-nonfinite to drop them.")
+                                 f"clean them or pass {flag('--drop-nonfinite', 'drop_nonfinite=True')} to drop them.")
         big = np.flatnonzero(finite & ((hi > MAX_ABS) | (lo < -MAX_ABS)))
         if big.size:
             largest = float(max(np.abs(hi[big]).max(), np.abs(lo[big]).max()))

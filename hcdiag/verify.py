@@ -21,7 +21,7 @@ from typing import Callable
 
 
 from hcdiag import claims
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag
 from hcdiag.paper import DATASETS, INCONSISTENCIES, PAPER_ABLATION
 
 @dataclass(frozen=True)
@@ -98,11 +98,11 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
     if preset not in GRIDS:
         raise InputError(f"The 'preset' parameter must be one of {', '.join(GRIDS)}. Got {preset!r}.")
     if seeds < 1:
-        raise InputError(f"--seeds must be an integer >= 1. Got {seeds}.")
+        raise InputError(f"{flag('--seeds', 'seeds')} must be an integer >= 1. Got {seeds}.")
     if groups is not None:
         bad = [x for x in groups if x not in GROUPS]
         if bad or not groups:
-            raise InputError(f"--groups: unknown group(s) {', '.join(bad) or '(none given)'}; "
+            raise InputError(f"{flag('--groups', 'groups')}: unknown group(s) {', '.join(bad) or '(none given)'}; "
                              f"choose among {', '.join(GROUPS)}.")
         return [j for j in build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses)
                 if j.group in groups]
@@ -212,7 +212,7 @@ def _failure(job: Job, exc: BaseException) -> dict:
     elif isinstance(exc, HcdiagError):
         msg = str(exc)
     else:
-        msg = f"{type(exc).__name__}: {exc}"
+        msg = f"{type(exc).__name__}: {str(exc)}"  # a record: the library's words
     return {"job": asdict(job), "run": None, "checks": None, "trained": False, "seconds": 0.0,
             "error": msg.splitlines()[0] if msg else type(exc).__name__}
 
@@ -273,7 +273,9 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         try:
             import submitit
         except ImportError:
-            raise InputError("--executor submitit needs the submitit package: pip install 'hcdiag[cluster]'.") from None
+            submitit_flag = flag("--executor submitit", "executor='submitit'")
+            raise InputError(f"{submitit_flag} needs the submitit package: "
+                             "pip install 'hcdiag[cluster]'.") from None
         slurm = dict(slurm or {})
         cluster = slurm.pop("cluster", None)
         ex = submitit.AutoExecutor(folder=str(Path(out_dir) / "submitit"), cluster=cluster)
@@ -294,7 +296,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                 what = f"FAILED: {out[-1]['error']}" if out[-1].get("error") else f"job {s.job_id}"
                 progress(f"[{i + 1}/{len(jobs)}] {jobs[i].name} ({what})")
         return out
-    raise InputError(f"--executor must be local or submitit. Got {executor!r}.")
+    raise InputError(f"{flag('--executor', 'executor')} must be local or submitit. Got {executor!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,11 +465,11 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
     abl = [r for r in recs if r["job"]["group"] == "ablation"]
     rows += [a for a in ablation_rows(abl, preset) if a["verdict"] != "reported"]
     if not abl:
-        why = ("not run in the smoke preset" if not GRIDS[preset]["ablations"] else "not run (--groups without ablation)")
+        why = ("not run in the smoke preset" if not GRIDS[preset]["ablations"] else "not run (groups without ablation)")
         rows.append({"id": "ablation", "claim": "Ablations: " + "; ".join(c for _, c, _ in PAPER_ABLATION.values()),
                      "item": "ablations", "section": "5.5, Figures 4 and 8",
                      "paper": "see Figures 4 and 8", "ours": why, "verdict": "inconclusive",
-                     "conditions": "run with --preset paper", "runs": [], "values": {}})
+                     "conditions": "run with the paper preset", "runs": [], "values": {}})
     return rows
 
 
@@ -571,6 +573,9 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
     return report.write_files(out_dir, files)
 
 
+_OUT = flag("--out", "out_dir")  # verify's output folder
+
+
 def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: int = 1, executor: str = "local",
            device: str = "auto", workers: int | None = None, data_dir=None, losses=None,
            progress: Callable[[str], None] | None = None, slurm: dict | None = None,
@@ -580,7 +585,8 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
     datasets = list(datasets)
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
-        raise InputError(f"--datasets: unknown dataset(s) {', '.join(bad)}; choose among {', '.join(DATASETS)}.")
+        raise InputError(f"{flag('--datasets', 'datasets')}: unknown dataset(s) {', '.join(bad)}; choose among "
+                         f"{', '.join(DATASETS)}.")
     jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups)
     # fail early, before any training or writing, on a dataset that cannot be loaded
     from hcdiag.data import load
@@ -588,17 +594,18 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
     for ds in datasets:
         load(ds, n_samples=GRIDS.get(preset, {}).get("n_samples", {}).get(ds) or 100, data_dir=data_dir)
     if not str(out_dir).strip():
-        raise InputError(f"--out must name a folder. Got {str(out_dir)!r}.")
+        raise InputError(f"{_OUT} must name a folder. Got {str(out_dir)!r}.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder.")
+        raise InputError(f"{_OUT} {out} is a file; give a folder.")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except NotADirectoryError:
-        raise InputError(f"--out {out} cannot be created: part of its path is a file, not a folder; "
+        raise InputError(f"{_OUT} {out} cannot be created: part of its path is a file, not a folder; "
                          "choose another folder.") from None
     except OSError as exc:
-        raise InputError(f"--out {out} cannot be created ({exc.strerror or exc}); choose a writable folder.") from None
+        raise InputError(f"{_OUT} {out} cannot be created ({exc.strerror or str(exc)}); "
+                         "choose a writable folder.") from None
     try:
         if not os.access(out, os.W_OK):
             raise PermissionError(13, "permission denied")
@@ -607,7 +614,7 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
         with tempfile.TemporaryFile(dir=out):  # root passes os.access; a read-only file system does not pass this
             pass
     except OSError as exc:
-        raise InputError(f"--out {out} is not writable ({(exc.strerror or str(exc)).lower()}); "
+        raise InputError(f"{_OUT} {out} is not writable ({(exc.strerror or str(exc)).lower()}); "
                          "choose another folder.") from None
     if progress:
         progress(f"verify: {len(jobs)} runs ({preset} preset) into {out}")

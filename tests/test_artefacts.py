@@ -212,9 +212,9 @@ def test_table2_without_cifar_files_is_inconclusive(tmp_path):
     res = artefacts.table2("smoke", ["cifar10"], 1, tmp_path / "out", data_dir=tmp_path)
     (row,) = res.rows
     assert row["verdict"] == "inconclusive"
-    assert row["ours"].startswith("not run: CIFAR-10 files not found in --data-dir")
+    assert row["ours"].startswith("not run: CIFAR-10 files not found in the data folder (data_dir) (CIFAR-10 not found")
     assert res.figures() == {} and not (tmp_path / "out" / "table2").exists()
-    with pytest.raises(InputError, match=r"^--datasets: Table 2 is on cifar10 only\. Got synthetic\.$"):
+    with pytest.raises(InputError, match=r"^datasets: Table 2 is on cifar10 only\. Got synthetic\.$"):
         artefacts.table2("smoke", ["synthetic"], 1, tmp_path / "out")
 
 
@@ -287,13 +287,13 @@ def test_figure4_reduced_runs_recompute(tmp_path):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda d: artefacts.table1("smoke", ["foo"], 1, d), r"^--datasets: unknown dataset\(s\) foo; choose among synthetic"),
-    (lambda d: artefacts.figure5("smoke", "", 1, d), r"^--datasets: unknown dataset\(s\) \(none given\)"),
-    (lambda d: artefacts.phase("huge", ["synthetic"], 1, d), r"^--preset must be one of smoke, paper\. Got 'huge'\.$"),
-    (lambda d: artefacts.diffusion("smoke", ["synthetic"], 0, d), r"^--seeds must be an integer >= 1\. Got 0\.$"),
+    (lambda d: artefacts.table1("smoke", ["foo"], 1, d), r"^datasets: unknown dataset\(s\) foo; choose among synthetic"),
+    (lambda d: artefacts.figure5("smoke", "", 1, d), r"^datasets: unknown dataset\(s\) \(none given\)"),
+    (lambda d: artefacts.phase("huge", ["synthetic"], 1, d), r"^preset must be one of smoke, paper\. Got 'huge'\.$"),
+    (lambda d: artefacts.diffusion("smoke", ["synthetic"], 0, d), r"^seeds must be an integer >= 1\. Got 0\.$"),
     (lambda d: artefacts.figure2("smoke", ["synthetic"], 1, d, loss="sum"),
-     r"^--loss must be one of literal, scaled, mean\. Got 'sum'\.$"),
-    (lambda d: artefacts.figure4("smoke", ["synthetic"], 1, d / "file"), r"^--out .*file is a file; give a folder\.$"),
+     r"^loss must be one of literal, scaled, mean\. Got 'sum'\.$"),
+    (lambda d: artefacts.figure4("smoke", ["synthetic"], 1, d / "file"), r"^out_dir .*file is a file; give a folder\.$"),
 ])
 def test_bad_input_is_one_line(tmp_path, call, match):
     (tmp_path / "file").write_text("x")

@@ -963,7 +963,7 @@ def test_the_same_file_gives_the_same_numbers_twice(seed, tmp_path):
 def test_parse_ids_is_case_insensitive_and_names_unknown_ids():
     assert parse_ids("n1, t2B ,au") == ["N1", "T2b", "AU"]
     assert parse_ids(None) == list(CHECKS)
-    with pytest.raises(InputError, match=r"^--require: unknown check id\(s\) X9, T7; valid ids are N1, N2, N3, T1"):
+    with pytest.raises(InputError, match=r"^select: unknown check id\(s\) X9, T7; valid ids are N1, N2, N3, T1"):
         parse_ids("N1,X9,T7")
     with pytest.raises(InputError, match=r"^--only names no check; valid ids are N1"):
         parse_ids(" , ", "--only")

@@ -160,7 +160,7 @@ def test_to_dict_round_trip_and_shape_check():
 
 def test_check_r0_messages():
     assert check_r0(16) == 16 and check_r0(2) == 2 and check_r0(24, uneven=True) == 24
-    with pytest.raises(InputError, match=r"24 is not a power of two; use 16 or 32, or pass --uneven-halving"):
+    with pytest.raises(InputError, match=r"24 is not a power of two; use 16 or 32, or pass uneven=True"):
         check_r0(24)
     with pytest.raises(InputError, match="3 is not a power of two; use 2 or 4"):
         check_r0(3)

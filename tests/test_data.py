@@ -192,9 +192,9 @@ def test_truncated_and_corrupt_idx(tmp_path, seed):
 def test_missing_idx_dataset_names_files_and_howto(tmp_path):
     with pytest.raises(InputError, match=r"^Fashion-MNIST not found: looked for " + str(tmp_path)
                        + r"/train-images-idx3-ubyte.gz, " + str(tmp_path) + r"/t10k-images-idx3-ubyte.gz \(or the "
-                       r"same without .gz\); apt-get install dataset-fashion-mnist, or pass --data-dir[^\n]*$"):
+                       r"same without .gz\); apt-get install dataset-fashion-mnist, or pass data_dir=FOLDER[^\n]*$"):
         fashion_mnist(tmp_path, split="all")
-    with pytest.raises(InputError, match=r"The mnist dataset needs --data-dir \(data_dir=\): pass --data-dir FOLDER"):
+    with pytest.raises(InputError, match=r"The mnist dataset needs data_dir: pass data_dir=FOLDER"):
         load("mnist")
     with pytest.raises(InputError, match=r"MNIST not found: looked for .*nowhere/train-images-idx3-ubyte.gz"):
         mnist(tmp_path / "nowhere")
@@ -311,7 +311,7 @@ def test_missing_cifar_names_files(tmp_path):
     with pytest.raises(InputError, match=r"^CIFAR-10 not found: looked for " + str(tmp_path) + r"/test_batch \(also under "
                        + str(tmp_path) + r"/cifar-10-batches-py\); download cifar-10-python.tar.gz from [^\n]*$"):
         cifar10(tmp_path, split="test")
-    with pytest.raises(InputError, match=r"The cifar10 dataset needs --data-dir \(data_dir=\): download"):
+    with pytest.raises(InputError, match=r"The cifar10 dataset needs data_dir: download"):
         load("cifar-10")
 
 
@@ -435,7 +435,7 @@ def test_nonfinite_rows_refused_or_dropped(tmp_path, seed):
     x[9, 0] = np.inf
     np.save(tmp_path / "nan.npy", x)
     with pytest.raises(InputError, match=r"holds 3 row\(s\) with NaN or inf \(rows 4, 9, 17\); clean them or pass "
-                                         r"--drop-nonfinite"):
+                                         r"drop_nonfinite=True"):
         load(str(tmp_path / "nan.npy"))
     ds = load(str(tmp_path / "nan.npy"), drop_nonfinite=True)
     assert np.array_equal(ds.x, np.delete(x, [4, 9, 17], axis=0))

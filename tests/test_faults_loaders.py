@@ -527,7 +527,7 @@ def test_verify_out_under_a_file_in_a_real_subprocess(tmp_path):
 
 
 def test_verify_out_that_cannot_be_created_or_written(tmp_path, capsys, monkeypatch, no_runs):
-    with pytest.raises(InputError, match=r"^--out must name a folder\. Got ''\.$"):  # the library's own check
+    with pytest.raises(InputError, match=r"^out_dir must name a folder\. Got ''\.$"):  # the library's own check
         verify_mod.verify("", datasets=["synthetic"])
     inproc(capsys, tmp_path, ["verify", "--out", "/proc/hcdiag-no-such-dir/out"],
            r"^hcdiag verify: error: --out /proc/hcdiag-no-such-dir/out cannot be created \(No such file or directory\); "

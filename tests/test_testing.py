@@ -101,6 +101,23 @@ def test_plugin_bad_run_file_is_a_usage_error_without_traceback(pytester, tmp_pa
     assert "Traceback" not in err + result.stdout.str()
 
 
+def test_plugin_messages_name_its_own_options_never_hcdiags_flags(pytester, run_path, tmp_path):
+    """A bad --hcdiag-require names that option; a library error naming one of ``hcdiag``'s own flags (here
+    check-barrier's --partial) reaches the plugin's user in the library's words."""
+    result = pytester.runpytest("--hcdiag-run", str(run_path), "--hcdiag-require", "N1,Z1", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "hcdiag: --hcdiag-require: unknown check id(s) Z1; valid ids are N1, " in result.stderr.str()
+    from hcdiag.runfile import example_run
+
+    partial = save_run(example_run(complete=False), tmp_path / "partial.pt")
+    result = pytester.runpytest("--hcdiag-run", str(partial), "-p", "no:cacheprovider")
+    err = result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert (f"hcdiag: {partial}: status says the run is not complete (it stopped at stage 'stage1'); wait for training "
+            "to finish, or load it with partial=True to check a run still training.") in err
+    assert "--partial" not in err and "\u27ea" not in err
+
+
 def test_plugin_is_inert_without_the_option(pytester):
     pytester.makepyfile("def test_plain():\n    assert True\n")
     result = pytester.runpytest("-p", "no:cacheprovider")

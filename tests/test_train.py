@@ -637,7 +637,7 @@ def test_resume_of_a_file_that_predates_a_setting_at_its_default(seed, tmp_path,
             assert torch.equal(v, resumed["snapshots"][name][k]), (name, k)
     save_run(old, tmp_path / "old2.pt")
     other = make_config(None, seed=seed, deterministic=True, **{**TINY, "r0": 8, "references": (), "em_tol": 0.5})
-    with pytest.raises(InputError, match=r"--resume: .*old2\.pt was written with another config \(keys differ: "
+    with pytest.raises(InputError, match=r"resume: .*old2\.pt was written with another config \(keys differ: "
                                          r"train\.em_tol\)"):
         Trainer(other, x, tmp_path / "old2.pt").run(resume=True)
 

@@ -18,7 +18,7 @@ def test_refuses_nonfinite_with_count_and_where():
     x = np.ones((10, 3))
     x[4, 1] = np.nan
     x[7, 0] = np.inf
-    with pytest.raises(InputError, match=r"holds 2 row\(s\) with NaN or inf \(rows 4, 7\); clean them or pass --drop-nonfinite"):
+    with pytest.raises(InputError, match=r"holds 2 row\(s\) with NaN or inf \(rows 4, 7\); clean them or pass drop_nonfinite=True"):
         as_data_matrix(x)
 
 

@@ -32,8 +32,9 @@ CHECKS: dict[str, Callable[[RunContext], CheckResult]] = {
 }
 
 
-def parse_ids(text: str | list[str] | None, what: str = "--require") -> list[str]:
-    """Check ids from a comma list (case-insensitive); refuses unknown ids naming the valid ones."""
+def parse_ids(text: str | list[str] | None, what: str = "select") -> list[str]:
+    """Check ids from a comma list (case-insensitive); refuses unknown ids naming the valid ones. ``what`` is
+    where the ids came from, as the message names it: a parameter, or the caller's command-line option."""
     if text is None:
         return list(CHECKS)
     items = text.split(",") if isinstance(text, str) else list(text)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, marked
 
 __all__ = ["Evidence", "RefinementEvidence", "RoundEvidence", "data_scale", "loss_tolerance",
            "output_tolerance", "recompute", "verify"]
@@ -185,7 +185,7 @@ def verify(ctx) -> Evidence:
     except InputError as exc:
         if ctx.run.path is None:
             raise
-        raise InputError(f"{ctx.run.path}: {exc}") from None
+        raise InputError(f"{ctx.run.path}: {marked(exc)}") from None
     return ev
 
 

@@ -49,7 +49,7 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hcdiag.errors import InputError, NumericalError
+    from hcdiag.errors import InputError, NumericalError, cli_text
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (InputError, NumericalError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = cli_text(exc).strip()  # the library's message, its flags as this command line spells them
+        msg = text.splitlines()[0] if text else type(exc).__name__
         print(f"hcdiag {args.command}: error: {msg}", file=sys.stderr)
         return 2 if isinstance(exc, InputError) else 1
     except KeyboardInterrupt:

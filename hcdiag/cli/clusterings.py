@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from hcdiag.cli import common
     from hcdiag.formats import format_table
     from hcdiag.clusterings import audit, check_r0, check_seed, fit_clusterings
-    from hcdiag.errors import InputError, NumericalError
+    from hcdiag.errors import InputError, NumericalError, marked
 
     check_seed(args.seed, check_r0(args.r0, uneven=args.uneven_halving))  # refused before loading any data
     ds = common.load_data(args)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                              n_jobs=args.n_jobs, device=args.device, uneven=args.uneven_halving,
                              progress=None if args.quiet else progress)
     except NumericalError as exc:  # user-fixable: fewer components or a larger reg_covar
-        raise InputError(str(exc)) from None
+        raise InputError(marked(exc)) from None
     au = audit(cs, x, tol=args.audit_tol)
     payload = {
         "data": {"name": getattr(ds, "name", str(args.data)), "n": int(x.shape[0]), "dim": int(x.shape[1])},

@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag
+
+# what the messages name: the command line's flags, or the trainer's own parameters
+_OUT, _RESUME, _OVERWRITE = flag("--out", "out"), flag("--resume", "resume"), flag("--overwrite", "overwrite=True")
 
 
 def claim_out(t, *, resume: bool, overwrite: bool):
@@ -27,25 +30,25 @@ def claim_out(t, *, resume: bool, overwrite: bool):
     if source and out.exists():
         src = Path(source)
         if src.is_file() and os.path.samefile(out, src):  # same inode: hard links and symlinks too
-            raise InputError(f"--out {out} is the data file this run reads ({src}); writing the run there would "
-                             "destroy the data: choose another --out.")
+            raise InputError(f"{_OUT} {out} is the data file this run reads ({src}); writing the run there would "
+                             f"destroy the data: choose another {_OUT}.")
         if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
-            raise InputError(f"--out {out} is a file in the data folder {src} that this run reads; write the run "
-                             "file outside it (another --out).")
+            raise InputError(f"{_OUT} {out} is a file in the data folder {src} that this run reads; write the run "
+                             f"file outside it (another {_OUT}).")
     lock = OutputLock(out, owner="train")
     try:
         lock.acquire()
     except OutputBusy as busy:
         who = f"another hcdiag train (pid {busy.pid})" if busy.pid else "another hcdiag train"
-        raise InputError(f"--out {out} is being written by {who}; wait for it to finish or choose another "
-                         "--out.") from None
+        raise InputError(f"{_OUT} {out} is being written by {who}; wait for it to finish or choose another "
+                         f"{_OUT}.") from None
     except OSError as exc:
-        raise InputError(f"--out {out}: cannot create its lock file {lock.path} ({exc.strerror}); choose a "
+        raise InputError(f"{_OUT} {out}: cannot create its lock file {lock.path} ({exc.strerror}); choose a "
                          "writable folder.") from None
     if out.exists() and not resume and not overwrite:
         lock.release()
-        raise InputError(f"--out {out} already exists; pass --resume to continue it, --overwrite to replace it, "
-                         "or choose another --out.")
+        raise InputError(f"{_OUT} {out} already exists; pass {flag('--resume', 'resume=True')} to continue it, "
+                         f"{_OVERWRITE} to replace it, or choose another {_OUT}.")
     return lock
 
 
@@ -70,8 +73,8 @@ def load_for_resume(t) -> dict | None:
         diff = [f"train.{k}" for k in sorted(set(old) | set(mine["train"]))
                 if k != "device" and old.get(k) != mine["train"].get(k)] or ["fingerprint.settings"]
     if diff:
-        raise InputError(f"--resume: {t.out} was written with another config (keys differ: {', '.join(diff)}); "
-                         "use the same flags or another --out.")
+        raise InputError(f"{_RESUME}: {t.out} was written with another config (keys differ: {', '.join(diff)}); "
+                         f"use the same {flag('flags', 'settings')} or another {_OUT}.")
     prev["config"]["fingerprint"] = t.fingerprint
     if prev.get("status", {}).get("complete", True) and "resume" not in prev:
         return {"complete": prev}
@@ -139,14 +142,14 @@ def check_same_data(t, prev: dict) -> None:
 
             from hcdiag.errors import HcdiagWarning
 
-            warnings.warn(f"--resume: {t.out} has no data fingerprint (written by an earlier hcdiag); its "
+            warnings.warn(f"{_RESUME}: {t.out} has no data fingerprint (written by an earlier hcdiag); its "
                           f"{len(mine_x)} evaluation rows and data mean match this data, so it is resumed.",
                           HcdiagWarning, stacklevel=2)
             return
         what = (f"same shape {t.n} x {t.N}, other values: {rows} of its {len(mine_x)} evaluation rows differ"
                 if rows else f"same shape {t.n} x {t.N} and evaluation rows, other values elsewhere")
-    raise InputError(f"--resume: {t.out} was trained on other data ({what}); resume with the data it was "
-                     "trained on, or start a new run with another --out (or --overwrite).")
+    raise InputError(f"{_RESUME}: {t.out} was trained on other data ({what}); resume with the data it was "
+                     f"trained on, or start a new run with another {_OUT} (or {_OVERWRITE}).")
 
 
 def fingerprints(c, x: np.ndarray) -> dict:
@@ -183,8 +186,8 @@ def _norm(v):
 def check_writable(path: Path) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if path.exists() and path.is_dir():
-        raise InputError(f"--out {path} is a directory; give a file name such as {path / 'run.pt'}.")
+        raise InputError(f"{_OUT} {path} is a directory; give a file name such as {path / 'run.pt'}.")
     if not folder.exists():
-        raise InputError(f"--out {path}: the folder {folder} does not exist; create it first.")
+        raise InputError(f"{_OUT} {path}: the folder {folder} does not exist; create it first.")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"--out {path}: the folder {folder} is not writable; choose another --out.")
+        raise InputError(f"{_OUT} {path}: the folder {folder} is not writable; choose another {_OUT}.")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hcdiag.device import resolve_device
-from hcdiag.errors import InputError, NumericalError
+from hcdiag.errors import InputError, NumericalError, flag, marked, render
 from hcdiag.losses import LossWeights, Schedule
 from hcdiag.models import ModelConfig, build_model
 from hcdiag.train import guard
@@ -83,7 +83,8 @@ class Trainer:
         shape = getattr(self.dataset, "image_shape", None)
         if c.arch == "conv":
             if not shape:
-                raise InputError("The conv architecture needs image data (fashion-mnist, mnist, cifar10, digits); use --arch mlp.")
+                raise InputError("The conv architecture needs image data (fashion-mnist, mnist, cifar10, digits); use "
+                                 + flag("--arch mlp", "arch='mlp'") + ".")
             image_shape = (1, *shape) if len(shape) == 2 else tuple(shape)
         return ModelConfig(family=c.arch, input_dim=self.N, latent_dim=c.latent_dim, enc_widths=tuple(c.enc_widths),
                            dec_widths=tuple(c.dec_widths), activation=c.activation, image_shape=image_shape,
@@ -245,22 +246,22 @@ class Trainer:
         """The message of a non-finite loss at ``where`` (stage, round, epoch, step), after writing what the
         run has so far as a partial run file (status.complete False, the message in status.error)."""
         run, out = (self.writer.run if self.writer else None), self.out
-        cure = "Lower --lr or change --multiple/--loss."
+        cure = f"Lower {flag('--lr', 'lr')} or change {flag('--multiple', 'multiple')}/{flag('--loss', 'loss')}."
         if run is None or out is None:
             return f"non-finite loss in {where}; nothing was written (no run file). {cure}"
-        what = ("" if "resume" in run else " (the stage-0 clusterings and the initial model; --resume starts "
-                "over from them)")
+        what = ("" if "resume" in run else " (the stage-0 clusterings and the initial model; "
+                f"{flag('--resume', 'resume=True')} starts over from them)")
         msg = (f"non-finite loss in {where}; the last good state{what} is kept in {out} as a partial run "
-               f"(hcdiag check-barrier --partial {out}). {cure}")
+               f"({flag('hcdiag check-barrier --partial', 'load_run(partial=True) reads')} {out}). {cure}")
         stage = run["resume"]["position"].get("stage", "stage1") if "resume" in run else (
             "stage1" if self.method.pipeline else "baseline")
-        run["status"] = {"complete": False, "stage": stage, "error": msg}
+        run["status"] = {"complete": False, "stage": stage, "error": render(msg, cli=False)}  # the library's words
         from hcdiag.runfile import save_run
 
         try:
             save_run(finalize_history(run), out)
         except InputError as exc:
-            return f"non-finite loss in {where}; the partial run could not be written either ({exc}). {cure}"
+            return f"non-finite loss in {where}; the partial run could not be written either ({marked(exc)}). {cure}"
         return msg
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hcdiag.errors import InputError
+from hcdiag.errors import InputError, flag, marked
 from hcdiag.records import Aggressive, Reference, Refinement, Round, Stage3
 
 STAGE_CODES = {"stage0": 0, "stage1": 1, "stage2": 2, "stage3": 3, "baseline": 1, "reference": 4}
@@ -202,9 +202,10 @@ class RunWriter:
             status = run.get("status") or {}
             what = ("Training finished but was not saved" if status.get("complete")
                     else f"Training stopped before stage {status.get('stage')!r}")
-            then = ("run the same command with --resume to continue from the last save" if self.has_save
+            then = (f"{flag('run the same command with --resume', 'run it again with resume=True')} to continue "
+                    "from the last save" if self.has_save
                     else "run the same command again (nothing of this run was saved yet)")
-            raise InputError(f"{exc} {what}; once there is room, {then}.") from None
+            raise InputError(f"{marked(exc)} {what}; once there is room, {then}.") from None
         self.has_save = True
 
 
