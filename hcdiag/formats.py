@@ -8,6 +8,7 @@ A leaf module (numpy only, imported lazily), so that reports, verify and the art
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -20,6 +21,8 @@ def to_jsonable(obj: Any) -> Any:
         np = None
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. hcdiag.plan.Counts
+        return to_jsonable(dataclasses.asdict(obj))
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch tensor

@@ -117,10 +117,11 @@ def _median_block(fns: dict, reps: int, blocks: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def unit_costs(data, preset: str = "paper", *, em_r0: int = 1, device: str = "cpu", reps: int = 3,
-               blocks: int = 3) -> dict:
+def unit_costs(data, preset: str = "paper", *, em_r0: int = 2, device: str = "cpu", reps: int = 3,
+               blocks: int = 3, **overrides) -> dict:
     """Seconds per vanilla step, HCT step, history evaluation, MI estimate and EM run (``em_r0`` runs timed,
-    divided), with ``preset``'s architecture, batch and evaluation rows on ``data``; also ``params``."""
+    divided), with ``preset``'s architecture, batch and evaluation rows (and ``overrides``, e.g. a grid's) on
+    ``data``; also ``params``."""
     import torch
 
     from hcdiag.clusterings import fit_clusterings
@@ -128,7 +129,7 @@ def unit_costs(data, preset: str = "paper", *, em_r0: int = 1, device: str = "cp
     from hcdiag.models import encode_decode
     from hcdiag.train import Trainer, make_config
 
-    cfg = make_config(preset, method="hct", device=device)
+    cfg = make_config(preset, **{**overrides, "method": "hct", "device": device})
     tr = Trainer(cfg, data, None)
     tr.setup()
     t = time.perf_counter()
@@ -162,6 +163,7 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
     groups: dict[tuple[str, str], list] = {}
     em_keys: dict[tuple, int] = {}
     ref_keys: dict[tuple, int] = {}
+    per_job: list[dict] = []
     for j in jobs:
         cfg = make_config(j.preset, method=j.method, multiple=j.multiple, loss=j.loss, seed=j.seed, device="cpu",
                           **dict(j.overrides))
@@ -175,8 +177,10 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
                 ref_keys[key] = reference_steps(cfg, n)
         label = {"main": f"main {j.method}{' ' + j.tag if j.tag else ''}", "phase": "phase (vanilla)",
                  "ablation": "ablations (hct)"}[j.group]
-        c = job_counts(cfg, n, shared_references=True)
-        groups.setdefault((j.dataset, label), []).append(Counts(**{**c.__dict__, "em_runs": 0}))
+        c = Counts(**{**job_counts(cfg, n, shared_references=True).__dict__, "em_runs": 0})
+        groups.setdefault((j.dataset, label), []).append(c)
+        per_job.append({"name": j.name, "hours": (c.seconds(units[j.dataset], False) / 3600,
+                                                  c.seconds(units[j.dataset], True) / 3600)})
     rows = []
     for (ds, label), cs in groups.items():
         s = sum(cs[1:], cs[0])
@@ -187,7 +191,17 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
     lo = sum(r["hours"][0] for r in rows) + em_h + ref_h
     hi = sum(r["hours"][1] for r in rows) + em_h + ref_h
     return {"rows": rows, "em_fits": sum(em_keys.values()), "em_hours": em_h, "references": len(ref_keys),
-            "reference_hours": ref_h, "hours": (lo, hi), "jobs": len(jobs)}
+            "reference_hours": ref_h, "hours": (lo, hi), "jobs": len(jobs), "per_job": per_job}
+
+
+def duration(hours: float) -> str:
+    """``hours`` in the unit that reads best: ``40 s``, ``12 min``, ``3.4 h``."""
+    s = hours * 3600
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{hours:.1f} h"
+
+
+def _span(lo: float, hi: float) -> str:
+    return duration(lo) if duration(lo) == duration(hi) else f"{duration(lo)}..{duration(hi)}"
 
 
 def format_plan(plan: dict, units: dict, workers: int) -> str:
@@ -197,17 +211,20 @@ def format_plan(plan: dict, units: dict, workers: int) -> str:
         lines.append(f"{ds}: unit costs on this machine (one thread, {u['params']:,} parameters): vanilla step "
                      f"{u['vanilla'] * 1e3:.1f} ms, HCT step {u['hct'] * 1e3:.1f} ms, evaluation {u['eval'] * 1e3:.0f} ms, "
                      f"MI {u['mi'] * 1e3:.0f} ms, EM {u['em']:.2f} s per run")
-    lines.append(f"{'dataset':<15}{'group':<24}{'jobs':>5}{'HCT steps':>24}{'vanilla steps':>24}{'hours (lo..hi)':>17}")
+    for j in plan.get("per_job", []):
+        lines.append(f"  {j['name']:<64} {_span(*j['hours'])}")
+    lines.append(f"{'dataset':<15}{'group':<24}{'jobs':>5}{'HCT steps':>24}{'vanilla steps':>24}{'time (lo..hi)':>20}")
     for r in plan["rows"]:
         c, (h_lo, h_hi) = r["counts"], r["hours"]
         lines.append(f"{r['dataset']:<15}{r['group']:<24}{r['jobs']:>5}{f'{c.hct_lo:,}..{c.hct_hi:,}':>24}"
-                     f"{f'{c.vanilla_lo:,}..{c.vanilla_hi:,}':>24}{f'{h_lo:.2f}..{h_hi:.2f}':>17}")
+                     f"{f'{c.vanilla_lo:,}..{c.vanilla_hi:,}':>24}{_span(h_lo, h_hi):>20}")
     lo, hi = plan["hours"]
-    lines.append(f"shared once: {plan['em_fits']} EM runs ({plan['em_hours']:.2f} h, the em-cache), "
-                 f"{plan['references']} collapsed/vanilla references ({plan['reference_hours']:.2f} h, the reference "
-                 "cache)")
-    lines.append(f"{plan['jobs']} jobs: {lo:.2f}..{hi:.2f} h serial on this machine; with {workers} worker(s) about "
-                 f"{lo / workers:.2f}..{hi / workers:.2f} h (a GPU divides the step and EM times, not the counts)")
+    lines.append(f"shared once: {plan['em_fits']} EM runs ({duration(plan['em_hours'])}, the em-cache), "
+                 f"{plan['references']} collapsed/vanilla references ({duration(plan['reference_hours'])}, the "
+                 "reference cache)")
+    lines.append(f"{plan['jobs']} jobs: {_span(lo, hi)} of training, serial, on this machine; with {workers} worker(s) "
+                 f"about {_span(lo / workers, hi / workers)} (the barrier checks after each run come on top; a GPU "
+                 "divides the step and EM times, not the counts)")
     return "\n".join(lines)
 
 

@@ -54,12 +54,31 @@ def text_table(results: list[CheckResult], *, width: int = 110) -> str:
     return "\n".join(lines)
 
 
+EPOCH_READINGS = {"steps": "Algorithm 1's: each active clustering gets steps_per_clustering steps per epoch",
+                  "epochs": "a full pass over the data per active clustering per epoch",
+                  "data_pass": "one pass over the data per epoch, its steps cycling through the active clusterings"}
+
+
+def run_description(run) -> str:
+    """One line on how the run was trained (a :class:`hcdiag.runfile.Run`): method, s2, loss convention and,
+    for HCT, the reading of its epoch (``config.hct.epoch_unit``), which the file records."""
+    cfg = run.config
+    parts = [f"method `{cfg.method}`", f"s2 = {cfg.s2:.4g}" + (f" ({cfg.multiple:g} x lambda_max)" if cfg.multiple else "")]
+    parts.append(f"loss convention `{cfg.loss}`" if cfg.loss else "loss convention not recorded")
+    unit = (cfg.hct or {}).get("epoch_unit")
+    if cfg.is_hct:
+        parts.append(f"HCT's epoch `{unit}`: {EPOCH_READINGS.get(unit, 'as the producer defines it')}" if unit
+                     else "HCT's epoch not recorded")
+    return "Trained with " + ", ".join(parts) + "."
+
+
 def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, figures: list[tuple[str, str]] = (),
-             require: list[str] | None = None) -> str:
+             require: list[str] | None = None, about: str | None = None) -> str:
     """A Markdown report: the verdict table, each check's numbers and witness, the figures. ``Overall`` is
     decided by the ``require``d checks (default all), as the JSON document and the exit status are."""
     deciding = f" (deciding checks: {', '.join(require)})" if require else ""
-    out = ["# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", f"Tolerance tau = {tolerance:g}  ",
+    out = ["# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", *([f"{about}  "] if about else []),
+           f"Tolerance tau = {tolerance:g}  ",
            f"Overall: **{overall(results, require)}**{deciding}", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
     for r in results:
         out.append(f"| {r.id} | {r.section} | {r.verdict} | {(r.summary or r.reason or '').replace('|', '/')} |")

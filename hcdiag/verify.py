@@ -92,9 +92,26 @@ def ablation_jobs(preset: str, dataset: str, ablations: dict, *, loss: str, n_sa
 
 
 def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", data_dir=None,
-               losses: list[str] | None = None, groups: list[str] | None = None) -> list[Job]:
+               losses: list[str] | None = None, groups: list[str] | None = None, methods: list[str] | None = None,
+               multiples: list[float] | None = None) -> list[Job]:
     """The jobs of a preset's grid; ``groups`` keeps only some of main (methods x multiples x conventions),
-    phase (vanilla at each multiple) and ablation (paper preset) when compute is short."""
+    phase (vanilla at each multiple) and ablation (paper preset) when compute is short. ``methods`` keeps
+    only the main jobs of those methods (a name, ``hct``, ``vanilla``, ..., or a label with its tag,
+    ``hct-warmup``, ``beta-beta2``), ``multiples`` only the main jobs at those multiples of lambda_max."""
+    if methods is not None or multiples is not None:
+        jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups)
+        labels = sorted({j.label for j in jobs if j.group == "main"} | {j.method for j in jobs if j.group == "main"})
+        bad = [m for m in methods or () if m not in labels]
+        if bad or methods == []:
+            raise InputError(f"{flag('--methods', 'methods')}: unknown method(s) {', '.join(bad) or '(none given)'} "
+                             f"in the {preset} grid; choose among {', '.join(labels)}.")
+        have = sorted({j.multiple for j in jobs if j.group == "main"})
+        off = [m for m in multiples or () if m not in have]
+        if off or multiples == []:
+            raise InputError(f"{flag('--multiples', 'multiples')}: the {preset} grid's main jobs are at "
+                             f"{', '.join(f'{m:g}' for m in have)} x lambda_max; got {', '.join(f'{m:g}' for m in off) or '(none)'}.")
+        return [j for j in jobs if j.group != "main" or ((methods is None or j.method in methods or j.label in methods)
+                                                         and (multiples is None or j.multiple in multiples))]
     if preset not in GRIDS:
         raise InputError(f"The 'preset' parameter must be one of {', '.join(GRIDS)}. Got {preset!r}.")
     if seeds < 1:
@@ -170,7 +187,7 @@ def run_job(job: Job, out_dir: str) -> dict:
     if not complete:
         # stage 0 is shared: every job of a seed fits the same clusterings of the same data
         Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
-                em_cache=Path(out_dir) / "em-cache").run(resume=True)
+                em_cache=Path(out_dir) / "em-cache", ref_cache=Path(out_dir) / "ref-cache").run(resume=True)
         trained = True
     checks_path = path.with_suffix(".checks.json")
     if trained or not checks_path.exists():
@@ -227,6 +244,40 @@ def _init_worker(gpu_ids: list[int] | None, counter):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[i % len(gpu_ids)])
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` for a progress line: ``42 s``, ``12 min``, ``3.4 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def plan(preset: str, datasets, seeds: int, *, data_dir=None, losses=None, groups=None, methods=None,
+         multiples=None, workers: int | None = None) -> dict:
+    """What the grid would cost on this machine, before any work (``hcdiag verify --plan``): its jobs and
+    their work (:mod:`hcdiag.plan`) at unit costs measured here on each dataset (one thread, the grid's
+    architecture; about 10-30 s per dataset). Nothing is trained or written. Returns ``{"plan", "units",
+    "workers", "text"}``."""
+    from hcdiag.data import load
+    from hcdiag.plan import format_plan, grid_plan, unit_costs
+
+    datasets = list(datasets)
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        raise InputError(f"{flag('--datasets', 'datasets')}: unknown dataset(s) {', '.join(bad)}; choose among "
+                         f"{', '.join(DATASETS)}.")
+    jobs = build_grid(preset, datasets, seeds, device="cpu", data_dir=data_dir, losses=losses, groups=groups,
+                      methods=methods, multiples=multiples)
+    g = GRIDS[preset]
+    n_rows, units = {}, {}
+    for ds in datasets:
+        data = load(ds, n_samples=g["n_samples"].get(ds), data_dir=data_dir)
+        n_rows[ds] = len(data.x)
+        units[ds] = unit_costs(data, preset, **g["overrides"])
+    workers = max(1, min(workers or (os.cpu_count() or 1), len(jobs) or 1))
+    p = grid_plan(jobs, n_rows, units)
+    return {"plan": p, "units": units, "workers": workers, "text": format_plan(p, units, workers)}
+
+
 def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: int | None = None,
             progress: Callable[[str], None] | None = None, slurm: dict | None = None) -> list[dict]:
     """Run the jobs with the local process pool (one run per core, or per GPU) or submitit (a SLURM job
@@ -241,12 +292,16 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         workers = max(1, min(workers, len(jobs)))
         results: list[dict | None] = [None] * len(jobs)
 
+        t_start = time.perf_counter()
+
         def done(i: int, rec: dict) -> None:
             results[i] = rec
             if progress:
                 n = sum(r is not None for r in results)
                 what = f"FAILED: {rec['error']}" if rec.get("error") else f"{rec['seconds']:.1f} s"
-                progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what})")
+                left = (time.perf_counter() - t_start) / n * (len(jobs) - n)  # the mean pace so far
+                eta = f", about {_duration(left)} to the end" if n < len(jobs) else ""
+                progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")
 
         if workers == 1:
             for i, j in enumerate(jobs):
@@ -546,7 +601,10 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
           f"{meta['n_runs']} runs, {meta['seconds']:.0f} s wall time. Verdicts: holds / fails / mixed (differs "
           "across the seeds or schedules pooled in the row) / inconclusive (the evidence is missing: the reason is "
           "given) / reported (a number with no claim to test). Every comparison is like for like: HCT against "
-          "baselines of the same dataset, s2, loss convention and seed.", "",
+          "baselines of the same dataset, s2, loss convention and seed. HCT's epoch (stage 1, the refinement, "
+          f"stage 3) is read as `{meta.get('epoch_unit')}`: "
+          f"{report.EPOCH_READINGS.get(meta.get('epoch_unit'), '')} (each run file records its reading in "
+          "config.hct.epoch_unit).", "",
           "## Claims", "", "| claim | section | paper | ours | verdict | conditions |", "|---|---|---|---|---|---|"]
     if meta.get("failed"):
         md[3:3] = ["## Failed runs", "", f"{len(meta['failed'])} run(s) did not finish; the claims below use the "
@@ -579,7 +637,8 @@ _OUT = flag("--out", "out_dir")  # verify's output folder
 def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: int = 1, executor: str = "local",
            device: str = "auto", workers: int | None = None, data_dir=None, losses=None,
            progress: Callable[[str], None] | None = None, slurm: dict | None = None,
-           groups: list[str] | None = None) -> dict:
+           groups: list[str] | None = None, methods: list[str] | None = None,
+           multiples: list[float] | None = None) -> dict:
     """Run the grid, the checks, the phase diagram, and write the report; returns the results document."""
     t0 = time.perf_counter()
     datasets = list(datasets)
@@ -587,7 +646,8 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
     if bad:
         raise InputError(f"{flag('--datasets', 'datasets')}: unknown dataset(s) {', '.join(bad)}; choose among "
                          f"{', '.join(DATASETS)}.")
-    jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups)
+    jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups,
+                      methods=methods, multiples=multiples)
     # fail early, before any training or writing, on a dataset that cannot be loaded
     from hcdiag.data import load
 
@@ -629,7 +689,11 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
                           data_dir=data_dir)
     diff = diffusion_table(datasets, phase)
     rows = claims_table(recs, phase, diff, preset)
+    from hcdiag.train import make_config
+
+    epoch_unit = make_config(preset, **g["overrides"]).epoch_unit
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "n_runs": len(recs), "failed": failures(records),
+            "epoch_unit": epoch_unit,
             "groups": list(groups) if groups else [x for x in GROUPS if x != "ablation" or g["ablations"]],
             "seconds": time.perf_counter() - t0, "executor": executor}
     files = write_report(out, rows, phase, diff, recs, meta)

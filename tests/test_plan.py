@@ -81,3 +81,18 @@ def test_counts_add_and_price():
     assert a + b == Counts(10, 10, 10, 10, 10, 10, 10, 10, 10)
     u = {"hct": 1.0, "vanilla": 10.0, "eval": 100.0, "mi": 1000.0, "em": 10000.0}
     assert a.seconds(u, False) == 1 + 30 + 500 + 7000 + 90000 and a.seconds(u, True) == 2 + 40 + 600 + 8000 + 90000
+
+
+def test_reports_say_which_reading_of_the_epoch_a_run_used():
+    from hcdiag.report import EPOCH_READINGS, markdown, run_description
+    from hcdiag.runfile import Run, example_run
+
+    run = example_run(seed=0)
+    run["config"]["hct"]["epoch_unit"] = "data_pass"
+    line = run_description(Run(run))
+    assert "method `hct`" in line and f"HCT's epoch `data_pass`: {EPOCH_READINGS['data_pass']}" in line
+    assert line in markdown([], run_path="r.pt", about=line)
+    vanilla = Run(example_run(seed=0, method="vanilla"))
+    assert "epoch" not in run_description(vanilla)
+    del run["config"]["hct"]["epoch_unit"]
+    assert "HCT's epoch not recorded" in run_description(Run(run))

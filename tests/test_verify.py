@@ -95,6 +95,11 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     (["--losses", "sum"], "--losses: unknown convention(s) sum; choose among literal, scaled, mean."),
     (["--groups", "main,tables"], "--groups: unknown group(s) tables; choose among main, phase, ablation."),
     (["--groups", ","], "--groups: unknown group(s) (none given); choose among main, phase, ablation."),
+    (["--methods", "hct,gan"], "--methods: unknown method(s) gan in the smoke grid; choose among hct, hct-warmup, "
+                               "vanilla."),
+    (["--multiples", "3"], "--multiples: the smoke grid's main jobs are at 2 x lambda_max; got 3."),
+    (["--multiples", "two"], "--multiples must be a comma list of numbers (multiples of lambda_max). Got 'two'."),
+    (["--plan", "--methods", "gan"], "--methods: unknown method(s) gan in the smoke grid"),
 ])
 def test_verify_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, msg):
     code = main(["verify", "--out", str(tmp_path / "o"), *argv])
@@ -112,6 +117,41 @@ def test_groups_run_only_those_parts_of_the_grid(tiny_grid, tmp_path, groups):
     everything = V.build_grid("smoke", ["synthetic"], 1)
     assert doc["meta"]["n_runs"] == sum(j.group in groups for j in everything)
     assert (tmp_path / "report.md").exists()
+
+
+def test_methods_and_multiples_keep_only_those_main_jobs():
+    everything = V.build_grid("paper", ["synthetic"], 1)
+    some = V.build_grid("paper", ["synthetic"], 1, methods=["hct", "beta-beta2"], multiples=[2.0])
+    main_jobs = [j for j in some if j.group == "main"]
+    want = [j for j in everything if j.group == "main" and j.multiple == 2.0
+            and (j.method == "hct" or j.label == "beta-beta2")]
+    assert main_jobs == want and {j.label for j in main_jobs} == {"hct", "hct-warmup", "beta-beta2"}
+    assert [j for j in some if j.group != "main"] == [j for j in everything if j.group != "main"]
+    with pytest.raises(InputError, match=r"^methods: unknown method\(s\) gan in the paper grid; choose among "):
+        V.build_grid("paper", ["synthetic"], 1, methods=["gan"])
+
+
+def test_plan_prints_every_job_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import hcdiag.plan as P
+
+    units = {"vanilla": 1e-3, "hct": 2e-3, "eval": 1e-2, "mi": 0.0, "em": 0.5, "params": 10}
+    monkeypatch.setattr(P, "unit_costs", lambda data, preset, **kw: dict(units))  # no timing in a test
+    assert main(["verify", "--plan", "--out", str(tmp_path / "o"), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    jobs = V.build_grid("smoke", ["synthetic"], 1)
+    assert all(j.name in out for j in jobs) and f"{len(jobs)} jobs:" in out and "with 2 worker(s)" in out
+    assert not (tmp_path / "o").exists()
+    assert main(["verify", "--plan", "--out", str(tmp_path / "o"), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["plan"]["jobs"] == len(jobs) and len(doc["plan"]["per_job"]) == len(jobs)
+
+
+def test_progress_lines_estimate_the_time_to_the_end(tiny_grid, tmp_path):
+    lines = []
+    V.verify(tmp_path, preset="smoke", datasets=["synthetic"], seeds=1, workers=1, groups=["phase"],
+             progress=lines.append)
+    done = [ln for ln in lines if ln.startswith("[")]
+    assert done and all("to the end)" in ln for ln in done[:-1]) and "to the end" not in done[-1]
 
 
 def test_verify_out_is_a_file(tmp_path, capsys):

@@ -91,7 +91,7 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None, le
                      "witness, or the best constant in output space (Corollary 4.5).", "fig_paths.png", plots.path_curves(i2.values)))
     images = report.figure_pngs(figs)
     md = report.markdown(results, run_path=run_path, tolerance=tolerance, figures=[(c, n) for c, n, _ in figs],
-                         require=require)
+                         require=require, about=report.run_description(run))
     if skipped:
         note = "\n".join(["## Figures left out", ""] + [f"- `{f}`: {why}" for f, why in skipped])
         md = md.replace("\n## Details\n", f"\n{note}\n\n## Details\n", 1)

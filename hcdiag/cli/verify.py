@@ -20,6 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--losses", default=None, help="comma list of loss conventions (default literal,scaled,mean)")
     p.add_argument("--groups", default=None,
                    help="comma list of the grid's parts to run: main, phase, ablation (default: all the preset has)")
+    p.add_argument("--methods", default=None,
+                   help="comma list: only these methods' main jobs (hct, vanilla, beta, anneal, aggressive, em-type, "
+                        "or a label with its tag: hct-warmup, beta-beta2); the phase and ablation groups are kept")
+    p.add_argument("--multiples", default=None,
+                   help="comma list: only the main jobs at these multiples of lambda_max (the preset's: smoke 2; paper 2,5)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the grid's jobs and an estimate of their time on this machine (measured unit costs), "
+                        "then stop: nothing is trained or written")
     p.add_argument("--executor", default="local", choices=["local", "submitit"], help="local process pool or a SLURM job array")
     p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core, or per GPU)")
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
@@ -58,8 +66,24 @@ def run(args: argparse.Namespace) -> int:
                          f"Got {args.seeds}.")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be an integer >= 1 (default: one per core, or per GPU). Got {args.workers}.")
+    methods = names("methods", args.methods, ())
+    multiples = None
+    if args.multiples is not None:
+        try:
+            multiples = [float(m) for m in names("multiples", args.multiples, ("2",))]
+        except ValueError:
+            raise InputError(f"--multiples must be a comma list of numbers (multiples of lambda_max). "
+                             f"Got {args.multiples!r}.") from None
+    if args.plan:
+        from hcdiag.verify import plan
+
+        p = plan(args.preset, datasets, args.seeds, data_dir=args.data_dir, losses=losses, groups=groups,
+                 methods=methods, multiples=multiples, workers=args.workers)
+        emit(args, {"plan": p["plan"], "units": p["units"], "workers": p["workers"]}, p["text"])
+        return 0
     doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
                  device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses, groups=groups,
+                 methods=methods, multiples=multiples,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
     rows = doc["claims"]
     table = claims_text(rows)
