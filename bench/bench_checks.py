@@ -22,7 +22,7 @@ from hcdiag.train import Trainer, make_config
 
 def _bench(label, path):
     run = load_run(path)
-    model = build_model(run.config["model"])
+    model = build_model(run.config.model)
     model.load_state_dict(run.snapshot("final"))
     t = time.perf_counter()
     encode_decode(model, run.eval_x)

@@ -117,11 +117,22 @@ def _median_block(fns: dict, reps: int, blocks: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def unit_costs(data, preset: str = "paper", *, em_r0: int = 2, device: str = "cpu", reps: int = 3,
+def unit_costs(data, preset: str = "paper", *, em_r0: int = 2, device: str = "cpu", reps: int = 5,
                blocks: int = 3, **overrides) -> dict:
     """Seconds per vanilla step, HCT step, history evaluation, MI estimate and EM run (``em_r0`` runs timed,
     divided), with ``preset``'s architecture, batch and evaluation rows (and ``overrides``, e.g. a grid's) on
-    ``data``; also ``params``."""
+    ``data``, on one thread as :func:`hcdiag.verify.run_job` trains; also ``params``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _unit_costs(data, preset, em_r0=em_r0, device=device, reps=reps, blocks=blocks, **overrides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _unit_costs(data, preset: str, *, em_r0: int, device: str, reps: int, blocks: int, **overrides) -> dict:
     import torch
 
     from hcdiag.clusterings import fit_clusterings

@@ -96,11 +96,15 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
                multiples: list[float] | None = None) -> list[Job]:
     """The jobs of a preset's grid; ``groups`` keeps only some of main (methods x multiples x conventions),
     phase (vanilla at each multiple) and ablation (paper preset) when compute is short. ``methods`` keeps
-    only the main jobs of those methods (a name, ``hct``, ``vanilla``, ..., or a label with its tag,
-    ``hct-warmup``, ``beta-beta2``), ``multiples`` only the main jobs at those multiples of lambda_max."""
+    only the main jobs of those labels (``hct``, ``hct-warmup``, ``vanilla``, ``beta-beta2``, ...: a method
+    with its tag; ``hct`` is HCT alone), ``multiples`` only the main jobs at those multiples of lambda_max."""
     if methods is not None or multiples is not None:
         jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups)
-        labels = sorted({j.label for j in jobs if j.group == "main"} | {j.method for j in jobs if j.group == "main"})
+        labels = list(dict.fromkeys(j.label for j in jobs if j.group == "main"))
+        if not labels:
+            raise InputError(f"{flag('--methods and --multiples', 'methods and multiples')} choose among the main "
+                             f"jobs, and the grid has none ({flag('--groups', 'groups')} "
+                             f"{','.join(groups or ())}): add main to the groups.")
         bad = [m for m in methods or () if m not in labels]
         if bad or methods == []:
             raise InputError(f"{flag('--methods', 'methods')}: unknown method(s) {', '.join(bad) or '(none given)'} "
@@ -110,7 +114,7 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
         if off or multiples == []:
             raise InputError(f"{flag('--multiples', 'multiples')}: the {preset} grid's main jobs are at "
                              f"{', '.join(f'{m:g}' for m in have)} x lambda_max; got {', '.join(f'{m:g}' for m in off) or '(none)'}.")
-        return [j for j in jobs if j.group != "main" or ((methods is None or j.method in methods or j.label in methods)
+        return [j for j in jobs if j.group != "main" or ((methods is None or j.label in methods)
                                                          and (multiples is None or j.multiple in multiples))]
     if preset not in GRIDS:
         raise InputError(f"The 'preset' parameter must be one of {', '.join(GRIDS)}. Got {preset!r}.")
@@ -242,6 +246,23 @@ def _init_worker(gpu_ids: list[int] | None, counter):
             i = counter.value
             counter.value += 1
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[i % len(gpu_ids)])
+
+
+def _readings(recs: list[dict]) -> str:
+    """The readings of HCT's epoch the grid's HCT runs were trained with (``config.hct.epoch_unit`` of each
+    run file; a grid resumed across hcdiag versions may mix them), e.g. ``data_pass``; ``none`` without HCT."""
+    from hcdiag.runfile import load_run
+
+    seen = []
+    for r in recs:
+        if r["job"]["method"] == "hct":
+            try:
+                unit = (load_run(r["run"]).config.hct or {}).get("epoch_unit", "not recorded")
+            except InputError:
+                unit = "unreadable"
+            if unit not in seen:
+                seen.append(unit)
+    return " and ".join(seen) if seen else "none (no HCT run)"
 
 
 def _duration(seconds: float) -> str:
@@ -602,9 +623,10 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
           "across the seeds or schedules pooled in the row) / inconclusive (the evidence is missing: the reason is "
           "given) / reported (a number with no claim to test). Every comparison is like for like: HCT against "
           "baselines of the same dataset, s2, loss convention and seed. HCT's epoch (stage 1, the refinement, "
-          f"stage 3) is read as `{meta.get('epoch_unit')}`: "
-          f"{report.EPOCH_READINGS.get(meta.get('epoch_unit'), '')} (each run file records its reading in "
-          "config.hct.epoch_unit).", "",
+          f"stage 3) is read as `{meta.get('epoch_unit')}`"
+          + (f": {report.EPOCH_READINGS[meta['epoch_unit']]}" if meta.get("epoch_unit") in report.EPOCH_READINGS
+             else " (the HCT runs' own config.hct.epoch_unit)")
+          + " (each run file records its reading in config.hct.epoch_unit).", "",
           "## Claims", "", "| claim | section | paper | ours | verdict | conditions |", "|---|---|---|---|---|---|"]
     if meta.get("failed"):
         md[3:3] = ["## Failed runs", "", f"{len(meta['failed'])} run(s) did not finish; the claims below use the "
@@ -689,11 +711,8 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
                           data_dir=data_dir)
     diff = diffusion_table(datasets, phase)
     rows = claims_table(recs, phase, diff, preset)
-    from hcdiag.train import make_config
-
-    epoch_unit = make_config(preset, **g["overrides"]).epoch_unit
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "n_runs": len(recs), "failed": failures(records),
-            "epoch_unit": epoch_unit,
+            "epoch_unit": _readings(recs),
             "groups": list(groups) if groups else [x for x in GROUPS if x != "ablation" or g["ablations"]],
             "seconds": time.perf_counter() - t0, "executor": executor}
     files = write_report(out, rows, phase, diff, recs, meta)

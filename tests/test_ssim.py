@@ -179,7 +179,10 @@ def test_ms_ssim_decreases_as_noise_grows(seed):
     n = torch.randn(x.shape, generator=g, dtype=torch.float64)
     vals = torch.stack([ms_ssim(x, x + a * n, data_range=1.0) for a in (0.0, 0.02, 0.1, 0.3, 1.0, 3.0)])  # (6, B)
     assert torch.allclose(vals[0], torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert torch.all(vals[1:] < vals[:-1])
+    # strictly decreasing until the clamp at 0 (negative contrast-structure terms are clipped, as in the
+    # reference implementations): heavy noise can reach 0 at 1.0 and stay there at 3.0 (seed 1096221318)
+    assert torch.all((vals[1:] < vals[:-1]) | ((vals[1:] == 0) & (vals[:-1] >= 0)))
+    assert torch.all(vals[2] > 0)  # 0.1 noise keeps every image well above the clamp
 
 
 @settings(max_examples=40, deadline=None)

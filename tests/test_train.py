@@ -751,3 +751,63 @@ def test_a_shared_reference_of_another_key_or_a_corrupt_file_is_retrained(seed, 
     got = torch.load(path, weights_only=True)  # the truncated file was replaced by the retrained reference
     assert got["format"] == "hcdiag-reference" and all(torch.equal(got["state"][k], v)
                                                        for k, v in own["references"]["collapsed"]["state"].items())
+
+
+def test_data_pass_rotation_goes_on_across_cycles_so_every_clustering_trains_alike(monkeypatch, seed):
+    """18 rows at batch 4 make 5 steps per pass: restarting at the first clustering every pass would give
+    clusterings 0 and 1 twice the steps of the others (and none to some when a pass has fewer steps than
+    clusterings); the rotation from the run's step count gives each the same number, within one."""
+    active = [4, 0, 3, 1, 2, 6, 5][: 2 + seed % 6]
+    loop, seen = _recording_loop(monkeypatch, 18, 4, 99, "cycle", "data_pass")
+    state = {"step": seed % 11}  # the run's steps so far (an earlier round or stage)
+    for _ in range(7):
+        loop.cycle(None, None, state, active, 1.0, "test")
+    counts = [sum(ids == [c] for ids in seen) for c in active]
+    assert sum(counts) == 7 * 5 and max(counts) - min(counts) <= 1
+    first = (seed % 11) % len(active)
+    assert seen[:len(active)] == [[active[(first + i) % len(active)]] for i in range(len(active))]
+
+
+def test_data_pass_warns_when_rounds_are_too_short_to_train_every_clustering(seed):
+    from hcdiag.errors import HcdiagWarning
+
+    cfg = make_config(None, seed=seed % 10_000, **{**TINY, "r0": 16, "batch_size": 300, "epochs_per_round": 3,
+                                                   "references": ()}, epoch_unit="data_pass")
+    with pytest.warns(HcdiagWarning, match=r"^With epoch_unit data_pass a round trains epochs_per_round x steps per "
+                                           r"epoch = 3 x 2 steps \(600 rows, batch 300\), fewer than the R0 = 16 "
+                                           r"clusterings: some get no step of their own"):
+        run = Trainer(cfg, _data(seed, n=600), None).run()
+    assert len(run["rounds"]) == 3 and run["status"]["complete"]  # it trains: every l_C is still measured
+
+
+def test_a_run_file_that_predates_steps_per_epoch_resumes(seed, tmp_path):
+    """config.hct.steps_per_epoch (derived from config.train) is absent from files written before it
+    existed; --resume of such a partial run must not call it another config."""
+    import torch as _torch
+
+    x = _data(seed, n=300)
+    cfg = make_config(None, seed=seed % 10_000, **{**TINY, "references": ()})
+    full = Trainer(cfg, x, tmp_path / "full.pt").run()
+    stopped = dict(full)
+    Trainer(cfg, x, tmp_path / "part.pt").run()
+    part = _torch.load(tmp_path / "part.pt", weights_only=True)
+    del part["config"]["hct"]["steps_per_epoch"]
+    _torch.save(part, tmp_path / "part.pt")
+    again = Trainer(cfg, x, tmp_path / "part.pt").run(resume=True)  # complete: returned as it is, not refused
+    assert again["config"]["train"] == stopped["config"]["train"]
+
+
+def test_a_reference_cache_that_cannot_be_written_costs_this_run_nothing(seed, tmp_path, monkeypatch):
+    from hcdiag.train import refcache
+
+    def full_disk(*a, **kw):  # torch.save on a full disk raises RuntimeError, not OSError
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(refcache, "_write", full_disk)
+    x = _data(seed, n=300)
+    kw = dict(TINY, references=("collapsed",), method="vanilla")
+    own = Trainer(make_config(None, seed=1, **kw), x, None).run()
+    got = Trainer(make_config(None, seed=1, **kw), x, None, ref_cache=tmp_path / "refs").run()
+    assert all(torch.equal(got["references"]["collapsed"]["state"][k], v)
+               for k, v in own["references"]["collapsed"]["state"].items())
+    assert not list((tmp_path / "refs").glob("ref-*.pt"))

@@ -100,6 +100,8 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     (["--multiples", "3"], "--multiples: the smoke grid's main jobs are at 2 x lambda_max; got 3."),
     (["--multiples", "two"], "--multiples must be a comma list of numbers (multiples of lambda_max). Got 'two'."),
     (["--plan", "--methods", "gan"], "--methods: unknown method(s) gan in the smoke grid"),
+    (["--groups", "phase", "--methods", "hct"], "--methods and --multiples choose among the main jobs, and the grid "
+                                                "has none (--groups phase): add main to the groups."),
 ])
 def test_verify_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, msg):
     code = main(["verify", "--out", str(tmp_path / "o"), *argv])
@@ -124,8 +126,8 @@ def test_methods_and_multiples_keep_only_those_main_jobs():
     some = V.build_grid("paper", ["synthetic"], 1, methods=["hct", "beta-beta2"], multiples=[2.0])
     main_jobs = [j for j in some if j.group == "main"]
     want = [j for j in everything if j.group == "main" and j.multiple == 2.0
-            and (j.method == "hct" or j.label == "beta-beta2")]
-    assert main_jobs == want and {j.label for j in main_jobs} == {"hct", "hct-warmup", "beta-beta2"}
+            and j.label in ("hct", "beta-beta2")]
+    assert main_jobs == want and {j.label for j in main_jobs} == {"hct", "beta-beta2"}  # hct is HCT alone
     assert [j for j in some if j.group != "main"] == [j for j in everything if j.group != "main"]
     with pytest.raises(InputError, match=r"^methods: unknown method\(s\) gan in the paper grid; choose among "):
         V.build_grid("paper", ["synthetic"], 1, methods=["gan"])
@@ -136,7 +138,7 @@ def test_plan_prints_every_job_and_writes_nothing(tmp_path, capsys, monkeypatch)
 
     units = {"vanilla": 1e-3, "hct": 2e-3, "eval": 1e-2, "mi": 0.0, "em": 0.5, "params": 10}
     monkeypatch.setattr(P, "unit_costs", lambda data, preset, **kw: dict(units))  # no timing in a test
-    assert main(["verify", "--plan", "--out", str(tmp_path / "o"), "--workers", "2"]) == 0
+    assert main(["verify", "--plan", "--workers", "2"]) == 0  # no --out: nothing is written
     out = capsys.readouterr().out
     jobs = V.build_grid("smoke", ["synthetic"], 1)
     assert all(j.name in out for j in jobs) and f"{len(jobs)} jobs:" in out and "with 2 worker(s)" in out
@@ -152,6 +154,12 @@ def test_progress_lines_estimate_the_time_to_the_end(tiny_grid, tmp_path):
              progress=lines.append)
     done = [ln for ln in lines if ln.startswith("[")]
     assert done and all("to the end)" in ln for ln in done[:-1]) and "to the end" not in done[-1]
+
+
+def test_verify_without_out_runs_only_a_plan(capsys):
+    assert main(["verify"]) == 2
+    assert capsys.readouterr().err.strip() == ("hcdiag verify: error: --out is required (the folder of the runs and "
+                                               "the report); only --plan runs without it.")
 
 
 def test_verify_out_is_a_file(tmp_path, capsys):

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim fails or a run failed")
-    p.add_argument("--out", type=nonempty_arg, required=True, help="output folder (runs, report.md, report.html, results.json, figures)")
+    p.add_argument("--out", type=nonempty_arg, default=None, help="output folder (runs, report.md, report.html, results.json, figures); required unless --plan")
     add_format_argument(p)
 
 
@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                  methods=methods, multiples=multiples, workers=args.workers)
         emit(args, {"plan": p["plan"], "units": p["units"], "workers": p["workers"]}, p["text"])
         return 0
+    if args.out is None:
+        raise InputError("--out is required (the folder of the runs and the report); only --plan runs without it.")
     doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
                  device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses, groups=groups,
                  methods=methods, multiples=multiples,

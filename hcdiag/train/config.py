@@ -20,9 +20,10 @@ from hcdiag.paper import LOSS_CONVENTIONS
 #   epochs     an epoch gives each active clustering a full pass over the data, so round t costs E |S_t| passes
 #              and stage 1 at R0 = 16, E = 30 costs 30 (16 + 8 + 4) = 840 passes: bench paper_plan measured
 #              6.9-8.3 h per run on Fashion-MNIST (one thread), ~9-10x a 100-epoch vanilla run;
-#   data_pass  an epoch is one pass over the data whose steps cycle through the active clusterings (step i on
-#              clustering i mod |S_t|), so each round costs E passes whatever |S_t| is: stage 1 is 90 passes and a
-#              whole run (refinement capped at 100, stage 3 30) about 220, ~2.2x vanilla.
+#   data_pass  an epoch is one pass over the data whose steps cycle through the active clusterings (the run's
+#              step s on active[s mod |S_t|], the rotation going on across epochs so each clustering gets the
+#              same steps within one), so each round costs E passes whatever |S_t| is: stage 1 is 90 passes and
+#              a whole run (refinement capped at 100, stage 3 30) about 220, ~2.2x vanilla.
 # The paper states its cost twice, "the total training time remains acceptable (2-3x vanilla VAE)" (section
 # 6.2) and "approximately 4-6 hours per dataset, compared to 1-2 hours for vanilla VAE" (Appendix B.2); only
 # data_pass fits both, so it is the paper preset's reading. The others stay options (--epoch-unit), and every

@@ -52,6 +52,10 @@ def claim_out(t, *, resume: bool, overwrite: bool):
     return lock
 
 
+# config.hct entries derived from the settings (config.train, which is compared) that older run files lack
+_DERIVED_HCT = ("steps_per_epoch",)
+
+
 def load_for_resume(t) -> dict | None:
     from hcdiag.runfile import load_run
 
@@ -62,6 +66,9 @@ def load_for_resume(t) -> dict | None:
     check_same_data(t, prev)
     mine = t.config_dict()
     known = _settings_it_knew(prev["config"], mine["train"])
+    old_hct, my_hct = prev["config"].get("hct"), mine.get("hct")
+    if isinstance(old_hct, dict) and isinstance(my_hct, dict):  # records an older file predates, derived from settings
+        mine = {**mine, "hct": {k: v for k, v in my_hct.items() if k in old_hct or k not in _DERIVED_HCT}}
     diff = config_diff(prev["config"], mine)
     if prev["config"].get("fingerprint"):  # the same data, fingerprinted: where it was read from is moot
         diff = [d for d in diff if d != "dataset.source"]

@@ -34,7 +34,9 @@ class Loop:
     * ``steps`` or ``epochs``: every active clustering gets ``spc`` steps (``epochs``: ``spc`` is a data pass,
       so a cycle costs ``|S_t|`` passes);
     * ``data_pass``: one pass over the data (``steps_per_epoch`` steps) whose steps cycle through the active
-      clusterings, step ``i`` on clustering ``i mod |S_t|``, so a cycle costs one pass whatever ``|S_t|`` is.
+      clusterings, the run's step ``s`` on ``active[s mod |S_t|]``: the rotation goes on across cycles, so
+      every clustering gets the same number of steps (within one) however ``steps_per_epoch`` divides, and a
+      cycle costs one pass whatever ``|S_t|`` is.
 
     Steps train on one clustering's term at a time (``mode='cycle'``, Algorithm 1) or on every active
     clustering's term in each step (``mode='simultaneous'``, section 4.1: then ``data_pass`` is one pass of
@@ -46,14 +48,14 @@ class Loop:
         self.n = X.shape[0]
         self.batch_size, self.spc, self.mode, self.device, self.unit = batch_size, spc, mode, device, unit
         self.steps_per_epoch = -(-self.n // batch_size)
+        self.centroids: torch.Tensor | None = None
+        self._cluster: ClusterTerm | None = None
 
     def steps_per_cycle(self, active: int) -> int:
         """Optimizer steps in one cycle over ``active`` clusterings."""
         if self.unit == "data_pass":
             return self.steps_per_epoch
         return self.spc if self.mode == "simultaneous" else self.spc * active
-        self.centroids: torch.Tensor | None = None
-        self._cluster: ClusterTerm | None = None
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
         """The run's clusterings (R0, K, N), on the device, float32 (the training term's precision)."""
@@ -104,9 +106,9 @@ class Loop:
         if self.mode == "simultaneous":
             for _ in range(self.steps_per_cycle(len(active))):
                 terms.append(self.step(model, opt, state, ids_all, beta, 1.0))
-        elif self.unit == "data_pass":
+        elif self.unit == "data_pass":  # the rotation goes on from the run's step count (saved: resume is exact)
             for i in range(self.steps_per_epoch):
-                j = i % len(active)
+                j = (state["step"] + i) % len(active)
                 terms.append(self.step(model, opt, state, ids_all[j:j + 1], beta, 1.0))
         else:
             for _ in range(self.spc):

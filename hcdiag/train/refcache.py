@@ -99,8 +99,8 @@ def shared(folder, key: dict, train: Callable[[], tuple[dict, list]], fits: Call
         state, snaps = train()
         try:
             _write(path, key, state, snaps)
-        except OSError:
-            pass  # a full or read-only cache costs the next run a retraining, never this run
+        except Exception:  # noqa: BLE001 (a full or read-only cache (torch.save raises RuntimeError on a full
+            pass           # disk) costs the next run a retraining, never this run)
         return state, snaps, False
     finally:
         if lock is not None:

@@ -12,13 +12,14 @@ import os
 import platform
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hcdiag.device import resolve_device
-from hcdiag.errors import InputError, NumericalError, flag, marked, render
+from hcdiag.errors import HcdiagWarning, InputError, NumericalError, flag, marked, render
 from hcdiag.losses import LossWeights, Schedule
 from hcdiag.models import ModelConfig, build_model
 from hcdiag.train import guard
@@ -119,6 +120,15 @@ class Trainer:
         self.loop = Loop(X, self.eval_x, LossWeights.for_convention(c.loss, self.s2, self.N), batch_size=c.batch_size,
                          spc=steps_per_epoch if c.epoch_unit == "epochs" else c.steps_per_clustering, mode=c.mode,
                          device=self.device, unit=c.epoch_unit)
+        if self.method.pipeline and c.epoch_unit == "data_pass" and c.mode == "cycle" \
+                and c.epochs_per_round * steps_per_epoch < c.r0:
+            warnings.warn(HcdiagWarning(
+                f"With epoch_unit data_pass a round trains epochs_per_round x steps per epoch = "
+                f"{c.epochs_per_round} x {steps_per_epoch} steps ({self.n} rows, batch {c.batch_size}), fewer than the "
+                f"R0 = {c.r0} clusterings: some get no step of their own before the round keeps the best (their l_C "
+                f"is still measured); for every clustering to train, use a smaller "
+                f"{flag('--batch-size', 'batch_size')}, more {flag('--epochs-per-round', 'epochs_per_round')} or "
+                f"another {flag('--epoch-unit', 'epoch_unit')}."), stacklevel=2)
         self.fingerprint = guard.fingerprints(c, self.x_np)
 
     def config_dict(self) -> dict:
