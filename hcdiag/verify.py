@@ -190,8 +190,12 @@ def run_job(job: Job, out_dir: str) -> dict:
             complete = False
     if not complete:
         # stage 0 is shared: every job of a seed fits the same clusterings of the same data
+        # the references are shared by the grid's runs (HCDIAG_SHARE_REFERENCES=0: each run trains its own, as
+        # bench verify does to measure what sharing saves)
+        share = os.environ.get("HCDIAG_SHARE_REFERENCES", "1") != "0"
         Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
-                em_cache=Path(out_dir) / "em-cache", ref_cache=Path(out_dir) / "ref-cache").run(resume=True)
+                em_cache=Path(out_dir) / "em-cache",
+                ref_cache=Path(out_dir) / "ref-cache" if share else None).run(resume=True)
         trained = True
     checks_path = path.with_suffix(".checks.json")
     if trained or not checks_path.exists():
