@@ -15,7 +15,7 @@ import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -93,11 +93,31 @@ def ablation_jobs(preset: str, dataset: str, ablations: dict, *, loss: str, n_sa
 
 def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", data_dir=None,
                losses: list[str] | None = None, groups: list[str] | None = None, methods: list[str] | None = None,
-               multiples: list[float] | None = None) -> list[Job]:
+               multiples: list[float] | None = None, readings: list[str] | None = None) -> list[Job]:
     """The jobs of a preset's grid; ``groups`` keeps only some of main (methods x multiples x conventions),
     phase (vanilla at each multiple) and ablation (paper preset) when compute is short. ``methods`` keeps
     only the main jobs of those labels (``hct``, ``hct-warmup``, ``vanilla``, ``beta-beta2``, ...: a method
-    with its tag; ``hct`` is HCT alone), ``multiples`` only the main jobs at those multiples of lambda_max."""
+    with its tag; ``hct`` is HCT alone), ``multiples`` only the main jobs at those multiples of lambda_max.
+    ``readings``: readings of HCT's epoch (:data:`hcdiag.train.config.EPOCH_UNITS`) besides the preset's, each
+    adding HCT's main jobs trained under it (label ``hct-reading-<unit>``), so that the claims are decided under
+    every reading and those that change verdict between them are reported (:func:`reading_changes`)."""
+    if readings:
+        from hcdiag.train.config import EPOCH_UNITS
+
+        bad = [u for u in readings if u not in EPOCH_UNITS]
+        if bad:
+            raise InputError(f"{flag('--readings', 'readings')}: unknown reading(s) {', '.join(bad)}; choose among "
+                             f"{', '.join(EPOCH_UNITS)}.")
+        jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups,
+                          methods=methods, multiples=multiples)
+        own = _preset_reading(preset)
+        extra = []
+        for u in dict.fromkeys(readings):
+            if u == own:
+                continue
+            extra += [replace(j, tag=f"reading-{u}", overrides=tuple(sorted({**dict(j.overrides), "epoch_unit": u}.items())))
+                      for j in jobs if j.group == "main" and j.label == "hct"]
+        return jobs + extra
     if methods is not None or multiples is not None:
         jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups)
         labels = list(dict.fromkeys(j.label for j in jobs if j.group == "main"))
@@ -252,6 +272,39 @@ def _init_worker(gpu_ids: list[int] | None, counter):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids[i % len(gpu_ids)])
 
 
+def _preset_reading(preset: str) -> str:
+    """The reading of HCT's epoch the grid's runs use unless told otherwise."""
+    from hcdiag.train import make_config
+
+    return make_config(preset, **GRIDS[preset]["overrides"]).epoch_unit
+
+
+def reading_changes(rows: list[dict]) -> list[dict]:
+    """The claims whose verdict differs between readings of HCT's epoch: for each row of an
+    ``hct-reading-<unit>`` job whose claim, dataset, s2, convention and stage has a row of plain HCT (the
+    preset's reading) with another verdict, one ``reported`` row naming both."""
+    def key(r):
+        v = r["values"]
+        return (r["id"], v.get("dataset"), v.get("multiple"), v.get("loss"), v.get("stage"))
+
+    base = {key(r): r for r in rows if r["values"].get("method") == "hct"}
+    out = []
+    for r in rows:
+        lab = r["values"].get("method") or ""
+        if not lab.startswith("hct-reading-") or key(r) not in base:
+            continue
+        b = base[key(r)]
+        if b["verdict"] != r["verdict"]:
+            unit = lab[len("hct-reading-"):]
+            out.append({"id": f"reading.{r['id']}", "claim": f"{b['claim']} (the verdict depends on how HCT's epoch "
+                        "is read)", "item": b["item"], "section": b["section"], "paper": b["paper"],
+                        "ours": f"preset's reading: {b['verdict']} ({b['ours']}); {unit}: {r['verdict']} ({r['ours']})",
+                        "verdict": "reported", "conditions": b["conditions"], "runs": b["runs"] + r["runs"],
+                        "values": {**{k: b["values"].get(k) for k in ("dataset", "multiple", "loss", "stage")},
+                                   "method": "hct", "verdicts": {"preset": b["verdict"], unit: r["verdict"]}}})
+    return out
+
+
 def _readings(recs: list[dict]) -> str:
     """The readings of HCT's epoch the grid's HCT runs were trained with (``config.hct.epoch_unit`` of each
     run file; a grid resumed across hcdiag versions may mix them), e.g. ``data_pass``; ``none`` without HCT."""
@@ -277,7 +330,7 @@ def _duration(seconds: float) -> str:
 
 
 def plan(preset: str, datasets, seeds: int, *, data_dir=None, losses=None, groups=None, methods=None,
-         multiples=None, workers: int | None = None) -> dict:
+         multiples=None, readings=None, workers: int | None = None) -> dict:
     """What the grid would cost on this machine, before any work (``hcdiag verify --plan``): its jobs and
     their work (:mod:`hcdiag.plan`) at unit costs measured here on each dataset (one thread, the grid's
     architecture; about 10-30 s per dataset). Nothing is trained or written. Returns ``{"plan", "units",
@@ -291,7 +344,7 @@ def plan(preset: str, datasets, seeds: int, *, data_dir=None, losses=None, group
         raise InputError(f"{flag('--datasets', 'datasets')}: unknown dataset(s) {', '.join(bad)}; choose among "
                          f"{', '.join(DATASETS)}.")
     jobs = build_grid(preset, datasets, seeds, device="cpu", data_dir=data_dir, losses=losses, groups=groups,
-                      methods=methods, multiples=multiples)
+                      methods=methods, multiples=multiples, readings=readings)
     g = GRIDS[preset]
     n_rows, units = {}, {}
     for ds in datasets:
@@ -471,8 +524,9 @@ def main_claim_rows(recs: list[dict], preset: str, *, group: str = "main") -> li
             rs = sorted(cell[lab], key=lambda r: r["job"]["seed"])
             runs = [r["run"] for r in rs]
             warm = lab == "hct-warmup"
-            c = cond + (", beta warm-up from 0" if warm else "")
-            name = "HCT, beta warm-up" if warm else "HCT"
+            reading = lab[len("hct-reading-"):] if lab.startswith("hct-reading-") else None
+            c = cond + (", beta warm-up from 0" if warm else "") + (f", HCT's epoch read as {reading}" if reading else "")
+            name = "HCT, beta warm-up" if warm else f"HCT ({reading} epochs)" if reading else "HCT"
             for stage, snap in HCT_STAGES:
                 snaps = [snap(r) for r in rs]
                 kl = [metric(r, s) for r, s in zip(rs, snaps)]
@@ -540,6 +594,7 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
     """Every claim of the grid: Table 1, Figure 5 and the barrier checks per condition, the phase transition,
     eq. 13 and the ablations; each decided by its rule in :mod:`hcdiag.claims`."""
     rows = main_claim_rows(recs, preset)
+    rows += reading_changes(rows)
     rows += phase_claim_rows(phase, preset)
     rows += diffusion_claim_rows(diffusion)
     abl = [r for r in recs if r["job"]["group"] == "ablation"]
@@ -664,7 +719,7 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
            device: str = "auto", workers: int | None = None, data_dir=None, losses=None,
            progress: Callable[[str], None] | None = None, slurm: dict | None = None,
            groups: list[str] | None = None, methods: list[str] | None = None,
-           multiples: list[float] | None = None) -> dict:
+           multiples: list[float] | None = None, readings: list[str] | None = None) -> dict:
     """Run the grid, the checks, the phase diagram, and write the report; returns the results document."""
     t0 = time.perf_counter()
     datasets = list(datasets)
@@ -673,7 +728,7 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
         raise InputError(f"{flag('--datasets', 'datasets')}: unknown dataset(s) {', '.join(bad)}; choose among "
                          f"{', '.join(DATASETS)}.")
     jobs = build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses, groups=groups,
-                      methods=methods, multiples=multiples)
+                      methods=methods, multiples=multiples, readings=readings)
     # fail early, before any training or writing, on a dataset that cannot be loaded
     from hcdiag.data import load
 

@@ -432,3 +432,59 @@ def test_main_claim_rows_compare_like_with_like_and_pair_seeds():
     van = one("table1.vanilla", loss="literal")
     assert van["values"]["per_seed"] == ["holds", "fails"] and van["verdict"] == "mixed"
     assert van["values"]["label"] == "vanilla VAE [literal]"
+
+
+# -- readings of HCT's epoch under verify ---------------------------------------------------------------------
+
+def test_readings_add_hct_jobs_under_each_other_reading():
+    base = V.build_grid("smoke", ["synthetic"], 1)
+    jobs = V.build_grid("smoke", ["synthetic"], 1, readings=["steps", "data_pass", "epochs"])
+    extra = jobs[len(base):]
+    assert jobs[:len(base)] == base  # the preset's reading (smoke: steps) adds nothing
+    hct = [j for j in base if j.group == "main" and j.label == "hct"]
+    assert [(j.tag, dict(j.overrides)["epoch_unit"]) for j in extra] == \
+        [(f"reading-{u}", u) for u in ("data_pass", "epochs") for _ in hct]
+    assert all(j.label.startswith("hct-reading-") and j.name.endswith(".pt") for j in extra)
+    with pytest.raises(InputError, match=r"^readings: unknown reading\(s\) pass; choose among steps, epochs, data_pass\.$"):
+        V.build_grid("smoke", ["synthetic"], 1, readings=["pass"])
+
+
+def _row(method, verdict, cid="table1.hct", stage="final", ours="KL 0.1"):
+    return {"id": cid, "claim": "HCT keeps KL", "item": "HCT (final)", "section": "5.2", "paper": "KL > 2.5",
+            "ours": ours, "verdict": verdict, "conditions": "synthetic", "runs": [f"{method}.pt"],
+            "values": {"dataset": "synthetic", "multiple": 2.0, "loss": "scaled", "stage": stage, "method": method}}
+
+
+def test_reading_changes_reports_only_claims_whose_verdict_differs():
+    rows = [_row("hct", "fails"), _row("hct-reading-data_pass", "holds", ours="KL 3.1"),
+            _row("hct", "holds", stage="pre"), _row("hct-reading-data_pass", "holds", stage="pre"),
+            _row("vanilla", "holds"), _row("hct-reading-epochs", "fails")]
+    out = V.reading_changes(rows)
+    assert [(r["id"], r["values"]["stage"], r["verdict"]) for r in out] == [("reading.table1.hct", "final", "reported")]
+    assert out[0]["values"]["verdicts"] == {"preset": "fails", "data_pass": "holds"}
+    assert out[0]["ours"] == "preset's reading: fails (KL 0.1); data_pass: holds (KL 3.1)"
+    assert out[0]["runs"] == ["hct.pt", "hct-reading-data_pass.pt"]
+
+
+def test_verify_decides_the_claims_under_each_reading(tiny_grid, tmp_path):
+    doc = V.verify(tmp_path, preset="smoke", datasets=["synthetic"], seeds=1, workers=1, groups=["main"],
+                   methods=["hct", "vanilla"], readings=["data_pass"])
+    rows = doc["claims"]
+    runs = {p.name for p in tmp_path.glob("main/synthetic/*.pt")}
+    assert {n for n in runs if "reading-data_pass" in n} and doc["meta"]["epoch_unit"] == "steps and data_pass"
+    mine = [r for r in rows if r["values"].get("method") == "hct-reading-data_pass"]
+    assert mine and all("HCT's epoch read as data_pass" in r["conditions"] for r in mine)
+    want = V.reading_changes([r for r in rows if not r["id"].startswith("reading.")])
+    assert [r for r in rows if r["id"].startswith("reading.")] == want  # reported exactly where verdicts differ
+
+
+def test_readings_on_the_command_line(tmp_path, capsys, monkeypatch):
+    import hcdiag.plan as P
+
+    monkeypatch.setattr(P, "unit_costs", lambda data, preset, **kw: {"vanilla": 1e-3, "hct": 1e-3, "eval": 1e-2,
+                                                                      "mi": 0.0, "em": 0.1, "params": 1})
+    assert main(["verify", "--plan", "--readings", "data_pass"]) == 0
+    assert "main/synthetic/hct-reading-data_pass_m2_literal_s0.pt" in capsys.readouterr().out
+    assert main(["verify", "--plan", "--readings", "pass"]) == 2
+    assert capsys.readouterr().err.strip() == ("hcdiag verify: error: --readings: unknown reading(s) pass; choose "
+                                               "among steps, epochs, data_pass.")

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or a label with its tag: hct-warmup, beta-beta2); the phase and ablation groups are kept")
     p.add_argument("--multiples", default=None,
                    help="comma list: only the main jobs at these multiples of lambda_max (the preset's: smoke 2; paper 2,5)")
+    p.add_argument("--readings", default=None,
+                   help="comma list of readings of HCT's epoch (steps, epochs, data_pass) to run HCT's main jobs under "
+                        "besides the preset's; claims whose verdict changes between them are reported")
     p.add_argument("--plan", action="store_true",
                    help="print the grid's jobs and an estimate of their time on this machine (measured unit costs), "
                         "then stop: nothing is trained or written")
@@ -74,18 +77,19 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise InputError(f"--multiples must be a comma list of numbers (multiples of lambda_max). "
                              f"Got {args.multiples!r}.") from None
+    readings = names("readings", args.readings, ("steps", "epochs", "data_pass"))
     if args.plan:
         from hcdiag.verify import plan
 
         p = plan(args.preset, datasets, args.seeds, data_dir=args.data_dir, losses=losses, groups=groups,
-                 methods=methods, multiples=multiples, workers=args.workers)
+                 methods=methods, multiples=multiples, readings=readings, workers=args.workers)
         emit(args, {"plan": p["plan"], "units": p["units"], "workers": p["workers"]}, p["text"])
         return 0
     if args.out is None:
         raise InputError("--out is required (the folder of the runs and the report); only --plan runs without it.")
     doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
                  device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses, groups=groups,
-                 methods=methods, multiples=multiples,
+                 methods=methods, multiples=multiples, readings=readings,
                  progress=lambda s: print(s, file=sys.stderr, flush=True))
     rows = doc["claims"]
     table = claims_text(rows)
