@@ -22,7 +22,7 @@ DEFAULT_TOLERANCE = 0.05
 
 # the training loss conventions (claims.md, Training pipeline) and the methods of the system under test
 LOSS_CONVENTIONS = ("literal", "scaled", "mean")
-METHODS = ("hct", "vanilla", "beta", "anneal", "freebits", "aggressive", "em-type")
+METHODS = ("hct", "vanilla", "beta", "anneal", "freebits", "aggressive", "em-type", "teacher")
 DATASETS = ("synthetic", "fashion-mnist", "mnist", "cifar10", "digits")
 
 # paper Table 1 (sigma'^2 = 2 lambda_max; KL, active units) and the text's thresholds (section 5.2, 8)

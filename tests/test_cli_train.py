@@ -120,3 +120,18 @@ def test_em_type_trains_from_the_command_line_and_its_run_passes_the_checks(tmp_
     assert {c["id"] for c in doc["checks"] if c["verdict"] != "inconclusive"} >= {"KL", "AU", "T3", "T4"}
     assert _err(capsys, "train", "synthetic", "--method", "em-type", "--out", tmp_path / "x.pt", "--em-tol", "-1") \
         .endswith("The 'em_tol' parameter must be a float >= 0. Got -1.0.")
+
+
+def test_teacher_trains_from_the_command_line_and_its_run_passes_the_checks(tmp_path, capsys):
+    """`hcdiag train synthetic --method teacher --teacher-alpha ... --witness-beta ...`: a valid run file."""
+    out = tmp_path / "teacher.pt"
+    assert main(["train", "synthetic", "--n-samples", "600", "--method", "teacher", "--out", str(out), *FAST,
+                 "--teacher-alpha", "2", "--witness-beta", "1.5"]) == 0
+    from hcdiag.runfile import load_run
+
+    run = load_run(out)
+    assert run.config.method == "teacher" and run.data["teacher"]["alpha"] == 2.0 and run.complete
+    capsys.readouterr()
+    assert main(["check-barrier", str(out), "--format", "json"]) in (0, 1)
+    assert main(["train", "synthetic", "--method", "teacher", "--out", str(tmp_path / "x.pt"), "--witness-beta", "0"]) == 2
+    assert "The 'witness_beta' parameter must be a float > 0. Got 0.0." in capsys.readouterr().err

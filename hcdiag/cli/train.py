@@ -34,6 +34,9 @@ _OVERRIDES = [
     ("--kl-weight", "kl_weight", float, "KL weight of the beta-VAE baseline (any value >= 0)"),
     ("--anneal-epochs", "anneal_epochs", int, "KL annealing length (epochs)"),
     ("--free-bits", "free_bits", float, "free bits per latent dimension (nats)"),
+    ("--teacher-alpha", "teacher_alpha", float, "teacher-guided VAE: weight of the alignment loss KL(T || W) (>= 0; "
+     "0: the plain VAE with the witness watching)"),
+    ("--witness-beta", "witness_beta", float, "teacher-guided VAE: inverse temperature of the simplex witness (> 0)"),
     ("--aggressive-max-inner", "aggressive_max_inner", int,
      "aggressive: most encoder steps before each decoder step (He et al. 2019: 100)"),
     ("--aggressive-check-every", "aggressive_check_every", int,

@@ -73,6 +73,9 @@ class TrainConfig:
     refine_cap: int = 200
     stage3_epochs: int = 30
     stage3_snapshots: int = 4
+    # the teacher-guided VAE (companion notes, hcdiag.train.methods.teacher)
+    teacher_alpha: float = 1.0
+    witness_beta: float = 1.0
     beta_schedule: str = "linear"
     beta_start: float = 1.0
     beta_end: float = 4.0
@@ -156,8 +159,10 @@ def _validate_config(c: TrainConfig) -> None:
         v = getattr(c, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise InputError(f"The '{f.name}' parameter must be a finite number. Got {v}.")
-    if c.kl_weight < 0 or c.free_bits < 0 or c.beta_start < 0 or c.beta_end < 0:
-        raise InputError("The weights kl_weight, free_bits, beta_start and beta_end must be >= 0.")
+    if not c.witness_beta > 0:
+        raise InputError(f"The 'witness_beta' parameter must be a float > 0. Got {c.witness_beta}.")
+    if c.kl_weight < 0 or c.free_bits < 0 or c.beta_start < 0 or c.beta_end < 0 or c.teacher_alpha < 0:
+        raise InputError("The weights kl_weight, free_bits, beta_start, beta_end and teacher_alpha must be >= 0.")
     if not c.em_tol >= 0:
         raise InputError(f"The 'em_tol' parameter must be a float >= 0. Got {c.em_tol}.")
     bad = [r for r in c.references if r not in ("collapsed", "vanilla", "control")]

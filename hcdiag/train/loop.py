@@ -71,20 +71,28 @@ class Loop:
 
     def batch(self, state: dict) -> torch.Tensor:
         """The next ``batch_size`` rows of the current permutation (a new one when it runs out)."""
+        return self.batch_with_index(state)[1]
+
+    def batch_with_index(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row indices, rows)`` of the next batch (:meth:`batch`; a method that keeps per-row data, such as the
+        teacher-guided VAE's teacher, reads it at those indices)."""
         perm, pos = state["perm"], state["pos"]
         if perm is None or pos + self.batch_size > len(perm):
             perm = torch.randperm(self.n, generator=state["g_idx"])
             pos = 0
         idx = perm[pos:pos + self.batch_size]
         state["perm"], state["pos"] = perm, pos + self.batch_size
-        return self.X[idx.to(self.device)]
+        idx = idx.to(self.device)
+        return idx, self.X[idx]
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self, model, opt, state: dict, ids: torch.Tensor | None, beta: float, kl_weight: float,
-             free_bits: float = 0.0, xb: torch.Tensor | None = None, weights: LossWeights | None = None):
+             free_bits: float = 0.0, xb: torch.Tensor | None = None, weights: LossWeights | None = None,
+             extra=None, extra_weight: float = 1.0):
         """One step of ``opt`` on the next batch of the stream, or on ``xb`` when given (the aggressive
-        baseline chooses its own batches), with the clusterings ``ids`` weighted by ``beta``. Returns the
-        detached (loss, recon, kl, cluster) of the batch."""
+        baseline chooses its own batches), with the clusterings ``ids`` weighted by ``beta``; ``extra(mu)``, when
+        given, is a method's own term on the batch's latent means, added to the loss times ``extra_weight``.
+        Returns the detached (loss, recon, kl, cluster) of the batch; ``cluster`` is the extra term when given."""
         xb = self.batch(state) if xb is None else xb
         w = weights or self.weights
         mu, lv = model.encode(xb)
@@ -94,6 +102,9 @@ class Loop:
         if ids is not None and beta > 0:
             cl = self._cluster(f, ids)
             loss = loss + beta * w.cluster * cl
+        if extra is not None:
+            cl = extra(mu)
+            loss = loss + extra_weight * cl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -132,6 +132,14 @@ class RunWriter:
     def set_aggressive(self, rec: Aggressive) -> None:
         self.run["aggressive"] = rec.to_dict()
 
+    def set_extra(self, key: str, value: dict) -> None:
+        """A method's own top-level record (e.g. the teacher-guided VAE's ``teacher``), kept as-is: plain
+        values and tensors only (the run file's rule)."""
+        if key in ("format", "version", "status", "config", "eval", "clusterings", "rounds", "refinement", "stage3",
+                   "history", "snapshots", "snapshot_order", "outputs", "references", "aggressive", "resume"):
+            raise ValueError(f"{key!r} is a part of the run file's schema, not a method's own record")
+        self.run[key] = value
+
     def history_series(self, key: str) -> list:
         """The history series ``key`` being recorded (a list training appends to), created on first use with
         NaN for the rows recorded before it (e.g. the init row of a series measured per epoch)."""
