@@ -22,6 +22,7 @@ record             the run file's part
 :class:`Reference`   ``references.<r>``: config, state, outputs, snapshots, snapshot_order, metrics
 :class:`References`  ``references``: collapsed, vanilla, control
 :class:`Aggressive`  ``aggressive``: mi, ended_epoch
+:class:`Teacher`     ``teacher``: clustering, beta_w, vertices, alpha, rule, I_T (the teacher-guided VAE)
 =================  ===================================================================================
 
 Rules that tie parts together (every dimension agreeing across parts, a named snapshot existing, a state
@@ -812,6 +813,64 @@ class References:
         return (getattr(self, n) for n in REFERENCE_NAMES if getattr(self, n) is not None)
 
 
+_TEACHER_KEYS = ("clustering", "rule", "I_T", "alpha", "beta_w", "vertices")
+
+
+@dataclass(frozen=True, eq=False)
+class Teacher:
+    """``teacher``: the teacher-guided VAE's record: the teacher's ``clustering`` id, the ``rule`` that chose it,
+    every clustering's teacher information ``I_T`` (nats, on eval.x), the alignment weight ``alpha``, the
+    witness's inverse temperature ``beta_w`` and its simplex ``vertices`` (K, n)."""
+
+    clustering: int
+    beta_w: float
+    vertices: torch.Tensor
+    alpha: float | None = None
+    rule: str | None = None
+    I_T: tuple[float, ...] | None = None  # noqa: N815 (the notes' symbol)
+    extra: dict = field(default_factory=dict)
+    where: InitVar[str] = "teacher"
+    dims: InitVar[Dims | None] = None
+
+    def __post_init__(self, where, dims):
+        dims = dims if dims is not None else Dims()
+        c = int_at(self.clustering, f"{where}.clustering", lo=0)
+        r0 = dims.get("R0")
+        if r0 is not None and c >= r0:
+            raise InputError(f"{where}.clustering is {c}, outside 0..{r0 - 1} (R0={r0}).")
+        _set(self, "beta_w", float_at(self.beta_w, f"{where}.beta_w", positive=True))
+        v = tensor_at(self.vertices, f"{where}.vertices", 2, finite=True)
+        dims.agree("K", v.shape[0], f"{where}.vertices")
+        dims.agree("n", v.shape[1], f"{where}.vertices")
+        if self.alpha is not None:
+            a = float_at(self.alpha, f"{where}.alpha")
+            if a < 0:
+                raise InputError(f"{where}.alpha must be a float >= 0; got {a!r}.")
+            _set(self, "alpha", a)
+        if self.rule is not None:
+            str_at(self.rule, f"{where}.rule")
+        if self.I_T is not None:
+            if not isinstance(self.I_T, (list, tuple)):
+                raise InputError(f"{where}.I_T must be a list of floats (one per clustering); got {kind(self.I_T)}.")
+            _set(self, "I_T", tuple(float_at(x, f"{where}.I_T[{i}]") for i, x in enumerate(self.I_T)))
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "teacher", dims: Dims | None = None) -> Teacher:
+        dict_at(d, where)
+        return cls(need(d, "clustering", where), need(d, "beta_w", where), need(d, "vertices", where, "[K, n]"),
+                   d.get("alpha"), d.get("rule"), d.get("I_T"), _extra(d, _TEACHER_KEYS), where=where, dims=dims)
+
+    def to_dict(self) -> dict:
+        out = {"clustering": self.clustering, "beta_w": self.beta_w, "vertices": self.vertices}
+        for key in ("alpha", "rule"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.I_T is not None:
+            out["I_T"] = list(self.I_T)
+        out.update(self.extra)
+        return out
+
+
 @dataclass(frozen=True, eq=False)
 class Aggressive:
     """``aggressive``: the aggressive baseline's MI (nats, eval.x) per aggressive epoch and the last epoch
@@ -841,4 +900,4 @@ class Aggressive:
 
 
 __all__ = ["Aggressive", "Clusterings", "Dims", "EvalSet", "History", "Outputs", "Reference", "References",
-           "Refinement", "Round", "RunConfig", "Stage3", "Status"]
+           "Refinement", "Round", "RunConfig", "Stage3", "Status", "Teacher"]

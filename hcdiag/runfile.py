@@ -39,7 +39,7 @@ from hcdiag.errors import InputError, flag, marked
 from hcdiag.paper import METHODS as PAPER_METHODS
 from hcdiag.records import (HISTORY_SERIES, MODEL_FAMILIES, REFERENCE_NAMES, RESP_ROW_TOL, Aggressive,  # noqa: F401
                             Clusterings, Dims, EvalSet, History, Outputs, Reference, References, Refinement, Round,
-                            RunConfig, Stage3, Status, bool_at, dict_at, float_at, int_at, kind, model_fields, need,
+                            RunConfig, Stage3, Status, Teacher, bool_at, dict_at, float_at, int_at, kind, model_fields, need,
                             state_dict_at, str_at, tensor_at)
 
 FORMAT = "hcdiag-run"
@@ -217,6 +217,7 @@ class _Validator:
         self.stage3()
         self.history()
         self.aggressive()
+        self.teacher()
         self.references()
         if self.max_memory is not None:
             self.memory(self.max_memory)
@@ -428,6 +429,11 @@ class _Validator:
         """The aggressive baseline's record (He et al. 2019): MI per aggressive epoch, the epoch it ended."""
         agg = self.run.get("aggressive")
         self.parts["aggressive"] = None if agg is None else Aggressive.from_dict(agg)
+
+    def teacher(self) -> None:
+        """The teacher-guided VAE's record: its head must fit the run's K and latent dimension."""
+        rec = self.run.get("teacher")
+        self.parts["teacher"] = None if rec is None else Teacher.from_dict(rec, "teacher", self.dims)
 
     def references(self) -> None:
         refs = self.run.get("references")
@@ -811,6 +817,11 @@ class Run:
     @property
     def references(self) -> References | None:
         return self._parts["references"]
+
+    @property
+    def teacher(self) -> Teacher | None:
+        """The teacher-guided VAE's record (``method: teacher``), or None."""
+        return self._parts["teacher"]
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.<>]+)")

@@ -14,7 +14,7 @@ import torch
 from hcdiag import records
 from hcdiag.errors import InputError
 from hcdiag.records import (Aggressive, Clusterings, Dims, EvalSet, History, Outputs, Reference, References,
-                            Refinement, Round, RunConfig, Stage3, Status)
+                            Refinement, Round, RunConfig, Stage3, Status, Teacher)
 from hcdiag.runfile import Run, example_run, load_run, validate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_config_keeps_unknown_keys_and_references_need_their_parameters():
 # -- docs/runfile.md describes every record ---------------------------------------------------------------
 
 RECORDS = (Status, RunConfig, EvalSet, Clusterings, Round, Refinement, Stage3, History, Outputs, Reference,
-           References, Aggressive)
+           References, Aggressive, Teacher)
 
 
 def test_runfile_doc_lists_every_field_of_every_record():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from hcdiag.checks import collapse, exclusion, inertia, regions
+from hcdiag.checks import collapse, exclusion, inertia, regions, teacher
 from hcdiag.checks.base import CheckResult, RunContext
 from hcdiag.checks.evidence import verify
 from hcdiag.errors import InputError
@@ -30,6 +30,17 @@ CHECKS: dict[str, Callable[[RunContext], CheckResult]] = {
     "KL": collapse.check_kl,
     "AU": collapse.check_au,
 }
+# Checks of the other systems under test, run by default only on their own runs (a teacher-guided VAE run has a
+# 'teacher' record); any run may select them by id.
+METHOD_CHECKS: dict[str, Callable[[RunContext], CheckResult]] = {
+    "W3": teacher.check_w3,
+}
+ALL_CHECKS = {**CHECKS, **METHOD_CHECKS}
+
+
+def default_ids(run) -> list[str]:
+    """The checks run when none are selected: the barrier checks, and a method's own on its runs."""
+    return list(CHECKS) + (["W3"] if getattr(run, "teacher", None) is not None else [])
 
 
 def parse_ids(text: str | list[str] | None, what: str = "select") -> list[str]:
@@ -38,16 +49,16 @@ def parse_ids(text: str | list[str] | None, what: str = "select") -> list[str]:
     if text is None:
         return list(CHECKS)
     items = text.split(",") if isinstance(text, str) else list(text)
-    by_lower = {k.lower(): k for k in CHECKS}
+    by_lower = {k.lower(): k for k in ALL_CHECKS}
     out, bad = [], []
     for it in (i.strip() for i in items):
         if not it:
             continue
         (out if it.lower() in by_lower else bad).append(by_lower.get(it.lower(), it))
     if bad:
-        raise InputError(f"{what}: unknown check id(s) {', '.join(bad)}; valid ids are {', '.join(CHECKS)}.")
+        raise InputError(f"{what}: unknown check id(s) {', '.join(bad)}; valid ids are {', '.join(ALL_CHECKS)}.")
     if not out:
-        raise InputError(f"{what} names no check; valid ids are {', '.join(CHECKS)}.")
+        raise InputError(f"{what} names no check; valid ids are {', '.join(ALL_CHECKS)}.")
     return out
 
 
@@ -65,7 +76,10 @@ def run_checks(run, *, select=None, tolerance: float = 0.05, device="cpu", seed:
         run = Run(run)
     elif not isinstance(run, Run):
         run = load_run(run)
-    ids = parse_ids(select) if not (isinstance(select, list) and all(s in CHECKS for s in select)) else select
+    if select is None:
+        ids = default_ids(run)
+    else:
+        ids = parse_ids(select) if not (isinstance(select, list) and all(s in ALL_CHECKS for s in select)) else select
     ctx = RunContext(run, tolerance=tolerance, device=device, seed=seed)
     verify(ctx)  # stored numbers the run's own models contradict are refused; the checks use recomputed ones
     ctx.take_defaults()
@@ -74,7 +88,7 @@ def run_checks(run, *, select=None, tolerance: float = 0.05, device="cpu", seed:
         t0 = time.perf_counter()
         if progress:
             progress(f"check {cid} ...")
-        res = CHECKS[cid](ctx)
+        res = ALL_CHECKS[cid](ctx)
         res.values.setdefault("seconds", time.perf_counter() - t0)
         res.values["defaults"] = ctx.take_defaults()  # the absent fields this check read as defaults
         if res.tolerance is None and res.verdict != "inconclusive":

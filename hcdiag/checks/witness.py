@@ -30,6 +30,7 @@ __all__ = [
     "SoftmaxWitness",
     "WitnessCertificate",
     "alignment_loss",
+    "certificate_gap",
     "certify_nonconstant",
     "fit_softmax_witness",
     "teacher_information",
@@ -224,6 +225,16 @@ class WitnessCertificate:
                 "fit_loss": self.fit_loss, "n_fit": self.n_fit, "n_eval": self.n_eval}
 
 
+def certificate_gap(T, W) -> tuple[float, float, float]:
+    """``(I_T, L, G_T)`` of a witness ``W`` (m, K) against the teacher ``T`` (m, K) on the same rows: the teacher
+    information, the alignment loss and the gap ``G_T = I_T - L`` (nats). The certificate's one kernel: T4
+    (a fitted softmax witness) and W3 (the teacher-guided VAE's fixed simplex head) both decide by it; the
+    latent mean is certified non-constant when ``G_T > margin``."""
+    info = teacher_information(T)
+    loss = alignment_loss(T, W)
+    return info, loss, info - loss
+
+
 def certify_nonconstant(features_fit, T_fit, features_eval, T_eval, *, margin: float = 0.05,
                         **fit_kw) -> WitnessCertificate:
     """Certify that the latent mean is not constant in x (claims.md T4).
@@ -242,8 +253,7 @@ def certify_nonconstant(features_fit, T_fit, features_eval, T_eval, *, margin: f
         raise InputError(f"The fit and eval splits must have the same columns; got features {tuple(f_fit.shape)} vs "
                          f"{tuple(f_eval.shape)} and teachers {tuple(t_fit.shape)} vs {tuple(t_eval.shape)}.")
     witness = fit_softmax_witness(f_fit, t_fit, **fit_kw)
-    info = teacher_information(t_eval)
-    loss = alignment_loss(t_eval.to(witness.A.device), witness.predict(f_eval))
+    info, loss, _ = certificate_gap(t_eval.to(witness.A.device), witness.predict(f_eval))
     fit_loss = alignment_loss(t_fit.to(witness.A.device), witness.predict(f_fit))
     gap = info - loss
     return WitnessCertificate(

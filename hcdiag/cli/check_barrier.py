@@ -104,7 +104,7 @@ def write_report(results, run, out_dir, *, run_path, tolerance, require=None, le
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from hcdiag.checks.barrier import parse_ids, run_checks
+    from hcdiag.checks.barrier import default_ids, parse_ids, run_checks
     from hcdiag.cli.common import emit
     from hcdiag.device import resolve_device
     from hcdiag.errors import InputError
@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--report {rp} cannot be created ({reason}); give a writable folder.") from None
     device = resolve_device(args.device)
     progress = (lambda s: print(s, file=sys.stderr, end="\r", flush=True)) if sys.stderr.isatty() else None
+    if require and not only:  # a required check the run's defaults leave out (W3 on a run without a teacher) runs too
+        only = default_ids(run_obj) + [r for r in require if r not in default_ids(run_obj)]
     results = run_checks(run_obj, select=only, tolerance=args.tolerance, device=device, seed=args.seed, progress=progress)
     if progress:
         print(" " * 40, file=sys.stderr, end="\r")
