@@ -91,3 +91,37 @@ def test_a_latent_space_too_small_for_the_simplex_is_refused(seed):
     with pytest.raises(InputError, match=r"^A regular simplex of K = 5 unit vectors needs a latent dimension >= "
                                          r"K - 1 = 4; got 3"):
         Trainer(make_config(None, seed=seed % 10_000, method="teacher", **{**TINY, "k": 5}), _data(seed), None).run()
+
+
+def test_a_run_can_start_from_another_runs_snapshot_to_rescue_it(seed, tmp_path):
+    """The rescue experiment's start: init_from a (collapsed) run's snapshot; the main model's init snapshot is
+    that snapshot bitwise, and the references start fresh."""
+    x = _data(seed)
+    src = tmp_path / "vanilla.pt"
+    Trainer(make_config(None, seed=seed % 10_000, method="vanilla", **TINY), x, src).run()
+    from hcdiag.runfile import load_run
+
+    src_run = load_run(src)
+    name = "epoch1" if src_run.has_state("epoch1") else "final"  # a snapshot before the end, where there is one
+    start = src_run.snapshot(name)
+    kw = dict(method="teacher", teacher_alpha=2.0, init_from=str(src), init_snapshot=name,
+              **{**TINY, "references": ("collapsed",)})
+    run = Trainer(make_config(None, seed=seed % 10_000, **kw), x, None).run()
+    assert all(torch.equal(run["snapshots"]["init"][k], v) for k, v in start.items())
+    fresh = Trainer(make_config(None, seed=seed % 10_000, **{**kw, "init_from": None}), x, None).run()
+    assert all(torch.equal(run["references"]["collapsed"]["state"][k], v)
+               for k, v in fresh["references"]["collapsed"]["state"].items())
+    assert run["config"]["train"]["init_from"] == str(src)
+
+
+def test_init_from_refuses_another_architecture_or_a_missing_snapshot(seed, tmp_path):
+    x = _data(seed)
+    src = tmp_path / "src.pt"
+    Trainer(make_config(None, seed=seed % 10_000, method="vanilla", **TINY), x, src).run()
+    wide = make_config(None, seed=1, method="teacher", init_from=str(src), **{**TINY, "enc_widths": (32,)})
+    with pytest.raises(InputError, match=r"^init_from .*src\.pt: its model .* is not this run's"):
+        Trainer(wide, x, None).run()
+    gone = make_config(None, seed=1, method="teacher", init_from=str(src), init_snapshot="round9", **TINY)
+    with pytest.raises(InputError, match=r"^init_from .*src\.pt has no parameters for snapshot 'round9' \(it has: "
+                                         r"init, .*final\); pick one with init_snapshot\.$"):
+        Trainer(gone, x, None).run()

@@ -37,6 +37,9 @@ _OVERRIDES = [
     ("--teacher-alpha", "teacher_alpha", float, "teacher-guided VAE: weight of the alignment loss KL(T || W) (>= 0; "
      "0: the plain VAE with the witness watching)"),
     ("--witness-beta", "witness_beta", float, "teacher-guided VAE: inverse temperature of the simplex witness (> 0)"),
+    ("--init-from", "init_from", str, "start the main model from a snapshot of this run file (same architecture), e.g. "
+     "a collapsed run to rescue; the references start fresh"),
+    ("--init-snapshot", "init_snapshot", str, "the snapshot --init-from starts from (default final)"),
     ("--aggressive-max-inner", "aggressive_max_inner", int,
      "aggressive: most encoder steps before each decoder step (He et al. 2019: 100)"),
     ("--aggressive-check-every", "aggressive_check_every", int,

@@ -101,6 +101,10 @@ class TrainConfig:
     collapsed_multiple: float = 10.0
     # evaluation and run
     eval_rows: int = 4096
+    # the main model's start: a snapshot of another run file (the rescue experiment of the companion notes:
+    # restart from a collapsed checkpoint), else a fresh initialisation from the seed
+    init_from: str | None = None
+    init_snapshot: str = "final"
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False

@@ -159,6 +159,28 @@ class Trainer:
         """A fresh model of the run's architecture, initialised from ``seed + seed_offset``."""
         return build_model(self.model_cfg, seed=self.cfg.seed + seed_offset, device=self.device)
 
+    def initial_model(self):
+        """The main model at the start of training: :meth:`new_model`, or, with ``init_from``, the parameters
+        of snapshot ``init_snapshot`` of that run file (which must be of this run's architecture). The
+        references always start fresh."""
+        model = self.new_model()
+        c = self.cfg
+        if c.init_from is None:
+            return model
+        from hcdiag.runfile import load_run
+
+        src = load_run(c.init_from)
+        if src.config.model != self.model_cfg.to_dict():
+            raise InputError(f"{flag('--init-from', 'init_from')} {c.init_from}: its model "
+                             f"({src.config.model}) is not this run's ({self.model_cfg.to_dict()}); start from a run "
+                             "of the same architecture (widths, latent dimension, activation) and data dimension.")
+        if not src.has_state(c.init_snapshot):
+            raise InputError(f"{flag('--init-from', 'init_from')} {c.init_from} has no parameters for snapshot "
+                             f"{c.init_snapshot!r} (it has: {', '.join(n for n in src.snapshot_names if src.has_state(n)) or 'none'}); "
+                             f"pick one with {flag('--init-snapshot', 'init_snapshot')}.")
+        model.load_state_dict(src.snapshot(c.init_snapshot))
+        return model
+
     # -- public entry ------------------------------------------------------------------------------------
     def run(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Train, write the run file at every round and stage, and return the run dict.

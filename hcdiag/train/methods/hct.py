@@ -55,7 +55,7 @@ class HCT(Method):
 
     def train(self, t, run: dict) -> None:
         c = t.cfg
-        model = t.new_model()
+        model = t.initial_model()
         opt = torch.optim.Adam(model.parameters(), lr=c.lr)
         beta = Schedule(c.beta_schedule, c.beta_start, c.beta_end)
         pos = t.writer.resume_position()

@@ -49,7 +49,7 @@ class Vanilla(Method):
     # -- the run ------------------------------------------------------------------------------------------
     def train(self, t, run: dict) -> None:
         """``epochs`` data epochs; snapshots ``init``, evenly spaced epochs and ``final``."""
-        model = t.new_model()
+        model = t.initial_model()
         if (t.writer.resume_position() or {}).get("stage") == "references":
             return
         t0 = time.perf_counter()
