@@ -14,6 +14,7 @@ Where the file system has no locks (some network mounts) both work without them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -41,6 +42,30 @@ def _try_lock(fd: int) -> bool | None:
         return False
     except OSError:  # ENOLCK, EOPNOTSUPP...: no locks here
         return None
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on the file ``path`` (a ``.lock`` beside a cache entry: the EM cache's, the
+    reference cache's) while the block runs, so that one process computes an entry while the others wait and
+    then read it. Where the file system has no locks, or the lock file cannot be made, the block runs unlocked:
+    each process computes on its own and the last atomic write wins (the same result, more work)."""
+    lock = None
+    try:
+        import fcntl
+
+        lock = open(path, "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks on this file system
+    except (ImportError, OSError):
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def temporary(folder: str | os.PathLike, name: str) -> tuple[int, Path]:

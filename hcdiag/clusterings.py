@@ -422,15 +422,9 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, InputError):
             return None  # truncated or corrupt (e.g. a writer killed on a file system without atomic rename): refit
 
-    lock = None
-    try:
-        import fcntl
+    from hcdiag.atomic import cache_lock
 
-        lock = open(folder / (path.stem + ".lock"), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locks on this file system: fit independently
+    with cache_lock(folder / (path.stem + ".lock")):  # one process fits a key; the others wait, then read it
         if path.exists() and (cs := read()) is not None:
             return cs, True
         cs = fit_clusterings(xa, r0, k, **kw)
@@ -448,9 +442,6 @@ def fit_clusterings_cached(cache_dir, x, r0: int, k: int, **kw) -> tuple[Cluster
         except OSError:
             tmp.unlink(missing_ok=True)  # the cache is an optimisation: the fit itself is returned
         return cs, False
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 # ------------------------------------------------------------------------------- sklearn backend

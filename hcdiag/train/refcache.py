@@ -82,18 +82,9 @@ def shared(folder, key: dict, train: Callable[[], tuple[dict, list]], fits: Call
                          "folder.") from None
     digest = fingerprint(settings=key)[:32]
     path = folder / f"ref-{key['reference']}-{digest}.pt"
-    lock = None
-    try:
-        import fcntl
+    from hcdiag.atomic import cache_lock
 
-        lock = open(folder / (path.stem + ".lock"), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            pass  # no locks on this file system: train independently
-    except (ImportError, OSError):
-        lock = None
-    try:
+    with cache_lock(folder / (path.stem + ".lock")):
         if path.exists() and (got := _read(path, key, fits)) is not None:
             return (*got, True)
         state, snaps = train()
@@ -102,9 +93,6 @@ def shared(folder, key: dict, train: Callable[[], tuple[dict, list]], fits: Call
         except Exception:  # noqa: BLE001 (a full or read-only cache (torch.save raises RuntimeError on a full
             pass           # disk) costs the next run a retraining, never this run)
         return state, snaps, False
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 __all__ = ["reference_key", "shared"]
