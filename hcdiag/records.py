@@ -813,14 +813,15 @@ class References:
         return (getattr(self, n) for n in REFERENCE_NAMES if getattr(self, n) is not None)
 
 
-_TEACHER_KEYS = ("clustering", "rule", "I_T", "alpha", "beta_w", "vertices")
+_TEACHER_KEYS = ("clustering", "rule", "I_T", "alpha", "beta_w", "vertices", "view", "view_samples")
 
 
 @dataclass(frozen=True, eq=False)
 class Teacher:
     """``teacher``: the teacher-guided VAE's record: the teacher's ``clustering`` id, the ``rule`` that chose it,
     every clustering's teacher information ``I_T`` (nats, on eval.x), the alignment weight ``alpha``, the
-    witness's inverse temperature ``beta_w`` and its simplex ``vertices`` (K, n)."""
+    witness's inverse temperature ``beta_w`` and its simplex ``vertices`` (K, n); the teacher's ``view`` of x
+    (:mod:`hcdiag.views`; absent: ``identity``) and the training's ``view_samples`` per row."""
 
     clustering: int
     beta_w: float
@@ -828,6 +829,8 @@ class Teacher:
     alpha: float | None = None
     rule: str | None = None
     I_T: tuple[float, ...] | None = None  # noqa: N815 (the notes' symbol)
+    view: str | None = None
+    view_samples: int | None = None
     extra: dict = field(default_factory=dict)
     where: InitVar[str] = "teacher"
     dims: InitVar[Dims | None] = None
@@ -853,16 +856,27 @@ class Teacher:
             if not isinstance(self.I_T, (list, tuple)):
                 raise InputError(f"{where}.I_T must be a list of floats (one per clustering); got {kind(self.I_T)}.")
             _set(self, "I_T", tuple(float_at(x, f"{where}.I_T[{i}]") for i, x in enumerate(self.I_T)))
+        if self.view is not None:
+            from hcdiag.views import parse_view
+
+            str_at(self.view, f"{where}.view")
+            try:
+                parse_view(self.view)
+            except InputError as exc:
+                raise InputError(f"{where}.view {self.view!r} is not a view hcdiag knows ({str(exc)}).") from None
+        if self.view_samples is not None:
+            int_at(self.view_samples, f"{where}.view_samples", lo=1)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "teacher", dims: Dims | None = None) -> Teacher:
         dict_at(d, where)
         return cls(need(d, "clustering", where), need(d, "beta_w", where), need(d, "vertices", where, "[K, n]"),
-                   d.get("alpha"), d.get("rule"), d.get("I_T"), _extra(d, _TEACHER_KEYS), where=where, dims=dims)
+                   d.get("alpha"), d.get("rule"), d.get("I_T"), d.get("view"), d.get("view_samples"),
+                   _extra(d, _TEACHER_KEYS), where=where, dims=dims)
 
     def to_dict(self) -> dict:
         out = {"clustering": self.clustering, "beta_w": self.beta_w, "vertices": self.vertices}
-        for key in ("alpha", "rule"):
+        for key in ("alpha", "rule", "view", "view_samples"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.I_T is not None:

@@ -203,7 +203,7 @@ def test_non_finite_values_give_the_key_and_the_count(seed, tmp_path, capsys):
 
 def test_unknown_require_id(run_path, capsys):
     assert one_error_line(capsys, run_path, "--require", "N1,Q7") == (
-        f"--require: unknown check id(s) Q7; valid ids are {', '.join(CHECKS)}, W3.")
+        f"--require: unknown check id(s) Q7; valid ids are {', '.join(CHECKS)}, W3, W4.")
 
 
 def test_require_outside_only(run_path, capsys):

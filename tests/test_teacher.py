@@ -45,10 +45,14 @@ def test_the_teacher_is_the_clustering_with_the_largest_information(seed):
     resp = torch.rand(5, 40, 3, generator=g) ** 3
     resp = resp / resp.sum(2, keepdim=True)
     resp[3] = resp[1]  # a tie with an earlier id: the lowest id wins
+    resp[:, 1::2] = resp[:, 1::2].flip(-1)  # the held-out (odd) rows must not change the choice
     cid, infos = choose_teacher(resp)
-    naive = [teacher_information(resp[r].double()) for r in range(5)]
+    naive = [teacher_information(resp[r, 0::2].double()) for r in range(5)]  # the fit split: even rows
     assert infos == pytest.approx(naive, abs=1e-6) and cid == int(np.argmax(naive)) and cid != 3
-    assert "largest teacher information" in RULE
+    held = resp.clone()
+    held[:, 1::2] = torch.softmax(torch.randn(5, 20, 3, generator=g), -1)
+    assert choose_teacher(held) == (cid, infos)
+    assert "largest teacher information" in RULE and "even evaluation rows" in RULE
 
 
 def test_teacher_rows_are_that_clusterings_responsibilities(seed):

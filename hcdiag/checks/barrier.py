@@ -34,13 +34,14 @@ CHECKS: dict[str, Callable[[RunContext], CheckResult]] = {
 # 'teacher' record); any run may select them by id.
 METHOD_CHECKS: dict[str, Callable[[RunContext], CheckResult]] = {
     "W3": teacher.check_w3,
+    "W4": teacher.check_w4,
 }
 ALL_CHECKS = {**CHECKS, **METHOD_CHECKS}
 
 
 def default_ids(run) -> list[str]:
     """The checks run when none are selected: the barrier checks, and a method's own on its runs."""
-    return list(CHECKS) + (["W3"] if getattr(run, "teacher", None) is not None else [])
+    return list(CHECKS) + (["W3", "W4"] if getattr(run, "teacher", None) is not None else [])
 
 
 def parse_ids(text: str | list[str] | None, what: str = "select") -> list[str]:

@@ -28,12 +28,15 @@ from hcdiag.metrics import as_tensor
 
 __all__ = [
     "SoftmaxWitness",
+    "ViewGap",
     "WitnessCertificate",
     "alignment_loss",
     "certificate_gap",
     "certify_nonconstant",
     "fit_softmax_witness",
     "teacher_information",
+    "view_certificate",
+    "view_gap",
 ]
 
 _ROW_SUM_TOL = 1e-6
@@ -233,6 +236,57 @@ def certificate_gap(T, W) -> tuple[float, float, float]:
     info = teacher_information(T)
     loss = alignment_loss(T, W)
     return info, loss, info - loss
+
+
+@dataclass(frozen=True)
+class ViewGap:
+    """The view gap of a teacher seen through ``M`` sampled views of each of ``m`` rows (nats):
+
+    * ``I_T``: the teacher information over the (row, view) pairs, what the best constant student pays;
+    * ``gap`` ``G_V = mean_x [H(Tbar(x)) - mean_j H(T_j(x))]`` with ``Tbar(x) = mean_j T_j(x)``: for any student
+      ``W(.|x)`` that reads only x, ``mean_{x,j} KL(T_j(x) || W(x)) = G_V + mean_x KL(Tbar(x) || W(x)) >= G_V``
+      (equality at ``W = Tbar``), so no latent-only student aligns below ``G_V`` on these samples;
+    * ``reachable`` ``= I_T - G_V = H(mean T) - mean_x H(Tbar(x))``, the information of the view-averaged teacher
+      ``Tbar``: the largest certificate margin ``I_T - L`` any latent-only student can reach.
+    """
+
+    I_T: float  # noqa: N815 (the notes' symbol)
+    gap: float
+    reachable: float
+
+
+def _views(T_views, name: str = "T_views") -> torch.Tensor:
+    t = as_tensor(T_views, name=name, ndim=3, shape="(M, m, K)").detach().to(torch.float64)
+    flat = _distribution_rows(t.reshape(-1, t.shape[-1]), name)
+    return flat.reshape(t.shape)
+
+
+def view_gap(T_views) -> ViewGap:
+    """:class:`ViewGap` of ``T_views`` (M, m, K): teacher distributions of M sampled views of m rows."""
+    t = _views(T_views)
+    tbar = t.mean(dim=0)
+    h_views = _entropy_rows(t).mean()
+    info = float(_entropy_rows(t.mean(dim=(0, 1))) - h_views)
+    gap = float(_entropy_rows(tbar).mean() - h_views)
+    reach = float(_entropy_rows(t.mean(dim=(0, 1))) - _entropy_rows(tbar).mean())
+    return ViewGap(max(info, 0.0), max(gap, 0.0), max(reach, 0.0))
+
+
+def view_certificate(T_views, W) -> tuple[ViewGap, float]:
+    """``(view_gap(T_views), L)``: the gap and the alignment loss ``L = mean_{x,j} KL(T_j(x) || W(x))`` of a
+    student ``W`` (m, K) (one distribution per row, the same for every view of it) or ``W`` (M, m, K) (a student
+    that sees each view: the gap's premise broken, so it may align below ``G_V``). The certificate's kernel under
+    views: :func:`certificate_gap` on the (row, view) pairs gives ``I_T - L``."""
+    t = _views(T_views)
+    w = as_tensor(W, name="W", shape="(m, K) or (M, m, K)").detach().to(torch.float64)
+    if w.dim() == 2 and tuple(w.shape) == tuple(t.shape[1:]):
+        w = w.unsqueeze(0).expand_as(t)
+    if tuple(w.shape) != tuple(t.shape):
+        raise InputError(f"The 'W' argument must have shape {tuple(t.shape[1:])} or {tuple(t.shape)} (as T_views); "
+                         f"got {tuple(w.shape)}.")
+    info, loss, _ = certificate_gap(t.reshape(-1, t.shape[-1]), w.reshape(-1, w.shape[-1]))
+    g = view_gap(t)
+    return ViewGap(info, g.gap, g.reachable), loss
 
 
 def certify_nonconstant(features_fit, T_fit, features_eval, T_eval, *, margin: float = 0.05,

@@ -37,6 +37,10 @@ _OVERRIDES = [
     ("--teacher-alpha", "teacher_alpha", float, "teacher-guided VAE: weight of the alignment loss KL(T || W) (>= 0; "
      "0: the plain VAE with the witness watching)"),
     ("--witness-beta", "witness_beta", float, "teacher-guided VAE: inverse temperature of the simplex witness (> 0)"),
+    ("--teacher-view", "teacher_view", str, "teacher-guided VAE: what the teacher sees of x: identity | noise:SIGMA | "
+     "shift:PIXELS | pool:K (images); the encoder reads x (the notes' view gap, check W4)"),
+    ("--teacher-view-samples", "teacher_view_samples", int, "teacher-guided VAE: samples of a random view per row "
+     "(default 4)"),
     ("--init-from", "init_from", str, "start the main model from a snapshot of this run file (same architecture), e.g. "
      "a collapsed run to rescue; the references start fresh"),
     ("--init-snapshot", "init_snapshot", str, "the snapshot --init-from starts from (default final)"),
@@ -73,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     # the registry's names (hcdiag.train.METHODS, kept equal to hcdiag.paper.METHODS by a test): the leaf
     # module keeps `hcdiag --help` from importing torch
-    p.add_argument("--method", default="hct", choices=list(METHODS))
+    # 'witness' is the issue's name for the teacher-guided VAE (method 'teacher' in the run file)
+    p.add_argument("--method", default="hct", choices=list(METHODS) + ["witness"])
     p.add_argument("--multiple", type=float, default=2.0, help="decoder variance s2 = MULTIPLE * lambda_max (default 2)")
     p.add_argument("--preset", default="smoke", choices=["smoke", "paper"], help="settings preset (default smoke)")
     p.add_argument("--out", required=True, help="run file to write (atomically, at every round and stage)")
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from hcdiag.runfile import Run
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _t, _h in _OVERRIDES}
-    overrides.update(method=args.method, multiple=args.multiple, seed=args.seed, device=args.device,
+    overrides.update(method="teacher" if args.method == "witness" else args.method, multiple=args.multiple, seed=args.seed, device=args.device,
                      deterministic=args.deterministic or None, uneven=args.uneven_halving or None,
                      enc_widths=args.enc_widths, dec_widths=args.dec_widths)
     if args.references is not None:

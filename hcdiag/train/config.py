@@ -76,6 +76,8 @@ class TrainConfig:
     # the teacher-guided VAE (companion notes, hcdiag.train.methods.teacher)
     teacher_alpha: float = 1.0
     witness_beta: float = 1.0
+    teacher_view: str = "identity"  # what the teacher sees of x (hcdiag.views): identity, noise:s, shift:p, pool:k
+    teacher_view_samples: int = 4  # samples of a random view per row
     beta_schedule: str = "linear"
     beta_start: float = 1.0
     beta_end: float = 4.0
@@ -163,6 +165,11 @@ def _validate_config(c: TrainConfig) -> None:
         v = getattr(c, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise InputError(f"The '{f.name}' parameter must be a finite number. Got {v}.")
+    from hcdiag.views import parse_view
+
+    parse_view(c.teacher_view)
+    if not (isinstance(c.teacher_view_samples, int) and c.teacher_view_samples >= 1):
+        raise InputError(f"The 'teacher_view_samples' parameter must be an integer >= 1. Got {c.teacher_view_samples!r}.")
     if not c.witness_beta > 0:
         raise InputError(f"The 'witness_beta' parameter must be a float > 0. Got {c.witness_beta}.")
     if c.kl_weight < 0 or c.free_bits < 0 or c.beta_start < 0 or c.beta_end < 0 or c.teacher_alpha < 0:
