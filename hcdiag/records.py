@@ -813,7 +813,8 @@ class References:
         return (getattr(self, n) for n in REFERENCE_NAMES if getattr(self, n) is not None)
 
 
-_TEACHER_KEYS = ("clustering", "rule", "I_T", "alpha", "beta_w", "vertices", "view", "view_samples")
+_TEACHER_KEYS = ("clustering", "rule", "I_T", "alpha", "beta_w", "vertices", "view", "view_samples", "features",
+                 "projection", "gmm")
 
 
 @dataclass(frozen=True, eq=False)
@@ -821,7 +822,10 @@ class Teacher:
     """``teacher``: the teacher-guided VAE's record: the teacher's ``clustering`` id, the ``rule`` that chose it,
     every clustering's teacher information ``I_T`` (nats, on eval.x), the alignment weight ``alpha``, the
     witness's inverse temperature ``beta_w`` and its simplex ``vertices`` (K, n); the teacher's ``view`` of x
-    (:mod:`hcdiag.views`; absent: ``identity``) and the training's ``view_samples`` per row."""
+    (:mod:`hcdiag.views`; absent: ``identity``) and the training's ``view_samples`` per row; the teacher's
+    ``features`` (``input`` or ``pca:<d>``) and, for a PCA teacher, its ``projection`` (``mean`` (N,),
+    ``components`` (d, N)) and ``gmm`` (the chosen mixture in the clusterings' form, one fit: ``centroids``
+    (1, K, d), ``weights`` (1, K), ``covariance_type``, ``covariances``, ``seeds``, ``loglik``)."""
 
     clustering: int
     beta_w: float
@@ -831,6 +835,9 @@ class Teacher:
     I_T: tuple[float, ...] | None = None  # noqa: N815 (the notes' symbol)
     view: str | None = None
     view_samples: int | None = None
+    features: str | None = None
+    projection: dict | None = None
+    gmm: dict | None = None
     extra: dict = field(default_factory=dict)
     where: InitVar[str] = "teacher"
     dims: InitVar[Dims | None] = None
@@ -866,17 +873,41 @@ class Teacher:
                 raise InputError(f"{where}.view {self.view!r} is not a view hcdiag knows ({str(exc)}).") from None
         if self.view_samples is not None:
             int_at(self.view_samples, f"{where}.view_samples", lo=1)
+        self._pca(where, dims)
 
+    def _pca(self, where: str, dims: Dims) -> None:
+        from hcdiag.train.methods.teacher import parse_features
+
+        if self.features is None:
+            return
+        try:
+            d = parse_features(str_at(self.features, f"{where}.features"))
+        except InputError as exc:
+            raise InputError(f"{where}.features {self.features!r} is not one hcdiag knows ({str(exc)}).") from None
+        if d is None:
+            return
+        proj = dict_at(self.projection, f"{where}.projection")
+        mean = tensor_at(need(proj, "mean", f"{where}.projection", "[N]"), f"{where}.projection.mean", 1, finite=True)
+        dims.agree("N", mean.shape[0], f"{where}.projection.mean")
+        comps = tensor_at(need(proj, "components", f"{where}.projection", "[d, N]"), f"{where}.projection.components",
+                          2, finite=True)
+        if tuple(comps.shape) != (d, mean.shape[0]):
+            raise InputError(f"{where}.projection.components has shape {tuple(comps.shape)}; {self.features} over "
+                             f"N = {mean.shape[0]} needs ({d}, {mean.shape[0]}).")
+        own = Dims()
+        for name, size in (("R0", 1), ("K", int(self.vertices.shape[0])), ("N", d)):
+            own.agree(name, size, f"{where}.{self.features} teacher")
+        Clusterings.from_dict(self.gmm, f"{where}.gmm", own)
     @classmethod
     def from_dict(cls, d: Any, where: str = "teacher", dims: Dims | None = None) -> Teacher:
         dict_at(d, where)
         return cls(need(d, "clustering", where), need(d, "beta_w", where), need(d, "vertices", where, "[K, n]"),
                    d.get("alpha"), d.get("rule"), d.get("I_T"), d.get("view"), d.get("view_samples"),
-                   _extra(d, _TEACHER_KEYS), where=where, dims=dims)
+                   d.get("features"), d.get("projection"), d.get("gmm"), _extra(d, _TEACHER_KEYS), where=where, dims=dims)
 
     def to_dict(self) -> dict:
         out = {"clustering": self.clustering, "beta_w": self.beta_w, "vertices": self.vertices}
-        for key in ("alpha", "rule", "view", "view_samples"):
+        for key in ("alpha", "rule", "view", "view_samples", "features", "projection", "gmm"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.I_T is not None:

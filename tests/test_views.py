@@ -183,3 +183,66 @@ def test_image_views_train_on_digits_and_the_cli_accepts_method_witness(tmp_path
                  str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown view 'blur'" in err and "\n" not in err and not (tmp_path / "x.pt").exists()
+
+
+def test_pca_projection_matches_the_covariance_eigenvectors(seed):
+    from hcdiag.train.methods.teacher import pca_projection
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, 7)) @ rng.normal(size=(7, 7))
+    p = pca_projection(x, 3)
+    cov = np.cov(x, rowvar=False)
+    w = np.sort(np.linalg.eigvalsh(cov))[::-1]
+    C = p["components"]
+    assert np.allclose(C @ C.T, np.eye(3), atol=1e-10)  # orthonormal
+    assert np.allclose(np.diag(C @ cov @ C.T), w[:3], rtol=1e-9)  # the top three variances, in order
+    assert np.allclose(p["mean"], x.mean(0)) and (C[np.arange(3), np.abs(C).argmax(1)] > 0).all()
+
+
+def test_a_pca_teacher_is_recorded_and_the_checks_recompute_it_from_the_record(tmp_path, seed):
+    from scipy.stats import multivariate_normal
+
+    from hcdiag.checks.teacher import held_out_targets
+    from hcdiag.checks.base import RunContext
+
+    path = tmp_path / "pca.pt"
+    cfg = make_config(None, seed=seed % 1000, method="teacher", teacher_alpha=20.0, witness_beta=3.0,
+                      teacher_features="pca:2", **{**TINY, "covariance": "full"})
+    Trainer(cfg, _data(seed % 1000), path).run()
+    run = load_run(path)
+    rec = run.teacher
+    assert rec.features == "pca:2" and rec.projection["components"].shape == (2, 6)
+    assert rec.clustering == int(np.argmax(rec.I_T)) and rec.gmm["centroids"].shape == (1, 3, 2)
+    # naive: project the held-out rows with the stored projection and evaluate the stored mixture's posterior
+    x = run.eval.x.double().numpy()[1::2]
+    F = (x - rec.projection["mean"].numpy()) @ rec.projection["components"].numpy().T
+    g = rec.gmm
+    dens = np.stack([g["weights"][0, k].item() * multivariate_normal(g["centroids"][0, k].numpy(),
+                                                                    g["covariances"][0, k].numpy()).pdf(F)
+                     for k in range(3)], axis=1)
+    naive = dens / dens.sum(1, keepdims=True)
+    T, view = held_out_targets(RunContext(run))
+    assert view == "identity" and T.shape == (1, x.shape[0], 3)
+    np.testing.assert_allclose(T[0].numpy(), naive, atol=1e-6)
+    [w3] = run_checks(run, select=["W3"])
+    assert w3.verdict in ("holds", "fails") and w3.values["rows"]
+
+
+def test_bad_teacher_features_are_refused(tmp_path):
+    with pytest.raises(InputError, match=r"must be input or pca:<d>"):
+        make_config(None, method="teacher", teacher_features="pca")
+    with pytest.raises(InputError, match=r"asks for 9 principal components of data with N = 6"):
+        Trainer(make_config(None, method="teacher", teacher_features="pca:9", **TINY), _data(0), tmp_path / "x.pt").run()
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_pca_teacher_record_with_a_wrong_projection_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "pca.pt"
+    Trainer(make_config(None, seed=1, method="teacher", teacher_features="pca:2", **TINY), _data(1), path).run()
+    d = torch.load(path, weights_only=False)
+    d["teacher"]["projection"]["components"] = d["teacher"]["projection"]["components"][:1]
+    bad = tmp_path / "bad.pt"
+    torch.save(d, bad)
+    assert main(["check-barrier", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "teacher.projection.components has shape (1, 6); pca:2 over N = 6 needs (2, 6)" in err

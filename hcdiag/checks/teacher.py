@@ -5,8 +5,9 @@ The run's own head (``teacher.vertices``, ``teacher.beta_w``) reads each snapsho
 evaluation rows (the odd rows, as T4; the teacher search used the even rows), and the certificate's kernel
 (:func:`hcdiag.checks.witness.certificate_gap`, shared with T4) gives ``G_T = I_T - L_TS`` against the run's
 teacher. With the ``identity`` view the teacher is the file's ``clusterings.resp`` of ``teacher.clustering``;
-with another view (``teacher.view``, :mod:`hcdiag.views`) it is recomputed from that clustering's parameters on
-``samples`` views of each held-out row drawn here, and the pairs (row, view) are the certificate's rows: the
+with another view (``teacher.view``, :mod:`hcdiag.views`), or a teacher on PCA features (``teacher.projection``,
+``teacher.gmm``), it is recomputed from the teacher's parameters on ``samples`` views of each held-out row drawn
+here (one for a deterministic view), and the pairs (row, view) are the certificate's rows: the
 best constant student still pays exactly their I_T.
 
 W3 holds when every snapshot after ``init`` is certified (``G_T > margin``). The certificate is one-sided: a
@@ -54,23 +55,26 @@ def held_out_targets(ctx: RunContext, *, samples: int = VIEW_SAMPLES):
             ctx.note_default("teacher.view", "identity", "teacher.view is absent (a file written before views)")
             view = "identity"
         held = torch.arange(1, ctx.run.eval.x.shape[0], 2)
-        if view == "identity":
+        pca = rec.gmm is not None
+        if view == "identity" and not pca:
             resp = ctx.run.clusterings.resp
             if resp is None:
                 return None, "the run file stores no responsibilities (clusterings.resp) for the teacher"
             T = resp[rec.clustering].double()
             T = T / T.sum(1, keepdim=True)  # rows validated to sum to 1 within RESP_ROW_TOL: remove float32 rounding
             return T[held].unsqueeze(0), view
-        from hcdiag.train.methods.teacher import view_targets
+        from hcdiag.train.methods.teacher import TeacherModel, view_targets
 
         cl = ctx.run.clusterings.to_dict()
-        if cl.get("covariances") is None:
+        if not pca and cl.get("covariances") is None:
             return None, (f"the teacher's view is {view} and the run file stores no clustering covariances "
                           "(clusterings.covariances) to compute its targets on the views")
+        if pca and rec.gmm.get("covariances") is None:
+            return None, f"the {rec.features} teacher's mixture stores no covariances (teacher.gmm.covariances)"
         shape = ((ctx.run.config.dataset or {}).get("image_shape") if ctx.run.config is not None else None)
         x = ctx.run.eval.x.double().cpu().numpy()[held.numpy()]
         try:
-            T = view_targets(cl, x, rec.clustering, view, samples, ctx.seed + VIEW_SEED, shape)
+            T = view_targets(TeacherModel.of_run(cl, rec), x, view, samples, ctx.seed + VIEW_SEED, shape)
         except InputError as exc:
             return None, f"the teacher's targets on the view {view} cannot be computed: {str(exc)}"
         return torch.as_tensor(T, dtype=torch.float64), view

@@ -39,6 +39,8 @@ _OVERRIDES = [
     ("--witness-beta", "witness_beta", float, "teacher-guided VAE: inverse temperature of the simplex witness (> 0)"),
     ("--teacher-view", "teacher_view", str, "teacher-guided VAE: what the teacher sees of x: identity | noise:SIGMA | "
      "shift:PIXELS | pool:K (images); the encoder reads x (the notes' view gap, check W4)"),
+    ("--teacher-features", "teacher_features", str, "teacher-guided VAE: the teacher's GMM on x (input) or, as the "
+     "notes do, on its top-D principal components (pca:D), searched among R0 EM fits"),
     ("--teacher-view-samples", "teacher_view_samples", int, "teacher-guided VAE: samples of a random view per row "
      "(default 4)"),
     ("--init-from", "init_from", str, "start the main model from a snapshot of this run file (same architecture), e.g. "

@@ -78,6 +78,7 @@ class TrainConfig:
     witness_beta: float = 1.0
     teacher_view: str = "identity"  # what the teacher sees of x (hcdiag.views): identity, noise:s, shift:p, pool:k
     teacher_view_samples: int = 4  # samples of a random view per row
+    teacher_features: str = "input"  # the teacher's GMM on x (input) or on its top-d principal components (pca:d)
     beta_schedule: str = "linear"
     beta_start: float = 1.0
     beta_end: float = 4.0
@@ -168,6 +169,9 @@ def _validate_config(c: TrainConfig) -> None:
     from hcdiag.views import parse_view
 
     parse_view(c.teacher_view)
+    from hcdiag.train.methods.teacher import parse_features
+
+    parse_features(c.teacher_features)
     if not (isinstance(c.teacher_view_samples, int) and c.teacher_view_samples >= 1):
         raise InputError(f"The 'teacher_view_samples' parameter must be an integer >= 1. Got {c.teacher_view_samples!r}.")
     if not c.witness_beta > 0:
