@@ -417,3 +417,93 @@ def _ablation_verdict(key: str, pts: list[tuple[float, float]]) -> tuple[str, st
 
 def _span(lo: float, hi: float) -> str:
     return f"{lo:g}" if lo == hi else f"[{lo:g}, {hi:g}]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the companion notes (seed 000; issue 13): the teacher-guided VAE's prevention, collapse and rescue
+
+NOTES_PREVENT = ("full training stays on the certified side of the boundary (CIFAR-100, Tiny-ImageNet-200)",
+                 "arXiv 2605.05813")
+NOTES_COLLAPSE = ("removing alignment drives the raw witness into the constant-student regime", "arXiv 2605.05813")
+NOTES_RESCUE = ("restarting from a collapsed checkpoint with alignment enabled restores the certificate",
+                "arXiv 2605.05813")
+NOTES_BASELINES = ("standard VAE-style baselines remain negative under the raw certificate; the guarantee is "
+                   "narrow (not certified is not collapsed: the notes' vanilla MNIST VAE has KL 19.26, 12 active "
+                   "units and a negative margin)", "arXiv 2605.05813, 2605.18224")
+
+
+def _state(kl) -> str:
+    return "-" if not _ok(kl) else (f"KL {kl:.3g} ({'collapsed' if collapsed(kl) else 'not collapsed'})")
+
+
+def witness_prevention(runs: Sequence[Mapping[str, Any]]) -> ClaimResult:
+    """Prevention: per seed, check W3's own verdict on the run trained with alignment from scratch (every
+    snapshot after init certified, G_T > margin). ``runs``: per seed ``{"w3": (verdict, summary), "min_gap",
+    "kl"}``."""
+    per = [r["w3"][0] for r in runs]
+    ours = "; ".join(f"{r['w3'][1]}; final {_state(r.get('kl'))}" for r in runs[:1]) or "not run"
+    return ClaimResult("witness.prevent", "Trained with alignment from scratch, the certificate holds at every "
+                       "snapshot (G_T > margin)", "companion notes", NOTES_PREVENT[0], combine(per),
+                       ours + _seed_note(per), {"per_seed": per, "min_gap": [r.get("min_gap") for r in runs]})
+
+
+def witness_collapse(runs: Sequence[Mapping[str, Any]]) -> ClaimResult:
+    """Collapse: with alpha = 0 the witness ends in the constant-student regime, its final G_T <= 0 (it aligns
+    no better than the best input-independent student). ``runs``: per seed ``{"gap": final G_T, "kl", "au"}``;
+    a missing gap is inconclusive."""
+    per = _per_seed([r.get("gap") for r in runs], lambda g: g <= 0.0)
+    r = runs[0] if runs else {}
+    ours = ("not run" if not runs else f"final G_T = {r['gap']:.4g} nats, {_state(r.get('kl'))}, {r.get('au')} "
+            f"active units" if _ok(r.get("gap")) else "W3 gave no final gap")
+    if runs and _ok(r.get("gap")) and _ok(r.get("kl")) and not collapsed(r["kl"]) and r["gap"] <= 0:
+        ours += ": the witness is not certified though the VAE is not collapsed (the certificate is one-sided)"
+    return ClaimResult("witness.collapse", "Without alignment (alpha = 0) the witness falls into the constant-student "
+                       "regime (final G_T <= 0)", "companion notes", NOTES_COLLAPSE[0], combine(per),
+                       ours + _seed_note(per), {"per_seed": per, "gap": [x.get("gap") for x in runs]})
+
+
+def witness_rescue(runs: Sequence[Mapping[str, Any]], *, margin: float) -> ClaimResult:
+    """Rescue: restarted from the collapse run's final snapshot with alignment on, the final snapshot is
+    certified (G_T > margin); ``ours`` says from which gap it started and at which epoch the first certified
+    snapshot came. ``runs``: per seed ``{"start_gap", "gap", "first_epoch", "every", "kl"}``."""
+    per = _per_seed([r.get("gap") for r in runs], lambda g: g > margin)
+    if not runs:
+        ours = "not run"
+    elif not _ok(runs[0].get("gap")):
+        ours = "W3 gave no final gap"
+    else:
+        r = runs[0]
+        when = (f"first certified at epoch {r['first_epoch']} (snapshots every {r['every']} epoch(s))"
+                if r.get("first_epoch") is not None else "never certified")
+        start = f"from G_T = {r['start_gap']:.4g}" if _ok(r.get("start_gap")) else "from the collapse run"
+        ours = f"{start} to final G_T = {r['gap']:.4g} nats (margin {margin:g}), {when}; final {_state(r.get('kl'))}"
+    return ClaimResult("witness.rescue", "Restarted from the collapsed checkpoint with alignment on, the certificate "
+                       "is restored (final G_T > margin)", "companion notes", NOTES_RESCUE[0], combine(per),
+                       ours + _seed_note(per), {"per_seed": per, "first_epoch": [x.get("first_epoch") for x in runs]})
+
+
+def witness_view(results: Sequence[tuple[str, str]]) -> ClaimResult:
+    """W4 over seeds (the view gap bounds every latent-only witness and leaves the certificate reachable); the
+    check's own verdict per seed."""
+    per = [v for v, _ in results]
+    note = (f" [{sum(v == 'holds' for v in per)}/{len(per)} runs hold: prevent, collapse and rescue]"
+            if len(per) > 1 and not all(v == "inconclusive" for v in per) else "")
+    return ClaimResult("witness.view", "The view gap G_V bounds the alignment of every witness that reads only x, "
+                       "and leaves the certificate reachable (I_T - G_V > margin)", "companion notes",
+                       "a computable view gap handles teacher targets computed from a different view (2605.18224)",
+                       combine(per), (results[0][1] if results else "not run") + note, {"per_run": per})
+
+
+def witness_side_by_side(cells: Mapping[str, Mapping[str, Any]]) -> ClaimResult:
+    """The methods at one s2, side by side: final KL, whether it is above the collapse boundary, and whether the
+    latent mean is certified non-constant (W3's fixed head for the teacher-guided runs, T4's fitted witness for
+    the others). Reported: the notes make no claim about these baselines' numbers here. ``cells``: label ->
+    ``{"kl", "certified" (bool|None), "by" ('W3'|'T4'), "gap"}``."""
+    parts = []
+    for lab, c in cells.items():
+        cert = "?" if c.get("certified") is None else ("certified" if c["certified"] else "not certified")
+        gap = f", G_T {c['gap']:.3g}" if _ok(c.get("gap")) else ""
+        parts.append(f"{lab}: {_state(c.get('kl'))}, {cert} by {c.get('by', '?')}{gap}")
+    return ClaimResult("witness.side_by_side", "Which methods keep KL > 0.01, which are certified", "companion notes",
+                       NOTES_BASELINES[0], "reported", "; ".join(parts) or "no runs",
+                       {"cells": {k: dict(v) for k, v in cells.items()}})

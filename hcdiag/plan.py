@@ -187,7 +187,7 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
                        cfg.enc_widths, cfg.dec_widths, cfg.arch)
                 ref_keys[key] = reference_steps(cfg, n)
         label = {"main": f"main {j.method}{' ' + j.tag if j.tag else ''}", "phase": "phase (vanilla)",
-                 "ablation": "ablations (hct)"}[j.group]
+                 "ablation": "ablations (hct)", "witness": f"witness (teacher {j.tag})"}[j.group]
         c = Counts(**{**job_counts(cfg, n, shared_references=True).__dict__, "em_runs": 0})
         groups.setdefault((j.dataset, label), []).append(c)
         per_job.append({"name": j.name, "hours": (c.seconds(units[j.dataset], False) / 3600,

@@ -211,3 +211,28 @@ def table1_bars(rows: list[dict], dataset: str, multiple: float, ax=None):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def witness_phases(series: dict, *, margin: float, title: str, ax=None):
+    """The companion notes' three phases on one time axis: the certificate's margin G_T = I_T - L_TS (nats,
+    held-out rows) at every snapshot of the run trained with alignment (prevent), without (collapse) and of the
+    rescue, which starts from the collapse run's last snapshot and so is drawn after it. ``series``: phase ->
+    ``(epochs, G_T)`` (the rescue's epochs counted from its own start); the margin and the constant student's
+    0 marked."""
+    fig, ax = axes(ax)
+    style = {"prevent": ("C2", "-", "prevent (alignment from scratch)"), "collapse": ("C3", "-", "collapse (alpha = 0)"),
+             "rescue": ("C0", "--", "rescue (alignment from the collapsed run)")}
+    offset = max(series["collapse"][0]) if series.get("collapse") and len(series["collapse"][0]) else 0
+    for phase, (color, ls, lab) in style.items():
+        if phase in series and len(series[phase][0]):
+            ep, gap = series[phase]
+            ep = np.asarray(ep, dtype=float) + (offset if phase == "rescue" else 0)
+            ax.plot(ep, gap, ls, marker="o", ms=3, color=color, label=lab)
+    ax.axhline(margin, ls=":", color="k", lw=1, label=f"margin {margin:g}: certified above")
+    ax.axhline(0.0, ls="-", color="0.6", lw=0.8, label="0: the best constant student")
+    ax.set_xlabel("epoch (rescue drawn after the collapse run it starts from)")
+    ax.set_ylabel("G_T = I_T - L_TS (nats, held-out rows)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

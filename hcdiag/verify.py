@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -34,12 +34,13 @@ class Job:
     loss: str
     seed: int
     preset: str
-    group: str = "main"  # main | phase | ablation
+    group: str = "main"  # main | phase | ablation | witness
     tag: str = ""
     overrides: tuple = ()
     n_samples: int | None = None
     data_dir: str | None = None
     device: str = "auto"
+    after: str = ""  # the name of a job whose run file this one starts from (the rescue starts from the collapse)
 
     @property
     def name(self) -> str:
@@ -60,18 +61,42 @@ GRIDS = {
     "smoke": dict(methods=[("hct", ""), ("hct", "warmup"), ("vanilla", "")], multiples=[2.0],
                   losses=["literal", "scaled", "mean"],
                   phase_multiples=[0.25, 0.5, 1.0, 2.0, 5.0], phase_epochs=8, n_samples={},
-                  ablations=False, overrides={}),
+                  ablations=False, overrides={}, witness=True),
     "paper": dict(methods=[("hct", ""), ("hct", "warmup"), ("vanilla", ""), ("beta", "beta2"), ("beta", "beta4"),
                            ("anneal", ""), ("aggressive", ""), ("em-type", "")],
                   multiples=[2.0, 5.0], losses=["literal", "scaled", "mean"],
                   phase_multiples=[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0], phase_epochs=30, n_samples={},
-                  ablations=True, overrides={}),
+                  ablations=True, overrides={}, witness=True),
 }
 ABLATIONS = {"r0": [2, 4, 8, 16, 32], "eps": [1e-3, 1e-4, 1e-5], "beta_end": [1.0, 2.0, 3.0, 4.0, 6.0],
              "keep_ratio": [1 / 3, 1 / 2, 2 / 3]}
 
 
-GROUPS = ("main", "phase", "ablation")
+GROUPS = ("main", "phase", "ablation", "witness")
+
+# the companion notes' three phases (issue 13), the teacher-guided VAE at s2 = multiple x lambda_max under the
+# grid's first convention: trained with alignment from scratch (prevent), without it (collapse: alpha = 0), and
+# restarted with alignment from the collapse run's final snapshot (rescue); snapshots at `snapshots` evenly
+# spaced epochs, so the rescue's time to the certificate is read at that resolution
+WITNESS = {"smoke": dict(multiples=[2.0, 0.5], alpha=1.0, snapshots=8),
+           "paper": dict(multiples=[2.0, 0.5], alpha=1.0, snapshots=20)}
+WITNESS_PHASES = ("prevent", "collapse", "rescue")
+
+
+def witness_jobs(preset: str, dataset: str, seed: int, *, loss: str, n_samples=None, data_dir=None,
+                 device="auto") -> list[Job]:
+    """Prevention, collapse and rescue of the teacher-guided VAE at each of the preset's witness multiples."""
+    w = WITNESS[preset]
+    common = dict(preset=preset, group="witness", n_samples=n_samples, data_dir=data_dir, device=device)
+    jobs = []
+    for m in w["multiples"]:
+        base = {**GRIDS[preset]["overrides"], "references": (), "baseline_snapshots": w["snapshots"]}
+        collapse = Job(dataset, "teacher", m, loss, seed, tag="collapse",
+                       overrides=tuple(sorted({**base, "teacher_alpha": 0.0}.items())), **common)
+        on = tuple(sorted({**base, "teacher_alpha": w["alpha"]}.items()))
+        jobs += [Job(dataset, "teacher", m, loss, seed, tag="prevent", overrides=on, **common), collapse,
+                 Job(dataset, "teacher", m, loss, seed, tag="rescue", overrides=on, after=collapse.name, **common)]
+    return jobs
 
 
 def ablation_jobs(preset: str, dataset: str, ablations: dict, *, loss: str, n_samples=None, data_dir=None,
@@ -168,6 +193,8 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
             for m in g["phase_multiples"]:
                 ov = {**g["overrides"], "epochs": g["phase_epochs"], "references": ()}
                 jobs.append(Job(ds, "vanilla", m, losses[0], seed, group="phase", overrides=tuple(sorted(ov.items())), **common))
+            if g.get("witness"):  # the companion notes' phases (WITNESS)
+                jobs += witness_jobs(preset, ds, seed, loss=losses[0], n_samples=n, data_dir=data_dir, device=device)
         if g["ablations"]:
             jobs += ablation_jobs(preset, ds, ABLATIONS, loss=losses[0], n_samples=n, data_dir=data_dir, device=device)
     return jobs
@@ -199,8 +226,9 @@ def run_job(job: Job, out_dir: str) -> dict:
     path = Path(out_dir) / job.name
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    start = {"init_from": str(Path(out_dir) / job.after)} if job.after else {}
     cfg = make_config(job.preset, method=job.method, multiple=job.multiple, loss=job.loss, seed=job.seed,
-                      device=job.device, **dict(job.overrides))
+                      device=job.device, **dict(job.overrides), **start)
     trained = False
     complete = False
     if path.exists():
@@ -219,7 +247,7 @@ def run_job(job: Job, out_dir: str) -> dict:
         trained = True
     checks_path = path.with_suffix(".checks.json")
     if trained or not checks_path.exists():
-        select = None if job.group == "main" else ["KL", "AU"]
+        select = {"main": None, "witness": WITNESS_CHECKS}.get(job.group, ["KL", "AU"])
         results = run_checks(path, select=select)
         doc = to_json_doc(results, run_path=str(path))
         tmp = checks_path.with_suffix(".tmp")
@@ -227,6 +255,9 @@ def run_job(job: Job, out_dir: str) -> dict:
         os.replace(tmp, checks_path)
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "seconds": time.perf_counter() - t0}
+
+
+WITNESS_CHECKS = ["KL", "AU", "T4", "W3", "W4"]  # the teacher-guided VAE's runs: no rounds for HCT's checks
 
 
 def _die_with_parent() -> None:
@@ -356,6 +387,17 @@ def plan(preset: str, datasets, seeds: int, *, data_dir=None, losses=None, group
     return {"plan": p, "units": units, "workers": workers, "text": format_plan(p, units, workers)}
 
 
+def _dependents(jobs: list[Job]) -> dict[int, list[int]]:
+    """Job index -> the indices of the jobs that start from its run file (``after``); a job whose ``after`` is
+    not in the list runs at once (and fails if that run file does not exist)."""
+    index = {j.name: i for i, j in enumerate(jobs)}
+    out: dict[int, list[int]] = {}
+    for k, j in enumerate(jobs):
+        if j.after and j.after in index:
+            out.setdefault(index[j.after], []).append(k)
+    return out
+
+
 def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: int | None = None,
             progress: Callable[[str], None] | None = None, slurm: dict | None = None) -> list[dict]:
     """Run the jobs with the local process pool (one run per core, or per GPU) or submitit (a SLURM job
@@ -381,26 +423,45 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                 eta = f", about {_duration(left)} to the end" if n < len(jobs) else ""
                 progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")
 
+        waiting = _dependents(jobs)  # job index -> the jobs that start from its run file
+
+        def finished(i: int, rec: dict) -> list[int]:
+            """Record job i; return its dependents now ready (a failed job fails them, they start from its file)."""
+            done(i, rec)
+            ready = []
+            for k in waiting.pop(i, []):
+                if rec.get("error"):
+                    done(k, _failure(jobs[k], InputError(f"it starts from {jobs[i].name}, which did not finish")))
+                else:
+                    ready.append(k)
+            return ready
+
+        first = [i for i, j in enumerate(jobs) if not any(i in ks for ks in waiting.values())]
         if workers == 1:
-            for i, j in enumerate(jobs):
+            queue = list(first)
+            while queue:
+                i = queue.pop(0)
                 try:
-                    rec = run_job(j, out_dir)
+                    rec = run_job(jobs[i], out_dir)
                 except Exception as exc:  # one failed run is reported; the grid goes on
-                    rec = _failure(j, exc)
-                done(i, rec)
+                    rec = _failure(jobs[i], exc)
+                queue += finished(i, rec)
             return results
         ctx = mp.get_context("spawn")
         counter = ctx.Value("i", 0)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(list(range(n_gpu)) or None, counter)) as pool:
-            futs = {pool.submit(run_job, j, out_dir): i for i, j in enumerate(jobs)}
-            for f in as_completed(futs):  # progress in the order runs finish, not the order submitted
-                i = futs[f]
-                try:
-                    rec = f.result()
-                except Exception as exc:
-                    rec = _failure(jobs[i], exc)
-                done(i, rec)
+            futs = {pool.submit(run_job, jobs[i], out_dir): i for i in first}
+            while futs:  # progress in the order runs finish, not the order submitted
+                finished_now, _ = wait(futs, return_when=FIRST_COMPLETED)
+                for f in finished_now:
+                    i = futs.pop(f)
+                    try:
+                        rec = f.result()
+                    except Exception as exc:
+                        rec = _failure(jobs[i], exc)
+                    for k in finished(i, rec):
+                        futs[pool.submit(run_job, jobs[k], out_dir)] = k
             return results
     if executor == "submitit":
         try:
@@ -418,16 +479,27 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                           cpus_per_task=slurm.pop("cpus", 4))
         params.update(slurm)
         ex.update_parameters(**params)
-        sj = ex.map_array(run_job, jobs, [out_dir] * len(jobs))
-        out = []
-        for i, s in enumerate(sj):
-            try:
-                out.append(s.result())
-            except Exception as exc:  # submitit re-raises the job's error (or its own, for a lost job)
-                out.append(_failure(jobs[i], exc))
-            if progress:
-                what = f"FAILED: {out[-1]['error']}" if out[-1].get("error") else f"job {s.job_id}"
-                progress(f"[{i + 1}/{len(jobs)}] {jobs[i].name} ({what})")
+        waiting = _dependents(jobs)
+        later = {k for ks in waiting.values() for k in ks}
+        out: list[dict | None] = [None] * len(jobs)
+        wave = [i for i in range(len(jobs)) if i not in later]
+        while wave:  # a job array per wave: the jobs that start from another's run file go in the next one
+            sj = ex.map_array(run_job, [jobs[i] for i in wave], [out_dir] * len(wave))
+            nxt = []
+            for i, s in zip(wave, sj):
+                try:
+                    out[i] = s.result()
+                except Exception as exc:  # submitit re-raises the job's error (or its own, for a lost job)
+                    out[i] = _failure(jobs[i], exc)
+                for k in waiting.pop(i, []):
+                    if out[i].get("error"):
+                        out[k] = _failure(jobs[k], InputError(f"it starts from {jobs[i].name}, which did not finish"))
+                    else:
+                        nxt.append(k)
+                if progress:
+                    what = f"FAILED: {out[i]['error']}" if out[i].get("error") else f"job {s.job_id}"
+                    progress(f"[{sum(r is not None for r in out)}/{len(jobs)}] {jobs[i].name} ({what})")
+            wave = nxt
         return out
     raise InputError(f"{flag('--executor', 'executor')} must be local or submitit. Got {executor!r}.")
 
@@ -546,6 +618,98 @@ def main_claim_rows(recs: list[dict], preset: str, *, group: str = "main") -> li
     return rows
 
 
+def _w3_rows(rec: dict) -> list[dict]:
+    c = next((c for c in rec["doc"]["checks"] if c["id"] == "W3"), None)
+    return (c or {}).get("values", {}).get("rows", []) if c and c["verdict"] != "inconclusive" else []
+
+
+def _final_gap(rec: dict | None):
+    return next((r["G_T"] for r in _w3_rows(rec) if r["snapshot"] == "final"), None) if rec else None
+
+
+def _epoch_of(snapshot: str, epochs: int) -> int | None:
+    if snapshot == "final":
+        return epochs
+    return int(snapshot[len("epoch"):]) if snapshot.startswith("epoch") and snapshot[5:].isdigit() else None
+
+
+def witness_series(recs: list[dict]) -> dict:
+    """(dataset, multiple, loss) -> phase -> (epochs, G_T) of seed 0's teacher-guided runs, from W3's rows."""
+    out: dict = {}
+    for r in recs:
+        j = r["job"]
+        if j["group"] == "witness" and j["seed"] == 0:
+            rows = _w3_rows(r)
+            n = len(rows)
+            # the snapshots after init are evenly spaced epochs ending at 'final' (the last epoch)
+            eps = [_epoch_of(x["snapshot"], -1) for x in rows]
+            last = max([e for e in eps if e is not None and e > 0], default=0)
+            step = last / max(1, n - 1) if n > 1 else 1
+            eps = [e if e is not None and e >= 0 else (last + step if n > 1 else 1) for e in eps]
+            out.setdefault((j["dataset"], j["multiple"], j["loss"]), {})[j["tag"]] = (eps, [x["G_T"] for x in rows])
+    return out
+
+
+def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
+    """The companion notes' prevention, collapse and rescue (and W4) per (dataset, s2, convention), each decided
+    by its rule in :mod:`hcdiag.claims`, and the methods side by side at that s2: the main grid's runs of the same
+    dataset, s2, convention and seed 0 beside the teacher-guided ones."""
+    from hcdiag.train import make_config
+
+    by: dict = {}
+    for r in recs:
+        j = r["job"]
+        if j["group"] == "witness":
+            by.setdefault((j["dataset"], j["multiple"], j["loss"]), {}).setdefault(j["tag"], []).append(r)
+    rows = []
+    for ds, m, loss in sorted(by):
+        cell = {k: sorted(v, key=lambda r: r["job"]["seed"]) for k, v in by[(ds, m, loss)].items()}
+        any_rec = next(iter(cell.values()))[0]
+        cfg = make_config(preset, method="teacher", **dict((k, v) for k, v in any_rec["job"]["overrides"]))
+        alpha = WITNESS[preset]["alpha"] if preset in WITNESS else cfg.teacher_alpha
+        cond = f"{ds}, preset {preset}, s2 = {m:g} lambda_max, loss {loss}, teacher-guided VAE (alpha {alpha:g})"
+        at = dict(dataset=ds, multiple=m, loss=loss)
+        prevent = cell.get("prevent", [])
+        rows.append(claims.witness_prevention(
+            [{"w3": check_of(r["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(r)), default=None),
+              "kl": metric(r, "final")} for r in prevent]).row(cond, runs=[r["run"] for r in prevent], **at))
+        collapse = cell.get("collapse", [])
+        rows.append(claims.witness_collapse(
+            [{"gap": _final_gap(r), "kl": metric(r, "final"), "au": metric(r, "final", "au")} for r in collapse]
+        ).row(cond.replace(f"alpha {alpha:g}", "alpha 0"), runs=[r["run"] for r in collapse], **at))
+        rescue = cell.get("rescue", [])
+        start = {r["job"]["seed"]: _final_gap(r) for r in collapse}
+        margin = next((c["values"].get("margin") for r in rescue for c in r["doc"]["checks"] if c["id"] == "W3"
+                       and c.get("values")), 0.05)
+        every = max(1, cfg.epochs // max(1, cfg.baseline_snapshots))
+        res = []
+        for r in rescue:
+            first = next((x["snapshot"] for x in _w3_rows(r) if x["certified"]), None)
+            res.append({"start_gap": start.get(r["job"]["seed"]), "gap": _final_gap(r), "kl": metric(r, "final"),
+                        "first_epoch": _epoch_of(first, cfg.epochs) if first else None, "every": every})
+        rows.append(claims.witness_rescue(res, margin=margin).row(
+            cond + ", from the collapse run's final snapshot", runs=[r["run"] for r in rescue], **at))
+        teach = prevent + collapse + rescue
+        rows.append(claims.witness_view([check_of(r["doc"], "W4") for r in teach]).row(
+            cond, runs=[r["run"] for r in teach], **at))
+        cells = {}
+        for tag in WITNESS_PHASES:
+            r = next((r for r in cell.get(tag, []) if r["job"]["seed"] == 0), None)
+            if r is not None:
+                g = _final_gap(r)
+                cells[f"teacher-{tag}"] = {"kl": metric(r, "final"), "gap": g, "by": "W3",
+                                           "certified": None if g is None else g > margin}
+        for r in recs:
+            j = r["job"]
+            if (j["group"], j["dataset"], j["multiple"], j["loss"], j["seed"]) == ("main", ds, m, loss, 0):
+                t4 = next((c for c in r["doc"]["checks"] if c["id"] == "T4"), None)
+                ok = None if t4 is None or t4["verdict"] == "inconclusive" else t4["verdict"] == "holds"
+                cells[label(j)] = {"kl": metric(r, "final"), "by": "T4", "certified": ok,
+                                   "gap": (t4 or {}).get("values", {}).get("gap")}
+        rows.append(claims.witness_side_by_side(cells).row(cond.split(", teacher-guided")[0] + ", seed 0", **at))
+    return rows
+
+
 def phase_claim_rows(phase: dict, preset: str) -> list[dict]:
     """P1 (trained linear VAE against the closed form) and P2 (the MLP's phase transition) per dataset."""
     rows = []
@@ -595,6 +759,7 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
     eq. 13 and the ablations; each decided by its rule in :mod:`hcdiag.claims`."""
     rows = main_claim_rows(recs, preset)
     rows += reading_changes(rows)
+    rows += witness_claim_rows(recs, preset)
     rows += phase_claim_rows(phase, preset)
     rows += diffusion_claim_rows(diffusion)
     abl = [r for r in recs if r["job"]["group"] == "ablation"]
@@ -675,6 +840,12 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
                              f"{j['multiple']:g} lambda_max (paper Figure 2 left).",
                              f"memory_{ds}_{tag}{j['loss']}_m{j['multiple']:g}.png",
                              plots.clustering_losses_over_training(run)))
+    for (ds, m, loss), series in witness_series(recs).items():
+        figs.append((f"The companion notes' three phases on {ds} at s2 = {m:g} lambda_max, loss {loss}: the certificate's "
+                     "margin G_T of the teacher-guided VAE at every snapshot, trained with alignment, without, and "
+                     "rescued from the collapsed run.", f"witness_{ds}_m{m:g}.png",
+                     plots.witness_phases(series, margin=0.05, title=f"simplex witness certificate, {ds}, "
+                                                                     f"s2 = {m:g} lambda_max")))
     images = report.figure_pngs(figs)
     md = ["# hcdiag verify: the paper's claims beside our measurements", "",
           f"Preset `{meta['preset']}`, datasets {', '.join(meta['datasets'])}, {meta['seeds']} seed(s), "

@@ -93,8 +93,8 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     (["--datasets", "imagenet"], "--datasets: unknown dataset(s) imagenet; choose among synthetic"),
     (["--seeds", "0"], "--seeds must be an integer >= 1. Got 0."),
     (["--losses", "sum"], "--losses: unknown convention(s) sum; choose among literal, scaled, mean."),
-    (["--groups", "main,tables"], "--groups: unknown group(s) tables; choose among main, phase, ablation."),
-    (["--groups", ","], "--groups: unknown group(s) (none given); choose among main, phase, ablation."),
+    (["--groups", "main,tables"], "--groups: unknown group(s) tables; choose among main, phase, ablation, witness."),
+    (["--groups", ","], "--groups: unknown group(s) (none given); choose among main, phase, ablation, witness."),
     (["--methods", "hct,gan"], "--methods: unknown method(s) gan in the smoke grid; choose among hct, hct-warmup, "
                                "vanilla."),
     (["--multiples", "3"], "--multiples: the smoke grid's main jobs are at 2 x lambda_max; got 3."),
@@ -239,13 +239,16 @@ def test_paper_grid_runs_end_to_end_at_tiny_scale(paper_tiny_grid, tmp_path, mon
            {k: v for k, v in real.items() if k not in ("phase_multiples", "phase_epochs", "n_samples", "overrides")}
     assert set(g["phase_multiples"]) <= set(real["phase_multiples"]) and g["ablations"] is True
     assert not set(PAPER_TINY) & (set(V.ABLATIONS) | {"epoch_unit", "r0", "k", "em_backend", "eps", "mode"})
-    jobs = V.build_grid("paper", ["synthetic"], 1)
+    # the witness group needs latent_dim >= K - 1 (the simplex head), which the tiny latent (2) is not: it has its
+    # own end-to-end test (test_verify_witness.py)
+    groups = ["main", "phase", "ablation"]
+    jobs = V.build_grid("paper", ["synthetic"], 1, groups=groups)
     labels = {(j.method, j.tag) for j in jobs if j.group == "main"}
     assert labels == set(real["methods"])
     assert {j.loss for j in jobs if j.method == "hct" and j.group == "main"} == {"literal", "scaled", "mean"}
     assert len([j for j in jobs if j.group == "ablation"]) == sum(map(len, V.ABLATIONS.values()))
 
-    doc = V.verify(tmp_path, preset="paper", datasets=["synthetic"], seeds=1, workers=1)
+    doc = V.verify(tmp_path, preset="paper", datasets=["synthetic"], seeds=1, workers=1, groups=groups)
     assert doc["meta"]["n_runs"] == len(jobs)
 
     # every job's run file is complete, trained with the tiny sizes and the paper preset's structure

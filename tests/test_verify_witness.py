@@ -1,0 +1,106 @@
+"""The companion notes' grid in verify (issue 13): prevention, collapse and rescue jobs, the rescue started from
+the collapse run's file, their claims decided by hcdiag.claims, and the methods side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hcdiag import claims
+from hcdiag import verify as V
+from hcdiag.checks.barrier import run_checks
+from hcdiag.runfile import load_run
+
+
+def test_the_grid_has_the_three_phases_at_each_multiple_and_the_rescue_starts_from_the_collapse():
+    jobs = [j for j in V.build_grid("smoke", ["synthetic"], 2) if j.group == "witness"]
+    assert len(jobs) == 2 * len(V.WITNESS["smoke"]["multiples"]) * 3
+    for seed in (0, 1):
+        for m in V.WITNESS["smoke"]["multiples"]:
+            ph = {j.tag: j for j in jobs if j.seed == seed and j.multiple == m}
+            assert set(ph) == set(V.WITNESS_PHASES) and all(j.method == "teacher" for j in ph.values())
+            alpha = {t: dict(j.overrides)["teacher_alpha"] for t, j in ph.items()}
+            assert alpha == {"prevent": V.WITNESS["smoke"]["alpha"], "collapse": 0.0, "rescue": V.WITNESS["smoke"]["alpha"]}
+            assert ph["rescue"].after == ph["collapse"].name and not ph["prevent"].after and not ph["collapse"].after
+    assert [j.group for j in V.build_grid("smoke", ["synthetic"], 1, groups=["witness"])] == ["witness"] * 6
+    assert "witness (teacher rescue)" in V.plan("smoke", ["synthetic"], 1, groups=["witness"])["text"]
+
+
+def test_a_job_that_starts_from_a_failed_run_fails_with_the_reason_and_the_others_go_on(monkeypatch, tmp_path):
+    jobs = V.build_grid("smoke", ["synthetic"], 1, groups=["witness"])
+    order = []
+
+    def fake(job, out_dir):
+        order.append(job.name)
+        if job.tag == "collapse" and job.multiple == 2.0:
+            raise RuntimeError("boom")
+        return {"job": V.asdict(job), "run": job.name, "checks": "", "trained": True, "seconds": 0.0}
+
+    monkeypatch.setattr(V, "run_job", fake)
+    recs = V.execute(jobs, str(tmp_path), workers=1)
+    by = {V.Job(**r["job"]).name: r for r in recs}
+    rescue2 = next(j for j in jobs if j.tag == "rescue" and j.multiple == 2.0)
+    assert rescue2.name not in order  # never started
+    assert by[rescue2.name]["error"].endswith(f"it starts from {rescue2.after}, which did not finish")
+    for j in jobs:  # every other job ran, each rescue after its collapse
+        if j is not rescue2:
+            assert j.name in order
+        if j.after and j is not rescue2:
+            assert order.index(j.after) < order.index(j.name)
+
+
+def test_witness_rules_hold_fail_and_are_inconclusive():
+    ok = claims.witness_prevention([{"w3": ("holds", "every snapshot certified"), "min_gap": 0.9, "kl": 0.7}])
+    bad = claims.witness_prevention([{"w3": ("fails", "2 of 8 not certified"), "min_gap": -0.1, "kl": 0.7}])
+    assert (ok.verdict, bad.verdict) == ("holds", "fails")
+    assert claims.witness_prevention([{"w3": ("inconclusive", "no teacher"), "kl": None}]).verdict == "inconclusive"
+    c = claims.witness_collapse([{"gap": -0.002, "kl": 1e-7, "au": 0}])
+    assert c.verdict == "holds" and "collapsed" in c.ours
+    c = claims.witness_collapse([{"gap": 0.097, "kl": 2.1, "au": 2}])
+    assert c.verdict == "fails"
+    c = claims.witness_collapse([{"gap": -0.02, "kl": 2.1, "au": 2}])
+    assert c.verdict == "holds" and "not certified though the VAE is not collapsed" in c.ours
+    assert claims.witness_collapse([{"gap": None, "kl": None, "au": None}]).verdict == "inconclusive"
+    assert claims.witness_collapse([]).verdict == "inconclusive"
+    r = claims.witness_rescue([{"start_gap": -0.002, "gap": 1.0, "first_epoch": 1, "every": 1, "kl": 0.6}], margin=0.05)
+    assert r.verdict == "holds" and "first certified at epoch 1" in r.ours and "from G_T = -0.002" in r.ours
+    r = claims.witness_rescue([{"start_gap": -0.002, "gap": 0.04, "first_epoch": None, "every": 1, "kl": 0.6}],
+                              margin=0.05)
+    assert r.verdict == "fails" and "never certified" in r.ours
+    assert claims.witness_rescue([{"gap": None}], margin=0.05).verdict == "inconclusive"
+    s = claims.witness_side_by_side({"vanilla": {"kl": 1e-7, "certified": False, "by": "T4", "gap": -0.01},
+                                     "teacher-prevent": {"kl": 0.7, "certified": True, "by": "W3", "gap": 1.0}})
+    assert s.verdict == "reported" and "vanilla: KL 1e-07 (collapsed), not certified by T4" in s.ours
+    assert claims.witness_view([("holds", "view identity"), ("fails", "no room")]).verdict == "mixed"
+
+
+@pytest.fixture(scope="module")
+def witness_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vw")
+    doc = V.verify(out, preset="smoke", datasets=["synthetic"], seeds=1, workers=2, groups=["witness"])
+    return out, doc
+
+
+def test_the_witness_grid_runs_end_to_end_and_its_rows_match_the_checks_on_the_run_files(witness_grid):
+    out, doc = witness_grid
+    rows = {(r["id"], r["values"]["multiple"]): r for r in doc["claims"] if r["id"].startswith("witness.")}
+    for m in V.WITNESS["smoke"]["multiples"]:
+        runs = {t: out / "witness" / "synthetic" / f"teacher-{t}_m{m:g}_literal_s0.pt" for t in V.WITNESS_PHASES}
+        w3 = {t: run_checks(load_run(p), select=["W3"])[0] for t, p in runs.items()}
+        assert rows[("witness.prevent", m)]["verdict"] == w3["prevent"].verdict
+        final = {t: next(x["G_T"] for x in w3[t].values["rows"] if x["snapshot"] == "final") for t in runs}
+        assert rows[("witness.collapse", m)]["verdict"] == ("holds" if final["collapse"] <= 0 else "fails")
+        assert rows[("witness.rescue", m)]["verdict"] == ("holds" if final["rescue"] > 0.05 else "fails")
+        # the rescue started from the collapse run's final parameters
+        rescue, collapse = load_run(runs["rescue"]), load_run(runs["collapse"])
+        assert rescue.config.extra["train"]["init_from"] == str(runs["collapse"])
+        import torch
+
+        assert all(torch.equal(v, collapse.snapshot("final")[k]) for k, v in rescue.snapshot("init").items())
+    # at 2 lambda_max the plain VAE collapses here: the constant-student regime, and alignment prevents and rescues
+    assert rows[("witness.collapse", 2.0)]["verdict"] == "holds"
+    assert rows[("witness.prevent", 2.0)]["verdict"] == "holds" and rows[("witness.rescue", 2.0)]["verdict"] == "holds"
+    report = (out / "report.md").read_text()
+    assert "witness_synthetic_m2.png" in report and (out / "witness_synthetic_m2.png").exists()
+    assert json.loads((out / "results.json").read_text())["claims"] == json.loads(json.dumps(doc["claims"], default=str))
