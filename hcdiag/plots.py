@@ -221,7 +221,8 @@ def witness_phases(series: dict, *, margin: float, title: str, ax=None):
     0 marked."""
     fig, ax = axes(ax)
     style = {"prevent": ("C2", "-", "prevent (alignment from scratch)"), "collapse": ("C3", "-", "collapse (alpha = 0)"),
-             "rescue": ("C0", "--", "rescue (alignment from the collapsed run)")}
+             "rescue": ("C0", "--", "rescue (alignment from the collapsed run)"),
+             "view": ("C1", ":", "prevent, the teacher seeing a random view")}
     offset = max(series["collapse"][0]) if series.get("collapse") and len(series["collapse"][0]) else 0
     for phase, (color, ls, lab) in style.items():
         if phase in series and len(series[phase][0]):

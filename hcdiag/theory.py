@@ -286,14 +286,11 @@ def betas(schedule: Schedule = "linear", T: int = 1000) -> np.ndarray:
     ``abar(t) = f(t)/f(0)``, ``f(t) = cos^2(((t/T + s)/(1 + s)) pi/2)``, ``s = 0.008``,
     ``beta_t = 1 - abar(t)/abar(t-1)`` clipped at 0.999.
     """
+    from hcdiag.diffusion.schedules import Schedule
+
     _check_schedule(schedule)
     T = _positive_int(T, "T", minimum=2, maximum=MAX_T)
-    if schedule == "linear":
-        return np.linspace(1e-4, 0.02, T, dtype=np.float64)
-    s = 0.008
-    t = np.arange(T + 1, dtype=np.float64)
-    f = np.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
-    return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    return Schedule(schedule, T).betas()  # the schedules' one definition (hcdiag.diffusion.schedules)
 
 
 def alphabar(schedule: Schedule = "linear", T: int = 1000) -> np.ndarray:

@@ -81,6 +81,13 @@ GROUPS = ("main", "phase", "ablation", "witness")
 WITNESS = {"smoke": dict(multiples=[2.0, 0.5], alpha=1.0, snapshots=8),
            "paper": dict(multiples=[2.0, 0.5], alpha=1.0, snapshots=20)}
 WITNESS_PHASES = ("prevent", "collapse", "rescue")
+# beside them, prevention with a teacher that sees a random view of x (check W4's view gap is then not 0): the
+# image shifted by up to a pixel, or, for data without an image shape, Gaussian noise of sd 1 in the data's units
+IMAGE_DATASETS = ("fashion-mnist", "mnist", "cifar10", "digits")
+
+
+def witness_view(dataset: str) -> str:
+    return "shift:1" if dataset in IMAGE_DATASETS else "noise:1"
 
 
 def witness_jobs(preset: str, dataset: str, seed: int, *, loss: str, n_samples=None, data_dir=None,
@@ -94,8 +101,10 @@ def witness_jobs(preset: str, dataset: str, seed: int, *, loss: str, n_samples=N
         collapse = Job(dataset, "teacher", m, loss, seed, tag="collapse",
                        overrides=tuple(sorted({**base, "teacher_alpha": 0.0}.items())), **common)
         on = tuple(sorted({**base, "teacher_alpha": w["alpha"]}.items()))
+        view = tuple(sorted({**base, "teacher_alpha": w["alpha"], "teacher_view": witness_view(dataset)}.items()))
         jobs += [Job(dataset, "teacher", m, loss, seed, tag="prevent", overrides=on, **common), collapse,
-                 Job(dataset, "teacher", m, loss, seed, tag="rescue", overrides=on, after=collapse.name, **common)]
+                 Job(dataset, "teacher", m, loss, seed, tag="rescue", overrides=on, after=collapse.name, **common),
+                 Job(dataset, "teacher", m, loss, seed, tag="view", overrides=view, **common)]
     return jobs
 
 
@@ -692,8 +701,17 @@ def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
         teach = prevent + collapse + rescue
         rows.append(claims.witness_view([check_of(r["doc"], "W4") for r in teach]).row(
             cond, runs=[r["run"] for r in teach], **at))
+        viewed = cell.get("view", [])
+        if viewed:
+            v = dict(viewed[0]["job"]["overrides"]).get("teacher_view")
+            rows.append(claims.witness_prevention(
+                [{"w3": check_of(r["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(r)), default=None),
+                  "kl": metric(r, "final")} for r in viewed]).row(cond + f", the teacher seeing the view {v}",
+                                                                   runs=[r["run"] for r in viewed], **at))
+            rows.append(claims.witness_view([check_of(r["doc"], "W4") for r in viewed]).row(
+                cond + f", the teacher seeing the view {v}", runs=[r["run"] for r in viewed], **at))
         cells = {}
-        for tag in WITNESS_PHASES:
+        for tag in WITNESS_PHASES + ("view",):
             r = next((r for r in cell.get(tag, []) if r["job"]["seed"] == 0), None)
             if r is not None:
                 g = _final_gap(r)

@@ -15,15 +15,19 @@ from hcdiag.runfile import load_run
 
 def test_the_grid_has_the_three_phases_at_each_multiple_and_the_rescue_starts_from_the_collapse():
     jobs = [j for j in V.build_grid("smoke", ["synthetic"], 2) if j.group == "witness"]
-    assert len(jobs) == 2 * len(V.WITNESS["smoke"]["multiples"]) * 3
+    assert len(jobs) == 2 * len(V.WITNESS["smoke"]["multiples"]) * 4
     for seed in (0, 1):
         for m in V.WITNESS["smoke"]["multiples"]:
             ph = {j.tag: j for j in jobs if j.seed == seed and j.multiple == m}
-            assert set(ph) == set(V.WITNESS_PHASES) and all(j.method == "teacher" for j in ph.values())
+            assert set(ph) == set(V.WITNESS_PHASES) | {"view"} and all(j.method == "teacher" for j in ph.values())
             alpha = {t: dict(j.overrides)["teacher_alpha"] for t, j in ph.items()}
-            assert alpha == {"prevent": V.WITNESS["smoke"]["alpha"], "collapse": 0.0, "rescue": V.WITNESS["smoke"]["alpha"]}
+            a = V.WITNESS["smoke"]["alpha"]
+            assert alpha == {"prevent": a, "collapse": 0.0, "rescue": a, "view": a}
+            assert dict(ph["view"].overrides)["teacher_view"] == "noise:1" and "teacher_view" not in dict(ph["prevent"].overrides)
             assert ph["rescue"].after == ph["collapse"].name and not ph["prevent"].after and not ph["collapse"].after
-    assert [j.group for j in V.build_grid("smoke", ["synthetic"], 1, groups=["witness"])] == ["witness"] * 6
+    assert [j.group for j in V.build_grid("smoke", ["synthetic"], 1, groups=["witness"])] == ["witness"] * 8
+    assert {dict(j.overrides).get("teacher_view") for j in V.build_grid("smoke", ["digits"], 1, groups=["witness"])} == \
+        {None, "shift:1"}
     assert "witness (teacher rescue)" in V.plan("smoke", ["synthetic"], 1, groups=["witness"])["text"]
 
 
@@ -101,6 +105,12 @@ def test_the_witness_grid_runs_end_to_end_and_its_rows_match_the_checks_on_the_r
     # at 2 lambda_max the plain VAE collapses here: the constant-student regime, and alignment prevents and rescues
     assert rows[("witness.collapse", 2.0)]["verdict"] == "holds"
     assert rows[("witness.prevent", 2.0)]["verdict"] == "holds" and rows[("witness.rescue", 2.0)]["verdict"] == "holds"
+    # the viewed teacher: W4's gap is computed and bounds every snapshot; its rows carry the view
+    viewed = [r for r in doc["claims"] if r["id"] == "witness.view" and "the view noise:1" in r["conditions"]]
+    assert len(viewed) == 2 and all(r["verdict"] in ("holds", "fails", "inconclusive") for r in viewed)
+    w4 = run_checks(out / "witness" / "synthetic" / "teacher-view_m2_literal_s0.pt", select=["W4"])[0]
+    assert w4.values["view"] == "noise:1" and w4.values["view_samples"] == 64
+    assert all(r["L_TS"] >= r["G_V"] - 1e-9 for r in w4.values["rows"])
     report = (out / "report.md").read_text()
     assert "witness_synthetic_m2.png" in report and (out / "witness_synthetic_m2.png").exists()
     assert json.loads((out / "results.json").read_text())["claims"] == json.loads(json.dumps(doc["claims"], default=str))
