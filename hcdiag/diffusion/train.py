@@ -1,0 +1,180 @@
+"""Training section 7's diffusion models (issue 14): Algorithm 2 (historical consensus over noise schedules) and
+its two controls, on one step budget.
+
+* ``consensus`` (Algorithm 2): R = 2^k schedules of one kind (:func:`hcdiag.diffusion.schedules.family`); the
+  denoiser is conditioned on (x_t, t, schedule index). While more than two schedules are active: ``E`` cycles,
+  each one step per active schedule (the paper's "for epoch = 1 to E: for beta in S"), then every active schedule's
+  validation loss (fixed rows, timesteps and noise) is measured and the half with the smallest loss is kept.
+* ``single``: the same denoiser conditioned on t only, trained on one schedule (the family's middle one, index
+  R // 2), for the same number of steps as ``consensus`` took.
+* ``logsnr``: conditioned on the noise level only (log SNR), trained cycling through all R schedules for the same
+  number of steps: a schedule only changes which noise levels are drawn.
+
+Each step draws a batch of rows, ``t ~ Uniform{1..T}`` and ``eps ~ N(0, I)`` from the run's own generator and
+minimises ``mean ||eps - eps_hat(x_t, .)||^2``. Everything is float32 on the chosen device; draws come from a
+CPU generator so that CPU and GPU runs see the same data, timesteps and noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from hcdiag.diffusion.model import Denoiser, Tables, q_sample
+from hcdiag.diffusion.schedules import Schedule, family
+from hcdiag.errors import InputError
+
+METHODS = ("consensus", "single", "logsnr")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    method: str = "consensus"
+    kind: str = "linear"
+    R: int = 4
+    T: int = 1000
+    spread: float = 2.0
+    epochs_per_round: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    widths: tuple = (128, 128, 128)
+    emb_dim: int = 32
+    val_rows: int = 512
+    val_draws: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"The diffusion method must be one of {', '.join(METHODS)}. Got {self.method!r}.")
+        if not isinstance(self.R, int) or self.R < 2 or self.R & (self.R - 1):
+            raise InputError(f"Algorithm 2 needs R = 2^k >= 2 schedules. Got R = {self.R!r}.")
+        for name in ("epochs_per_round", "batch_size", "val_rows", "val_draws"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"The '{name}' parameter must be an integer >= 1. Got {getattr(self, name)!r}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"The 'lr' parameter must be a float > 0. Got {self.lr!r}.")
+
+    def schedules(self) -> list[Schedule]:
+        return family(self.kind, self.R, T=self.T, spread=self.spread)
+
+    def budget(self) -> int:
+        """Optimizer steps of Algorithm 2 (and so of each control): E x |S| per round while |S| > 2."""
+        steps, s = 0, self.R
+        while s > 2:
+            steps += self.epochs_per_round * s
+            s //= 2
+        return steps
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+
+def _split(x: np.ndarray, val_rows: int, seed: int):
+    n = x.shape[0]
+    if n < 2:
+        raise InputError(f"Diffusion training needs at least 2 rows of data; got {n}.")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(n)
+    v = min(val_rows, n // 2)
+    return np.sort(idx[v:]), np.sort(idx[:v])
+
+
+class _Draws:
+    """The run's draws, from one CPU generator: batch rows, timesteps, noise."""
+
+    def __init__(self, seed: int, n: int, dim: int, batch: int, T: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.n, self.dim, self.batch, self.T = n, dim, batch, T
+
+    def next(self):
+        rows = torch.randint(0, self.n, (self.batch,), generator=self.g)
+        t = torch.randint(1, self.T + 1, (self.batch,), generator=self.g)
+        eps = torch.randn(self.batch, self.dim, generator=self.g)
+        return rows, t, eps
+
+
+def _loss(model: Denoiser, x0, t, eps, tab: Tables, r: int):
+    xt = q_sample(x0, t, eps, tab)
+    rr = torch.full_like(t, r) if model.conditioning == "schedule" else None
+    pred = model(xt, t, tab.log_snr[t].float(), rr)
+    return ((pred - eps) ** 2).sum(1).mean()
+
+
+@torch.no_grad()
+def validation_loss(model: Denoiser, xv: torch.Tensor, tab: Tables, r: int, *, draws: int, seed: int) -> float:
+    """Mean ``||eps - eps_hat||^2`` on the validation rows under schedule ``tab`` (index ``r``), over ``draws``
+    fixed (t, eps) draws per row (the same draws for every schedule: a like-for-like comparison)."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        t = torch.randint(1, tab.T + 1, (xv.shape[0],), generator=g).to(xv.device)
+        eps = torch.randn(xv.shape, generator=g).to(xv.device)
+        total += float(_loss(model, xv, t, eps, tab, r))
+    return total / draws
+
+
+def train_diffusion(x, cfg: DiffusionConfig, progress=None) -> dict:
+    """Train ``cfg.method`` on the rows ``x`` (n, d); returns ``{"model", "config", "schedules", "rounds",
+    "history", "train_rows", "val_rows", "steps"}`` (``rounds``: per round the active indices, their validation
+    losses and the kept ones; ``history``: the mean training loss per cycle block)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise InputError("Diffusion training needs a finite (n, d) data matrix.")
+    tr, va = _split(x, cfg.val_rows, cfg.seed)
+    dev = torch.device(cfg.device)
+    X = torch.as_tensor(x[tr], device=dev)
+    XV = torch.as_tensor(x[va], device=dev)
+    scheds = cfg.schedules()
+    tabs = [Tables(s, dev) for s in scheds]
+    torch.manual_seed(cfg.seed)
+    cond = {"consensus": "schedule", "single": "timestep", "logsnr": "logsnr"}[cfg.method]
+    model = Denoiser(x.shape[1], widths=tuple(cfg.widths), emb_dim=cfg.emb_dim, conditioning=cond,
+                     n_schedules=cfg.R).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    draws = _Draws(cfg.seed + 1, X.shape[0], x.shape[1], cfg.batch_size, cfg.T)
+    history: list[float] = []
+    rounds: list[dict] = []
+    steps = 0
+
+    def step(r: int) -> float:
+        nonlocal steps
+        rows, t, eps = draws.next()
+        loss = _loss(model, X[rows.to(dev)], t.to(dev), eps.to(dev), tabs[r], r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        return float(loss.detach())
+
+    if cfg.method == "consensus":
+        active = list(range(cfg.R))
+        while len(active) > 2:
+            losses = []
+            for e in range(cfg.epochs_per_round):
+                losses += [step(r) for r in active]
+                if progress and (e + 1) % max(1, cfg.epochs_per_round // 4) == 0:
+                    progress(f"diffusion consensus: |S| = {len(active)}, cycle {e + 1}/{cfg.epochs_per_round}, "
+                             f"loss {np.mean(losses[-len(active):]):.4f}")
+            history.append(float(np.mean(losses)))
+            val = {r: validation_loss(model, XV, tabs[r], r, draws=cfg.val_draws, seed=cfg.seed + 2) for r in active}
+            keep = sorted(sorted(active, key=lambda r: (val[r], r))[:len(active) // 2])
+            rounds.append({"active": list(active), "val_loss": [val[r] for r in active], "kept": keep})
+            active = keep
+    else:
+        budget = cfg.budget()
+        order = [cfg.R // 2] if cfg.method == "single" else list(range(cfg.R))
+        losses = [step(order[i % len(order)]) for i in range(budget)]
+        history.append(float(np.mean(losses)) if losses else float("nan"))
+    model.eval()
+    return {"model": model, "config": cfg, "schedules": scheds, "rounds": rounds, "history": history,
+            "train_rows": tr, "val_rows": va, "steps": steps}
+
+
+__all__ = ["DiffusionConfig", "METHODS", "train_diffusion", "validation_loss"]

@@ -1,0 +1,77 @@
+"""Algorithm 2 and its controls (hcdiag.diffusion.train): budgets, the halving rule, and a trained denoiser
+against the closed-form posterior mean of Gaussian data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hcdiag.diffusion.model import Tables, model_eps, posterior_mean
+from hcdiag.diffusion.train import DiffusionConfig, train_diffusion, validation_loss
+from hcdiag.errors import InputError
+
+SMALL = dict(widths=(16,), emb_dim=8, batch_size=32, val_rows=64, val_draws=2, T=100)
+
+
+def _mixture(seed, n=400):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(0, 3, size=(4, 2))
+    return (c[rng.integers(0, 4, n)] + 0.3 * rng.normal(size=(n, 2))).astype(np.float32)
+
+
+def test_step_budgets_are_equal_across_methods(seed):
+    x = _mixture(seed)
+    E = 3
+    assert DiffusionConfig(R=8, epochs_per_round=E).budget() == 8 * E + 4 * E
+    assert DiffusionConfig(R=2, epochs_per_round=E).budget() == 0  # |S| = 2: Algorithm 2 trains nothing
+    runs = {m: train_diffusion(x, DiffusionConfig(method=m, R=8, epochs_per_round=E, seed=seed % 1000, **SMALL))
+            for m in ("consensus", "single", "logsnr")}
+    assert {m: r["steps"] for m, r in runs.items()} == {m: 12 * E for m in runs}
+    assert [r["model"].conditioning for r in runs.values()] == ["schedule", "timestep", "logsnr"]
+
+
+def test_algorithm_2_keeps_the_half_with_the_smallest_validation_loss(seed):
+    x = _mixture(seed)
+    cfg = DiffusionConfig(method="consensus", R=8, epochs_per_round=4, seed=seed % 1000, **SMALL)
+    out = train_diffusion(x, cfg)
+    rounds = out["rounds"]
+    assert [len(r["active"]) for r in rounds] == [8, 4] and len(rounds[-1]["kept"]) == 2
+    for i, r in enumerate(rounds):
+        order = sorted(zip(r["val_loss"], r["active"]))
+        assert r["kept"] == sorted(a for _, a in order[:len(r["active"]) // 2])
+        if i + 1 < len(rounds):
+            assert rounds[i + 1]["active"] == r["kept"]
+    # the recorded losses of the last round are the validation losses of the final model on those schedules
+    xv = torch.as_tensor(x[out["val_rows"]])
+    last = rounds[-1]
+    for r, v in zip(last["active"], last["val_loss"]):
+        assert validation_loss(out["model"], xv, Tables(out["schedules"][r]), r, draws=2, seed=cfg.seed + 2) == \
+            pytest.approx(v, rel=1e-6)
+    assert set(out["train_rows"]).isdisjoint(out["val_rows"]) and len(out["val_rows"]) == 64
+
+
+def test_a_trained_denoiser_matches_the_gaussian_posterior_mean_at_moderate_noise(seed, one_thread):
+    lam = 4.0
+    x = np.random.default_rng(seed).normal(0, np.sqrt(lam), size=(4000, 1))
+    cfg = DiffusionConfig(method="single", R=4, epochs_per_round=600, batch_size=512, widths=(64, 64), lr=2e-3,
+                          seed=seed % 1000)
+    out = train_diffusion(x, cfg)
+    tab = Tables(out["schedules"][cfg.R // 2])
+    for t in (50, 200):  # SNR 27 and 1.5: the gain sqrt(a) lam / (a lam + 1 - a) of E[x0 | x_t] (closed form)
+        a = float(tab.abar[t])
+        xs = torch.linspace(-1, 1, 21, dtype=torch.float64)[:, None] * np.sqrt(a * lam + 1 - a)
+        with torch.no_grad():
+            pm = posterior_mean(model_eps(out["model"], tab), xs, torch.full((21,), t), tab)
+        gain = float(np.polyfit(xs[:, 0].numpy(), pm[:, 0].numpy(), 1)[0])
+        assert gain == pytest.approx(np.sqrt(a) * lam / (a * lam + 1 - a), rel=0.06), t
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(R=6), "needs R = 2\\^k >= 2 schedules"), (dict(method="ema"), "must be one of"),
+                                    (dict(epochs_per_round=0), "'epochs_per_round' parameter must be an integer >= 1"),
+                                    (dict(lr=-1.0), "'lr' parameter must be a float > 0")])
+def test_bad_configs_get_one_line(kw, msg):
+    with pytest.raises(InputError, match=msg):
+        DiffusionConfig(**kw)
+    with pytest.raises(InputError, match="needs a finite"):
+        train_diffusion(np.array([[np.nan, 1.0], [0.0, 1.0]]), DiffusionConfig(**SMALL))
