@@ -436,12 +436,21 @@ def _state(kl) -> str:
     return "-" if not _ok(kl) else (f"KL {kl:.3g} ({'collapsed' if collapsed(kl) else 'not collapsed'})")
 
 
+def _beside(r: Mapping[str, Any]) -> str:
+    """KL, active units, MI and reconstruction MSE of a run's final snapshot (the issue's "report beside each")."""
+    parts = [_state(r.get("kl"))]
+    for key, name in (("au", "active units"), ("mi", "MI"), ("mse", "MSE")):
+        if _ok(r.get(key)):
+            parts.append(f"{r[key]:g} {name}" if key == "au" else f"{name} {r[key]:.3g}")
+    return ", ".join(parts)
+
+
 def witness_prevention(runs: Sequence[Mapping[str, Any]]) -> ClaimResult:
     """Prevention: per seed, check W3's own verdict on the run trained with alignment from scratch (every
     snapshot after init certified, G_T > margin). ``runs``: per seed ``{"w3": (verdict, summary), "min_gap",
     "kl"}``."""
     per = [r["w3"][0] for r in runs]
-    ours = "; ".join(f"{r['w3'][1]}; final {_state(r.get('kl'))}" for r in runs[:1]) or "not run"
+    ours = "; ".join(f"{r['w3'][1]}; final {_beside(r)}" for r in runs[:1]) or "not run"
     return ClaimResult("witness.prevent", "Trained with alignment from scratch, the certificate holds at every "
                        "snapshot (G_T > margin)", "companion notes", NOTES_PREVENT[0], combine(per),
                        ours + _seed_note(per), {"per_seed": per, "min_gap": [r.get("min_gap") for r in runs]})
@@ -453,8 +462,8 @@ def witness_collapse(runs: Sequence[Mapping[str, Any]]) -> ClaimResult:
     a missing gap is inconclusive."""
     per = _per_seed([r.get("gap") for r in runs], lambda g: g <= 0.0)
     r = runs[0] if runs else {}
-    ours = ("not run" if not runs else f"final G_T = {r['gap']:.4g} nats, {_state(r.get('kl'))}, {r.get('au')} "
-            f"active units" if _ok(r.get("gap")) else "W3 gave no final gap")
+    ours = ("not run" if not runs else f"final G_T = {r['gap']:.4g} nats, {_beside(r)}" if _ok(r.get("gap"))
+            else "W3 gave no final gap")
     if runs and _ok(r.get("gap")) and _ok(r.get("kl")) and not collapsed(r["kl"]) and r["gap"] <= 0:
         ours += ": the witness is not certified though the VAE is not collapsed (the certificate is one-sided)"
     return ClaimResult("witness.collapse", "Without alignment (alpha = 0) the witness falls into the constant-student "
@@ -476,7 +485,7 @@ def witness_rescue(runs: Sequence[Mapping[str, Any]], *, margin: float) -> Claim
         when = (f"first certified at epoch {r['first_epoch']} (snapshots every {r['every']} epoch(s))"
                 if r.get("first_epoch") is not None else "never certified")
         start = f"from G_T = {r['start_gap']:.4g}" if _ok(r.get("start_gap")) else "from the collapse run"
-        ours = f"{start} to final G_T = {r['gap']:.4g} nats (margin {margin:g}), {when}; final {_state(r.get('kl'))}"
+        ours = f"{start} to final G_T = {r['gap']:.4g} nats (margin {margin:g}), {when}; final {_beside(r)}"
     return ClaimResult("witness.rescue", "Restarted from the collapsed checkpoint with alignment on, the certificate "
                        "is restored (final G_T > margin)", "companion notes", NOTES_RESCUE[0], combine(per),
                        ours + _seed_note(per), {"per_seed": per, "first_epoch": [x.get("first_epoch") for x in runs]})

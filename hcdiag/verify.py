@@ -636,6 +636,11 @@ def _final_gap(rec: dict | None):
     return next((r["G_T"] for r in _w3_rows(rec) if r["snapshot"] == "final"), None) if rec else None
 
 
+def _final(rec: dict) -> dict:
+    """KL, active units, MI and MSE of a run's final snapshot (its KL check's row)."""
+    return {k: metric(rec, "final", k) for k in ("kl", "au", "mi", "mse")}
+
+
 def _epoch_of(snapshot: str, epochs: int) -> int | None:
     if snapshot == "final":
         return epochs
@@ -681,10 +686,10 @@ def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
         prevent = cell.get("prevent", [])
         rows.append(claims.witness_prevention(
             [{"w3": check_of(r["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(r)), default=None),
-              "kl": metric(r, "final")} for r in prevent]).row(cond, runs=[r["run"] for r in prevent], **at))
+              **_final(r)} for r in prevent]).row(cond, runs=[r["run"] for r in prevent], **at))
         collapse = cell.get("collapse", [])
         rows.append(claims.witness_collapse(
-            [{"gap": _final_gap(r), "kl": metric(r, "final"), "au": metric(r, "final", "au")} for r in collapse]
+            [{"gap": _final_gap(r), **_final(r)} for r in collapse]
         ).row(cond.replace(f"alpha {alpha:g}", "alpha 0"), runs=[r["run"] for r in collapse], **at))
         rescue = cell.get("rescue", [])
         start = {r["job"]["seed"]: _final_gap(r) for r in collapse}
@@ -694,7 +699,7 @@ def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
         res = []
         for r in rescue:
             first = next((x["snapshot"] for x in _w3_rows(r) if x["certified"]), None)
-            res.append({"start_gap": start.get(r["job"]["seed"]), "gap": _final_gap(r), "kl": metric(r, "final"),
+            res.append({"start_gap": start.get(r["job"]["seed"]), "gap": _final_gap(r), **_final(r),
                         "first_epoch": _epoch_of(first, cfg.epochs) if first else None, "every": every})
         rows.append(claims.witness_rescue(res, margin=margin).row(
             cond + ", from the collapse run's final snapshot", runs=[r["run"] for r in rescue], **at))
@@ -706,7 +711,7 @@ def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
             v = dict(viewed[0]["job"]["overrides"]).get("teacher_view")
             rows.append(claims.witness_prevention(
                 [{"w3": check_of(r["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(r)), default=None),
-                  "kl": metric(r, "final")} for r in viewed]).row(cond + f", the teacher seeing the view {v}",
+                  **_final(r)} for r in viewed]).row(cond + f", the teacher seeing the view {v}",
                                                                    runs=[r["run"] for r in viewed], **at))
             rows.append(claims.witness_view([check_of(r["doc"], "W4") for r in viewed]).row(
                 cond + f", the teacher seeing the view {v}", runs=[r["run"] for r in viewed], **at))

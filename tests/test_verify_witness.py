@@ -29,6 +29,14 @@ def test_the_grid_has_the_three_phases_at_each_multiple_and_the_rescue_starts_fr
     assert {dict(j.overrides).get("teacher_view") for j in V.build_grid("smoke", ["digits"], 1, groups=["witness"])} == \
         {None, "shift:1"}
     assert "witness (teacher rescue)" in V.plan("smoke", ["synthetic"], 1, groups=["witness"])["text"]
+    # the paper-like preset: the same phases with the paper's model and epochs, snapshots every 5 epochs
+    paper = V.build_grid("paper", ["fashion-mnist"], 1, groups=["witness"])
+    assert len(paper) == 8 and {dict(j.overrides)["baseline_snapshots"] for j in paper} == {20}
+    assert {dict(j.overrides).get("teacher_view") for j in paper} == {None, "shift:1"}
+    from hcdiag.train import make_config
+
+    cfg = make_config("paper", method="teacher", **dict(paper[0].overrides))
+    assert (cfg.epochs, cfg.latent_dim, cfg.k) == (100, 48, 8) and cfg.latent_dim >= cfg.k - 1
 
 
 def test_a_job_that_starts_from_a_failed_run_fails_with_the_reason_and_the_others_go_on(monkeypatch, tmp_path):
@@ -59,8 +67,8 @@ def test_witness_rules_hold_fail_and_are_inconclusive():
     bad = claims.witness_prevention([{"w3": ("fails", "2 of 8 not certified"), "min_gap": -0.1, "kl": 0.7}])
     assert (ok.verdict, bad.verdict) == ("holds", "fails")
     assert claims.witness_prevention([{"w3": ("inconclusive", "no teacher"), "kl": None}]).verdict == "inconclusive"
-    c = claims.witness_collapse([{"gap": -0.002, "kl": 1e-7, "au": 0}])
-    assert c.verdict == "holds" and "collapsed" in c.ours
+    c = claims.witness_collapse([{"gap": -0.002, "kl": 1e-7, "au": 0, "mi": 0.0, "mse": 1.184}])
+    assert c.verdict == "holds" and "KL 1e-07 (collapsed), 0 active units, MI 0, MSE 1.18" in c.ours
     c = claims.witness_collapse([{"gap": 0.097, "kl": 2.1, "au": 2}])
     assert c.verdict == "fails"
     c = claims.witness_collapse([{"gap": -0.02, "kl": 2.1, "au": 2}])
