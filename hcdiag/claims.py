@@ -474,8 +474,22 @@ def witness_collapse(runs: Sequence[Mapping[str, Any]]) -> ClaimResult:
 def witness_rescue(runs: Sequence[Mapping[str, Any]], *, margin: float) -> ClaimResult:
     """Rescue: restarted from the collapse run's final snapshot with alignment on, the final snapshot is
     certified (G_T > margin); ``ours`` says from which gap it started and at which epoch the first certified
-    snapshot came. ``runs``: per seed ``{"start_gap", "gap", "first_epoch", "every", "kl"}``."""
-    per = _per_seed([r.get("gap") for r in runs], lambda g: g > margin)
+    snapshot came. Inconclusive for a seed whose collapse run ended certified (``start_gap > margin``: nothing to
+    rescue) or whose gaps are missing. ``runs``: per seed ``{"start_gap", "gap", "first_epoch", "every", "kl"}``."""
+    def one(r) -> str:
+        # a rescue needs something to rescue: the collapse run it starts from must end uncertified
+        if not _ok(r.get("start_gap")) or r["start_gap"] > margin or not _ok(r.get("gap")):
+            return "inconclusive"
+        return "holds" if r["gap"] > margin else "fails"
+
+    per = [one(r) for r in runs]
+    if runs and _ok(runs[0].get("start_gap")) and runs[0]["start_gap"] > margin:
+        r = runs[0]
+        return ClaimResult("witness.rescue", "Restarted from the collapsed checkpoint with alignment on, the certificate "
+                           "is restored (final G_T > margin)", "companion notes", NOTES_RESCUE[0], combine(per),
+                           f"nothing to rescue: the collapse run it starts from is already certified (G_T = "
+                           f"{r['start_gap']:.4g} > margin {margin:g}); final G_T {r.get('gap', float('nan')):.4g}"
+                           + _seed_note(per), {"per_seed": per, "first_epoch": [x.get("first_epoch") for x in runs]})
     if not runs:
         ours = "not run"
     elif not _ok(runs[0].get("gap")):
@@ -492,15 +506,14 @@ def witness_rescue(runs: Sequence[Mapping[str, Any]], *, margin: float) -> Claim
 
 
 def witness_view(results: Sequence[tuple[str, str]]) -> ClaimResult:
-    """W4 over seeds (the view gap bounds every latent-only witness and leaves the certificate reachable); the
-    check's own verdict per seed."""
+    """W4 over seeds, on the runs whose teacher sees a random view (the view gap leaves the certificate
+    reachable); the check's own verdict per seed."""
     per = [v for v, _ in results]
-    note = (f" [{sum(v == 'holds' for v in per)}/{len(per)} runs hold: prevent, collapse and rescue]"
-            if len(per) > 1 and not all(v == "inconclusive" for v in per) else "")
+    note = _seed_note(per)
     return ClaimResult("witness.view", "The view gap G_V bounds the alignment of every witness that reads only x, "
                        "and leaves the certificate reachable (I_T - G_V > margin)", "companion notes",
                        "a computable view gap handles teacher targets computed from a different view (2605.18224)",
-                       combine(per), (results[0][1] if results else "not run") + note, {"per_run": per})
+                       combine(per), (results[0][1] if results else "not run") + note, {"per_seed": per})
 
 
 def witness_side_by_side(cells: Mapping[str, Mapping[str, Any]]) -> ClaimResult:

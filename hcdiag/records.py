@@ -878,13 +878,17 @@ class Teacher:
     def _pca(self, where: str, dims: Dims) -> None:
         from hcdiag.train.methods.teacher import parse_features
 
-        if self.features is None:
-            return
-        try:
-            d = parse_features(str_at(self.features, f"{where}.features"))
-        except InputError as exc:
-            raise InputError(f"{where}.features {self.features!r} is not one hcdiag knows ({str(exc)}).") from None
+        d = None
+        if self.features is not None:
+            try:
+                d = parse_features(str_at(self.features, f"{where}.features"))
+            except InputError as exc:
+                raise InputError(f"{where}.features {self.features!r} is not one hcdiag knows ({str(exc)}).") from None
         if d is None:
+            extra = [k for k in ("gmm", "projection") if getattr(self, k) is not None]
+            if extra:
+                raise InputError(f"{where} has {' and '.join(extra)} but its features are "
+                                 f"{self.features or 'input (absent)'}: only a pca:<d> teacher has them; fix the producer.")
             return
         proj = dict_at(self.projection, f"{where}.projection")
         mean = tensor_at(need(proj, "mean", f"{where}.projection", "[N]"), f"{where}.projection.mean", 1, finite=True)

@@ -51,6 +51,7 @@ class View:
         if self.kind == "noise":
             return x + self.param * rng.standard_normal(x.shape)
         img = _images(x, image_shape, self.spec)
+        parse_view(self.spec, img.shape[-2:])  # the image views' limits against this image's sides
         if self.kind == "pool":
             k = int(self.param)
             h, w = img.shape[-2:]
@@ -100,12 +101,19 @@ def parse_view(spec, image_shape=None) -> View:
         value = float(arg)
     except ValueError:
         raise InputError(f"The 'teacher_view' parameter: {s!r} has no number after the colon; {usage}.") from None
+    if not np.isfinite(value):
+        raise InputError(f"The 'teacher_view' parameter: {s!r} needs a finite number; {usage}.")
     if kind == "noise" and not (np.isfinite(value) and value > 0):
         raise InputError(f"The 'teacher_view' parameter: {s!r} needs sigma > 0; {usage}.")
     if kind in ("shift", "pool") and (value != int(value) or value < (1 if kind == "shift" else 2)):
         raise InputError(f"The 'teacher_view' parameter: {s!r} needs an integer >= {1 if kind == 'shift' else 2}; "
                          f"{usage}.")
     view = View(kind, value)
+    if image_shape is not None and kind == "shift":
+        h, w = (int(v) for v in tuple(image_shape)[-2:])
+        if int(value) >= min(h, w):
+            raise InputError(f"The 'teacher_view' parameter: {s!r} shifts by at least the image side ({h} x {w}); "
+                             "choose fewer pixels.")
     if image_shape is not None and kind == "pool":
         h, w = (int(v) for v in tuple(image_shape)[-2:])
         if h % int(value) or w % int(value):

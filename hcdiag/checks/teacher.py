@@ -16,18 +16,23 @@ negative margin), so a failing verdict reports KL and active units beside the ga
 
 W4 (the view gap, :func:`hcdiag.checks.witness.view_gap`): no student that reads only x aligns below
 ``G_V = mean_x [H(Tbar(x)) - mean_j H(T_j(x))]`` on the sampled views, so the largest margin any such student can
-reach is ``I_T - G_V``. W4 holds when every snapshot's alignment is at or above the gap (the bound) and the view
-leaves the certificate reachable (``I_T - G_V > margin``); it fails when the view gap leaves no room (no student
-of this view can be certified, however it is trained) or a snapshot beats the bound (which only a witness that
-reads the teacher's view can do). For ``identity`` and ``pool`` views the gap is 0 exactly (one sample).
+reach is ``I_T - G_V``. For a deterministic view (``identity``, ``pool``) the gap is 0 exactly and W4 is
+inconclusive (there is no view gap to bound). For a random view W4 holds when the view leaves the certificate
+reachable (``I_T - G_V > margin``, conservatively: see below) and fails when it leaves no room (no witness that
+reads x can be certified against this teacher, however it is trained). Every snapshot's alignment is also
+compared with the bound; a witness computed from ``mu(x)`` cannot break it (``mean_j KL(T_j || W) = G_V +
+KL(Tbar || W)``), so a broken bound means the numbers are inconsistent and W4 fails saying so.
 The bound is exact on the sampled views; as an estimate of the view distribution's gap, M samples per row
-underestimate it (the plug-in entropy of a mean of M draws is biased low, by about ``(K - 1) / (2 M)`` nats for
-one-hot draws, Miller-Madow), so the sampled reachable margin is optimistic by up to that much: W4 says the view
-leaves room only when ``I_T - G_V - (K - 1) / (2 M) > margin``, that it leaves none when ``I_T - G_V <= margin``,
-and is inconclusive in between.
+underestimate it: the plug-in entropy of the mean of M draws is biased low by at most ``log(1 + (K - 1) / M)``
+nats (Paninski 2003, for one-hot draws; soft draws, conditional means of one-hot ones, less by concavity), so
+the sampled reachable margin is optimistic by at most that much: W4 says the view leaves room only when
+``I_T - G_V - log(1 + (K - 1) / M) > margin``, that it leaves none when ``I_T - G_V <= margin``, and is
+inconclusive in between.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -55,7 +60,9 @@ def held_out_targets(ctx: RunContext, *, samples: int = VIEW_SAMPLES):
             ctx.note_default("teacher.view", "identity", "teacher.view is absent (a file written before views)")
             view = "identity"
         held = torch.arange(1, ctx.run.eval.x.shape[0], 2)
-        pca = rec.gmm is not None
+        from hcdiag.train.methods.teacher import parse_features
+
+        pca = parse_features(rec.features or "input") is not None
         if view == "identity" and not pca:
             resp = ctx.run.clusterings.resp
             if resp is None:
@@ -147,12 +154,17 @@ def check_w4(ctx: RunContext, *, margin: float = 0.05, tol: float = 1e-9) -> Che
     if res is not None:
         return res
     rec, T, view, names = got
+    from hcdiag.views import parse_view
+
+    if parse_view(view).deterministic:
+        return inconclusive("W4", CLAIM_W4, SECTION, f"the teacher's view is {view}, a function of x: its view gap is "
+                            "0 exactly, so there is no gap to bound (W3 decides the certificate)", view=view)
     rows = [{**r, "bound_holds": r["L_TS"] >= r["G_V"] - tol} for r in _rows(ctx, T, names)]
     reach = rows[0]["reachable"]
     values = {"rows": rows, "margin": margin, "view": view, "view_samples": int(T.shape[0]),
               "held_out_rows": int(T.shape[1]), "I_T": rows[0]["I_T"], "G_V": rows[0]["G_V"], "reachable": reach}
     M, K = int(T.shape[0]), int(T.shape[2])
-    bias = (K - 1) / (2 * M) if M > 1 else 0.0
+    bias = math.log1p((K - 1) / M)
     values["sampling_bias"] = bias
     broken = [r for r in rows if not r["bound_holds"]]
     if broken:
@@ -170,8 +182,8 @@ def check_w4(ctx: RunContext, *, margin: float = 0.05, tol: float = 1e-9) -> Che
     if reach - bias <= margin:
         return inconclusive("W4", CLAIM_W4, SECTION,
                             f"the view {view} may leave no room for the certificate: I_T - G_V = {reach:.4g} on "
-                            f"{M} view samples per row, optimistic by up to (K - 1) / (2 M) = {bias:.3g}, so the margin "
-                            f"{margin:g} may not be reachable; more samples would tell", **values)
+                            f"{M} view samples per row, optimistic by up to log(1 + (K - 1) / M) = {bias:.3g}, so the "
+                            f"margin {margin:g} may not be reachable; more samples would tell", **values)
     best = min(r["L_TS"] - r["G_V"] for r in rows)
     return CheckResult("W4", CLAIM_W4, SECTION, "holds", values,
                        summary=f"view {view}: every snapshot aligns at or above the gap G_V = {rows[0]['G_V']:.4g} "

@@ -66,7 +66,7 @@ class TeacherModel:
     def of_run(cls, run_clusterings: dict, rec) -> TeacherModel:
         """The teacher of a run file: its ``teacher`` record (:class:`hcdiag.records.Teacher`) and, for an
         ``input`` teacher, the file's ``clusterings`` dict."""
-        if rec.gmm is not None:
+        if parse_features(rec.features or "input") is not None:  # the record validated gmm and projection
             return cls(rec.gmm, 0, rec.projection["mean"].numpy(), rec.projection["components"].numpy())
         return cls(run_clusterings, rec.clustering)
 
