@@ -10,8 +10,9 @@ import torch
 from hcdiag.diffusion import Schedule
 from hcdiag.diffusion.critical import crossing, gaussian_gain, normalized_gain
 from hcdiag.diffusion.model import Tables, gaussian_eps, model_eps
-from hcdiag.diffusion.train import DiffusionConfig, train_diffusion
 from hcdiag.errors import InputError
+
+from diffusion_helpers import trained_on_gaussian  # noqa: I001 (tests/ is on sys.path)
 
 TS = [1, 50, 200, 400, 500, 600, 700, 800, 900, 1000]
 
@@ -31,11 +32,7 @@ def test_the_exact_denoiser_has_the_closed_form_gain_along_each_eigenvector(seed
 
 def test_a_trained_denoiser_tracks_the_closed_form_gain_even_at_high_noise(seed, one_thread):
     lam = 4.0
-    x = np.random.default_rng(seed).normal(0, np.sqrt(lam), size=(4000, 1))
-    cfg = DiffusionConfig(method="single", R=4, epochs_per_round=600, batch_size=512, widths=(64, 64), lr=2e-3,
-                          seed=seed % 1000)
-    out = train_diffusion(x, cfg)
-    tab = Tables(out["schedules"][cfg.R // 2])
+    x, out, tab = trained_on_gaussian(seed, lam)
     g = normalized_gain(model_eps(out["model"], tab), tab, torch.as_tensor(x[:1000]), torch.ones(1), TS,
                         generator=torch.Generator().manual_seed(seed % 1000))
     theory = gaussian_gain(lam, tab, TS)

@@ -11,6 +11,8 @@ from hcdiag.diffusion.model import Tables, model_eps, posterior_mean
 from hcdiag.diffusion.train import DiffusionConfig, train_diffusion, validation_loss
 from hcdiag.errors import InputError
 
+from diffusion_helpers import trained_on_gaussian  # noqa: I001 (tests/ is on sys.path)
+
 SMALL = dict(widths=(16,), emb_dim=8, batch_size=32, val_rows=64, val_draws=2, T=100)
 
 
@@ -52,11 +54,7 @@ def test_algorithm_2_keeps_the_half_with_the_smallest_validation_loss(seed):
 
 def test_a_trained_denoiser_matches_the_gaussian_posterior_mean_at_moderate_noise(seed, one_thread):
     lam = 4.0
-    x = np.random.default_rng(seed).normal(0, np.sqrt(lam), size=(4000, 1))
-    cfg = DiffusionConfig(method="single", R=4, epochs_per_round=600, batch_size=512, widths=(64, 64), lr=2e-3,
-                          seed=seed % 1000)
-    out = train_diffusion(x, cfg)
-    tab = Tables(out["schedules"][cfg.R // 2])
+    _, out, tab = trained_on_gaussian(seed, lam)
     for t in (50, 200):  # SNR 27 and 1.5: the gain sqrt(a) lam / (a lam + 1 - a) of E[x0 | x_t] (closed form)
         a = float(tab.abar[t])
         xs = torch.linspace(-1, 1, 21, dtype=torch.float64)[:, None] * np.sqrt(a * lam + 1 - a)
