@@ -943,6 +943,23 @@ def load_run(path: str | os.PathLike, *, partial: bool = False, max_memory: int 
     file's members must be stored and match their CRC-32 (:func:`_check_zip`).
     """
     p = Path(path)
+    limit = default_max_memory() if max_memory is None else int(max_memory)
+    data = read_torch_file(p, max_memory=limit)
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: is a torch file holding a {_kind(data)}, not an hcdiag run file "
+                         f"(a dict with format={FORMAT!r}); {_DOCS}.")
+    try:
+        return Run(data, p, partial=partial, max_memory=limit)
+    except InputError as exc:
+        raise InputError(f"{p}: {marked(exc)}") from None
+
+
+def read_torch_file(path: str | os.PathLike, *, max_memory: int | None = None) -> Any:
+    """What a run file holds, read as :func:`load_run` reads it (the safety half of it, shared by every kind of
+    run file hcdiag writes): a regular, readable, non-empty file within ``max_memory`` bytes, a zip whose members
+    are stored and match their CRC-32 or a legacy pickle of bounded nesting, then ``torch.load(weights_only=True,
+    map_location='cpu')``. Every problem is one :class:`InputError` line starting with the path."""
+    p = Path(path)
     where = str(p)
     limit = default_max_memory() if max_memory is None else int(max_memory)
     if not p.exists():
@@ -1001,13 +1018,7 @@ def load_run(path: str | os.PathLike, *, partial: bool = False, max_memory: int 
                              "copy it again or re-run the training.") from None
         raise InputError(f"{where}: is not a torch file (torch.load failed: {_first_line(exc)}); "
                          "pass a run file written by torch.save / hcdiag.runfile.save_run.") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: is a torch file holding a {_kind(data)}, not an hcdiag run file "
-                         f"(a dict with format={FORMAT!r}); {_DOCS}.")
-    try:
-        return Run(data, p, partial=partial, max_memory=limit)
-    except InputError as exc:
-        raise InputError(f"{where}: {marked(exc)}") from None
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -1092,6 +1103,15 @@ def save_run(run: dict, path: str | os.PathLike) -> Path:
         validate_run(run, partial=True)
     except InputError as exc:
         raise InputError(f"refusing to write {p}: {marked(exc)}") from None
+    return write_atomic(run, p)
+
+
+def write_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (the writing half of :func:`save_run`, shared by every kind of
+    run file hcdiag writes): a temporary in the same folder, flushed and fsynced, then renamed over ``path``; a
+    failure leaves the previous file untouched and no temporary behind, and says so in one line."""
+    p = Path(path)
+    run = obj
     folder = p.parent
     if p.is_dir():
         raise InputError(f"{p}: is a directory; pass a file name for the run file (e.g. {p / 'run.pt'}).")
