@@ -1111,7 +1111,6 @@ def write_atomic(obj: Any, path: str | os.PathLike) -> Path:
     run file hcdiag writes): a temporary in the same folder, flushed and fsynced, then renamed over ``path``; a
     failure leaves the previous file untouched and no temporary behind, and says so in one line."""
     p = Path(path)
-    run = obj
     folder = p.parent
     if p.is_dir():
         raise InputError(f"{p}: is a directory; pass a file name for the run file (e.g. {p / 'run.pt'}).")
@@ -1129,7 +1128,7 @@ def write_atomic(obj: Any, path: str | os.PathLike) -> Path:
                          "or fix its permissions.") from None
     try:
         with os.fdopen(fd, "wb", closefd=False) as fh:
-            torch.save(run, fh)
+            torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, file_mode(p))  # mkstemp makes 0600; keep the old file's mode or the usual one

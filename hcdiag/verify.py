@@ -659,6 +659,13 @@ def _final(rec: dict) -> dict:
     return {k: metric(rec, "final", k) for k in ("kl", "au", "mi", "mse")}
 
 
+def _prevention(rec: dict) -> dict:
+    """A prevention run's record for :func:`hcdiag.claims.witness_prevention`: W3's verdict, its smallest gap and
+    the final metrics."""
+    return {"w3": check_of(rec["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(rec)), default=None),
+            **_final(rec)}
+
+
 def _epoch_of(snapshot: str, epochs: int) -> int | None:
     if snapshot == "final":
         return epochs
@@ -703,8 +710,7 @@ def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
         at = dict(dataset=ds, multiple=m, loss=loss)
         prevent = cell.get("prevent", [])
         rows.append(claims.witness_prevention(
-            [{"w3": check_of(r["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(r)), default=None),
-              **_final(r)} for r in prevent]).row(cond, runs=[r["run"] for r in prevent], **at))
+            [_prevention(r) for r in prevent]).row(cond, runs=[r["run"] for r in prevent], **at))
         collapse = cell.get("collapse", [])
         rows.append(claims.witness_collapse(
             [{"gap": _final_gap(r), **_final(r)} for r in collapse]
@@ -726,8 +732,7 @@ def witness_claim_rows(recs: list[dict], preset: str) -> list[dict]:
         if viewed:
             v = dict(viewed[0]["job"]["overrides"]).get("teacher_view")
             rows.append(claims.witness_prevention(
-                [{"w3": check_of(r["doc"], "W3"), "min_gap": min((x["G_T"] for x in _w3_rows(r)), default=None),
-                  **_final(r)} for r in viewed]).row(cond + f", the teacher seeing the view {v}",
+                [_prevention(r) for r in viewed]).row(cond + f", the teacher seeing the view {v}",
                                                                    runs=[r["run"] for r in viewed], **at))
             rows.append(claims.witness_view([check_of(r["doc"], "W4") for r in viewed]).row(
                 cond + f", the teacher seeing the view {v}", runs=[r["run"] for r in viewed], **at))
