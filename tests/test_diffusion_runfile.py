@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hcdiag.diffusion.data import DiffusionData
 from hcdiag.diffusion.runfile import FORMAT, load_diffusion_run, run_dict, save_diffusion_run, validate
 from hcdiag.diffusion.train import DiffusionConfig, train_diffusion
 from hcdiag.errors import InputError
@@ -21,7 +22,7 @@ def trained():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 2)).astype(np.float32)
     out = train_diffusion(x, DiffusionConfig(method="consensus", R=4, epochs_per_round=3, **SMALL))
-    return x, out, {"name": "gauss", "n": 300, "d": 2, "lambda_max": 1.0}
+    return x, out, DiffusionData(x, {"name": "gauss", "center": [0.0, 0.0], "scale": 1.0})
 
 
 def test_round_trip_rebuilds_the_same_denoiser(trained, tmp_path):
@@ -36,6 +37,7 @@ def test_round_trip_rebuilds_the_same_denoiser(trained, tmp_path):
         assert torch.equal(run.model(xt, t, ls, r), out["model"](xt, t, ls, r))
     assert run.rounds[0]["kept"].tolist() == out["rounds"][0]["kept"]
     assert torch.equal(run.train_rows, torch.as_tensor(out["train_rows"]))
+    assert torch.equal(run.x, torch.as_tensor(x)) and run.spec == data.spec and run.resume is None
     assert [f for f in os.listdir(tmp_path) if f != "d.pt"] == []  # no temporary left
 
 
@@ -58,6 +60,21 @@ def _bad(trained, change):
     (lambda d: d.update(val_rows=d["train_rows"][:3].clone()), "train_rows and val_rows overlap"),
     (lambda d: d.update(train_rows=[1, 2]), "train_rows must be a 1-D int64 tensor; got list"),
     (lambda d: d.pop("data"), "run.data is missing"),
+    (lambda d: d.update(version=1), "version 1 diffusion run files do not hold the rows"),
+    (lambda d: d["data"].update(x=d["data"]["x"].double()), "data.x must be the (n, d) float32 tensor"),
+    (lambda d: d["data"]["x"].__setitem__((0, 0), float("nan")), "data.x holds NaN or inf"),
+    (lambda d: d["data"].update(n=torch.tensor([1, 2])), "data.n and data.d (tensor"),
+    (lambda d: d["data"].update(spec=[1]), "data.spec must be a dict; got list"),
+    (lambda d: d.update(config=[1]), "run.config must be a dict; got list"),
+    (lambda d: d["config"].update(lr="fast"), "config cannot be read"),
+    (lambda d: d.update(steps=5), "the run says it is complete but took 5 of its 12 steps"),
+    (lambda d: d.update(steps=-1), "steps -1 and budget 12 must be integers"),
+    (lambda d: d.update(budget=10**6), "budget 1000000 must be integers"),
+    (lambda d: d["status"].update(complete="yes"), "status.complete must be true or false; got 'yes'"),
+    (lambda d: d.update(rounds=[]), "a complete consensus run has 1 rounds"),
+    (lambda d: d.update(resume={"optimizer": {}}), "a complete run holds no resume state"),
+    (lambda d: d["status"].update(complete=False), "a partial run file (status.complete false) must hold its resume"),
+    (lambda d: (d["status"].update(complete=False), d.update(resume={"generator": 1})), "resume.optimizer is missing"),
 ])
 def test_inconsistent_files_get_one_line(trained, tmp_path, change, msg):
     d = _bad(trained, change)
@@ -88,5 +105,53 @@ def test_a_write_that_cannot_happen_leaves_nothing(trained, tmp_path):
     with pytest.raises(InputError, match="is a file, not a folder"):
         save_diffusion_run(out, tmp_path / "file" / "d.pt", data)
     with pytest.raises(InputError, match="refusing to write"):
-        save_diffusion_run(out, tmp_path / "d.pt", {**data, "d": 5})
+        save_diffusion_run(out, tmp_path / "d.pt", DiffusionData(data.x[:, :1], data.spec))
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.parametrize("method", ["consensus", "single", "logsnr"])
+def test_an_interrupted_run_resumed_from_its_file_is_bitwise_the_uninterrupted_one(method, tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    data = DiffusionData(x, {"name": "gauss"})
+    cfg = DiffusionConfig(method=method, R=8, epochs_per_round=3, **SMALL)
+    whole = train_diffusion(x, cfg)
+    saved = []
+
+    def checkpoint(partial):
+        saved.append(save_diffusion_run(partial, tmp_path / f"c{len(saved)}.pt", data))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third(partial):
+        checkpoint(partial)
+        if len(saved) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_diffusion(x, cfg, checkpoint=stop_at_third, checkpoint_steps=5)
+    part = load_diffusion_run(saved[-1])
+    assert not part.complete and 0 < part.steps < part.budget
+    done = train_diffusion(x, cfg, resume=part.resume_state(), checkpoint_steps=5)
+    assert done["steps"] == whole["steps"] == cfg.budget()
+    for (k, a), b in zip(whole["model"].state_dict().items(), done["model"].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert done["history"] == whole["history"] and done["rounds"] == whole["rounds"]
+    p = save_diffusion_run(done, tmp_path / "done.pt", data)
+    assert load_diffusion_run(p).complete
+
+
+def test_a_complete_run_cannot_be_resumed(trained, tmp_path):
+    x, out, data = trained
+    run = load_diffusion_run(save_diffusion_run(out, tmp_path / "d.pt", data))
+    with pytest.raises(InputError, match="is complete; there is nothing to resume"):
+        run.resume_state()
+
+
+def test_a_non_finite_loss_stops_training_with_a_numerical_error():
+    from hcdiag.errors import NumericalError
+
+    x = np.random.default_rng(0).normal(size=(100, 2)).astype(np.float32)
+    with pytest.raises(NumericalError, match="the diffusion training loss became"):
+        train_diffusion(x, DiffusionConfig(method="single", R=4, epochs_per_round=2, lr=1e30, **SMALL))

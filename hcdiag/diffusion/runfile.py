@@ -2,12 +2,16 @@
 and read with the VAE run files' safety (:func:`hcdiag.runfile.write_atomic`, :func:`hcdiag.runfile.read_torch_file`:
 atomic, weights-only, bounded) and validated on load, every problem one line.
 
-Layout (``format: hcdiag-diffusion-run``, ``version: 1``): ``status`` ``{"complete": bool}``; ``config`` (the
-:class:`~hcdiag.diffusion.train.DiffusionConfig` fields); ``data`` (``name``, ``n``, ``d``, ``lambda_max``);
+Layout (``format: hcdiag-diffusion-run``, ``version: 2``): ``status`` ``{"complete": bool}``; ``config`` (the
+:class:`~hcdiag.diffusion.train.DiffusionConfig` fields); ``data`` (``name``, ``n``, ``d``, ``x``: the (n, d)
+float32 rows the run trained and validated on, as :func:`hcdiag.diffusion.data.prepare` made them, and ``spec``:
+how they were made; the checks recompute lambda_max and the truth from these, never from a stored number);
 ``schedules`` (one dict per schedule: ``kind``, ``T`` and its parameters); ``model`` (``config``: the denoiser's
 ``dim``, ``widths``, ``emb_dim``, ``conditioning``, ``n_schedules``; ``state``: its parameters); ``rounds`` (per
 Algorithm 2 round: ``active``, ``val_loss``, ``kept``); ``history`` (mean training loss per round or run);
-``train_rows``, ``val_rows`` (row indices); ``steps``. The schedules are recomputed from the config and must agree
+``train_rows``, ``val_rows`` (row indices); ``steps``, ``budget``; and, in a partial file (``complete`` false)
+only, ``resume`` (``optimizer``, ``generator``, ``position``: what :func:`train_diffusion` needs to continue
+exactly). Version 1 files (without the rows) are refused: the checks could not recompute anything. The schedules are recomputed from the config and must agree
 (a file's schedules are never trusted on their own).
 """
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hcdiag.diffusion.model import Denoiser
@@ -26,7 +31,7 @@ from hcdiag.diffusion.train import DiffusionConfig
 from hcdiag.errors import InputError, marked
 
 FORMAT = "hcdiag-diffusion-run"
-VERSION = 1
+VERSION = 2
 _SCHEDULE_KEYS = ("kind", "T", "beta_start", "beta_end", "s", "max_beta")
 
 
@@ -34,13 +39,16 @@ def _schedule_dict(s: Schedule) -> dict:
     return {k: getattr(s, k) for k in _SCHEDULE_KEYS}
 
 
-def run_dict(out: dict, data: dict, *, complete: bool = True) -> dict:
-    """The run file's dict of a :func:`train_diffusion` result and the data's ``name``, ``n``, ``d``,
-    ``lambda_max``."""
+def run_dict(out: dict, data) -> dict:
+    """The run file's dict of a :func:`train_diffusion` result (partial when it holds ``"resume"``, what the
+    ``checkpoint`` callback receives) and the :class:`~hcdiag.diffusion.data.DiffusionData` it trained on."""
     model: Denoiser = out["model"]
     cfg: DiffusionConfig = out["config"]
-    return {"format": FORMAT, "version": VERSION, "status": {"complete": bool(complete)},
-            "config": cfg.to_dict(), "data": dict(data),
+    x = torch.tensor(np.asarray(data.x, dtype=np.float32))  # a copy: the file never aliases the caller's rows
+    d = {"format": FORMAT, "version": VERSION, "status": {"complete": "resume" not in out},
+            "config": cfg.to_dict(),
+            "data": {"name": str(data.spec.get("name")), "n": int(x.shape[0]), "d": int(x.shape[1]), "x": x,
+                     "spec": dict(data.spec)},
             "schedules": [_schedule_dict(s) for s in out["schedules"]],
             "model": {"config": dict(model.config),
                       "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}},
@@ -49,7 +57,11 @@ def run_dict(out: dict, data: dict, *, complete: bool = True) -> dict:
                         "kept": torch.as_tensor(r["kept"], dtype=torch.int64)} for r in out["rounds"]],
             "history": torch.as_tensor(out["history"], dtype=torch.float64),
             "train_rows": torch.as_tensor(out["train_rows"], dtype=torch.int64),
-            "val_rows": torch.as_tensor(out["val_rows"], dtype=torch.int64), "steps": int(out["steps"])}
+            "val_rows": torch.as_tensor(out["val_rows"], dtype=torch.int64), "steps": int(out["steps"]),
+            "budget": int(out["budget"])}
+    if "resume" in out:
+        d["resume"] = out["resume"]
+    return d
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,8 +77,19 @@ class DiffusionRun:
     train_rows: torch.Tensor
     val_rows: torch.Tensor
     steps: int
-    data: dict
+    budget: int
+    x: torch.Tensor
+    spec: dict
     complete: bool
+    resume: dict | None
+
+    def resume_state(self) -> dict:
+        """What :func:`train_diffusion`'s ``resume`` takes (a partial file only)."""
+        if self.resume is None:
+            raise InputError(f"{self.path or 'the run'} is complete; there is nothing to resume.")
+        return {**self.resume, "model_state": self.model.state_dict(), "history": self.history.tolist(),
+                "rounds": [{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
+                           for r in self.rounds], "train_rows": self.train_rows.numpy()}
 
 
 def _need(d: Any, key: str, where: str):
@@ -75,6 +98,10 @@ def _need(d: Any, key: str, where: str):
     if key not in d:
         raise InputError(f"{where}.{key} is missing; a diffusion run file needs it (hcdiag.diffusion.runfile).")
     return d[key]
+
+
+def _is_int(v: Any, want: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v == want
 
 
 def _ints(v: Any, where: str, n: int | None = None) -> torch.Tensor:
@@ -92,9 +119,15 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
         got = d.get("format") if isinstance(d, dict) else type(d).__name__
         raise InputError(f"not a diffusion run file (format {got!r}, expected {FORMAT!r}); write it with "
                          "hcdiag.diffusion.runfile.save_diffusion_run.")
+    if d.get("version") == 1:
+        raise InputError("version 1 diffusion run files do not hold the rows they trained on, so nothing in them can "
+                         "be rechecked; train the run again (hcdiag train-diffusion).")
     if d.get("version") != VERSION:
         raise InputError(f"version {d.get('version')!r} is not one this hcdiag reads ({VERSION}); upgrade hcdiag.")
-    raw = dict(_need(d, "config", "run"))
+    raw = _need(d, "config", "run")
+    if not isinstance(raw, dict):
+        raise InputError(f"run.config must be a dict; got {type(raw).__name__}.")
+    raw = dict(raw)
     names = {f.name for f in fields(DiffusionConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:
@@ -103,10 +136,10 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
         raw["widths"] = tuple(raw["widths"])
     try:
         cfg = DiffusionConfig(**raw)
-    except TypeError as exc:
-        raise InputError(f"config cannot be read ({str(exc)}).") from None
     except InputError as exc:
         raise InputError(f"config: {marked(exc)}") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"config cannot be read ({str(exc)}).") from None
     scheds = _need(d, "schedules", "run")
     want = cfg.schedules()
     if not isinstance(scheds, list) or len(scheds) != len(want):
@@ -117,18 +150,31 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
             raise InputError(f"schedules[{i}] {got!r} differs from the family its config names ({w.spec}); the "
                              "schedules are recomputed from the config, so the file is inconsistent: fix the producer.")
     data = _need(d, "data", "run")
-    n = int(_need(data, "n", "data"))
-    dim = int(_need(data, "d", "data"))
+    x = _need(data, "x", "data")
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim != 2 or x.shape[0] < 2:
+        raise InputError(f"data.x must be the (n, d) float32 tensor of the rows the run trained on (n >= 2); got "
+                         f"{type(x).__name__}{f' {x.dtype} of shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else ''}.")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("data.x holds NaN or inf; a run cannot have trained on it.")
+    n, dim = int(x.shape[0]), int(x.shape[1])
+    if not (_is_int(_need(data, "n", "data"), n) and _is_int(_need(data, "d", "data"), dim)):
+        raise InputError(f"data.n and data.d ({data.get('n')!r}, {data.get('d')!r}) disagree with data.x's shape "
+                         f"({n}, {dim}).")
+    spec = _need(data, "spec", "data")
+    if not isinstance(spec, dict):
+        raise InputError(f"data.spec must be a dict; got {type(spec).__name__}.")
     m = _need(d, "model", "run")
-    mc = dict(_need(m, "config", "model"))
-    if mc.get("dim") != dim or mc.get("n_schedules") != cfg.R:
+    mc = _need(m, "config", "model")
+    if not isinstance(mc, dict):
+        raise InputError(f"model.config must be a dict; got {type(mc).__name__}.")
+    if not (_is_int(mc.get("dim"), dim) and _is_int(mc.get("n_schedules"), cfg.R)):
         raise InputError(f"model.config has dim {mc.get('dim')!r} and n_schedules {mc.get('n_schedules')!r}; the data "
                          f"has d = {dim} and the config R = {cfg.R}.")
     try:
         model = Denoiser(mc["dim"], widths=tuple(mc["widths"]), emb_dim=mc["emb_dim"], conditioning=mc["conditioning"],
                          n_schedules=mc["n_schedules"])
         model.load_state_dict(_need(m, "state", "model"))
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, InputError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"model cannot be rebuilt from model.config and model.state ({first}).") from None
     model.eval()
@@ -149,11 +195,43 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
     if set(train_rows.tolist()) & set(val_rows.tolist()):
         raise InputError("train_rows and val_rows overlap; validation rows must be held out.")
     status = _need(d, "status", "run")
-    return DiffusionRun(path, cfg, want, model, rounds, torch.as_tensor(_need(d, "history", "run")), train_rows,
-                        val_rows, int(_need(d, "steps", "run")), dict(data), bool(_need(status, "complete", "status")))
+    complete = _need(status, "complete", "status")
+    steps, budget = _need(d, "steps", "run"), _need(d, "budget", "run")
+    if not (isinstance(steps, int) and isinstance(budget, int) and 0 <= steps <= budget and budget == cfg.budget()):
+        raise InputError(f"steps {steps!r} and budget {budget!r} must be integers with 0 <= steps <= budget = "
+                         f"{cfg.budget()} (the config's step budget).")
+    if complete is not True and complete is not False:
+        raise InputError(f"status.complete must be true or false; got {complete!r}.")
+    if complete and steps != budget:
+        raise InputError(f"the run says it is complete but took {steps} of its {budget} steps.")
+    if complete and len(rounds) != cfg.R.bit_length() - 2 and cfg.method == "consensus":
+        raise InputError(f"a complete consensus run has {cfg.R.bit_length() - 2} rounds (R = {cfg.R} halved to 2); "
+                         f"this one has {len(rounds)}.")
+    history = _need(d, "history", "run")
+    if not isinstance(history, torch.Tensor) or history.ndim != 1:
+        raise InputError("history must be a 1-D tensor of mean training losses.")
+    resume = d.get("resume")
+    if complete and resume is not None:
+        raise InputError("a complete run holds no resume state; fix the producer.")
+    if not complete:
+        if not isinstance(resume, dict):
+            raise InputError("a partial run file (status.complete false) must hold its resume state (resume: "
+                             "optimizer, generator, position); fix the producer.")
+        for key in ("optimizer", "generator", "position"):
+            _need(resume, key, "resume")
+        g = resume["generator"]
+        if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8:
+            raise InputError("resume.generator must be a torch generator state (uint8 tensor).")
+        pos = resume["position"]
+        for key in ("active", "cycle", "loss_sum", "loss_count", "steps"):
+            _need(pos, key, "resume.position")
+        if not _is_int(pos["steps"], steps):
+            raise InputError(f"resume.position.steps ({pos['steps']!r}) differs from steps ({steps}).")
+    return DiffusionRun(path, cfg, want, model, rounds, history, train_rows, val_rows, steps, budget, x, dict(spec),
+                        complete, resume)
 
 
-def save_diffusion_run(out: dict, path: str | os.PathLike, data: dict) -> Path:
+def save_diffusion_run(out: dict, path: str | os.PathLike, data) -> Path:
     """Validate the run's dict (:func:`run_dict`) and write it atomically; returns the path."""
     from hcdiag.runfile import write_atomic
 

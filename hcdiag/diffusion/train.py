@@ -128,13 +128,25 @@ def validation_loss(model: Denoiser, xv: torch.Tensor, tab: Tables, r: int, *, d
     return total / draws
 
 
-def train_diffusion(x, cfg: DiffusionConfig, progress=None) -> dict:
+def train_diffusion(x, cfg: DiffusionConfig, progress=None, *, checkpoint=None, checkpoint_steps: int | None = None,
+                    resume: dict | None = None) -> dict:
     """Train ``cfg.method`` on the rows ``x`` (n, d); returns ``{"model", "config", "schedules", "rounds",
-    "history", "train_rows", "val_rows", "steps"}`` (``rounds``: per round the active indices, their validation
-    losses and the kept ones; ``history``: the mean training loss per cycle block)."""
+    "history", "train_rows", "val_rows", "steps", "budget"}`` (``rounds``: per round the active indices, their
+    validation losses and the kept ones; ``history``: the mean training loss per round, one entry for a control).
+
+    ``checkpoint(partial)``, when given, is called with the same dict plus ``"resume"`` (the optimizer state, the
+    draw generator's state and the position in the algorithm) every ``checkpoint_steps`` optimizer steps (at the
+    end of a cycle for ``consensus``) and at the end of each round; :func:`hcdiag.diffusion.runfile.save_diffusion_run`
+    writes it as a partial run file. ``resume``, such a ``"resume"`` dict together with the partial run's model
+    state under ``"model_state"``, continues the run exactly (bitwise on CPU) where it stopped.
+    A non-finite training loss raises :class:`~hcdiag.errors.NumericalError` (the last checkpoint is kept)."""
+    from hcdiag.errors import NumericalError
+
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise InputError("Diffusion training needs a finite (n, d) data matrix.")
+    if checkpoint_steps is not None and (not isinstance(checkpoint_steps, int) or checkpoint_steps < 1):
+        raise InputError(f"checkpoint_steps must be an integer >= 1 or None. Got {checkpoint_steps!r}.")
     tr, va = _split(x, cfg.val_rows, cfg.seed)
     dev = torch.device(cfg.device)
     X = torch.as_tensor(x[tr], device=dev)
@@ -147,42 +159,90 @@ def train_diffusion(x, cfg: DiffusionConfig, progress=None) -> dict:
                      n_schedules=cfg.R).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     draws = _Draws(cfg.seed + 1, X.shape[0], x.shape[1], cfg.batch_size, cfg.T)
+    budget = cfg.budget()
+    # the position in the algorithm: everything a checkpoint needs to continue exactly
+    pos = {"active": list(range(cfg.R)) if cfg.method == "consensus" else [], "cycle": 0, "loss_sum": 0.0,
+           "loss_count": 0, "steps": 0}
     history: list[float] = []
     rounds: list[dict] = []
-    steps = 0
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model_state"])
+            opt.load_state_dict(resume["optimizer"])
+            draws.g.set_state(resume["generator"])
+            pos = {k: resume["position"][k] for k in pos}
+            history = [float(h) for h in resume["history"]]
+            rounds = [dict(r) for r in resume["rounds"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"the partial run cannot be resumed ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                             "start it again without resuming.") from None
+        if list(np.asarray(resume.get("train_rows", tr))) != list(tr):
+            raise InputError("the partial run's training rows differ from these data's split; resume with the same "
+                             "data and config.")
+    last_ckpt = pos["steps"]
+
+    def result() -> dict:
+        return {"model": model, "config": cfg, "schedules": scheds, "rounds": [dict(r) for r in rounds],
+                "history": list(history), "train_rows": tr, "val_rows": va, "steps": pos["steps"], "budget": budget}
+
+    def save():
+        nonlocal last_ckpt
+        last_ckpt = pos["steps"]
+        if checkpoint is not None:
+            out = result()
+            out["resume"] = {"optimizer": opt.state_dict(), "generator": draws.g.get_state(),
+                             "position": dict(pos, active=list(pos["active"]))}
+            checkpoint(out)
 
     def step(r: int) -> float:
-        nonlocal steps
         rows, t, eps = draws.next()
         loss = _loss(model, X[rows.to(dev)], t.to(dev), eps.to(dev), tabs[r], r)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NumericalError(f"the diffusion training loss became {value} at step {pos['steps'] + 1}; lower the "
+                                 "learning rate (lr).")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        steps += 1
-        return float(loss.detach())
+        pos["steps"] += 1
+        pos["loss_sum"] += value
+        pos["loss_count"] += 1
+        return value
+
+    def due() -> bool:
+        return checkpoint_steps is not None and pos["steps"] - last_ckpt >= checkpoint_steps
 
     if cfg.method == "consensus":
-        active = list(range(cfg.R))
-        while len(active) > 2:
-            losses = []
-            for e in range(cfg.epochs_per_round):
-                losses += [step(r) for r in active]
-                if progress and (e + 1) % max(1, cfg.epochs_per_round // 4) == 0:
-                    progress(f"diffusion consensus: |S| = {len(active)}, cycle {e + 1}/{cfg.epochs_per_round}, "
-                             f"loss {np.mean(losses[-len(active):]):.4f}")
-            history.append(float(np.mean(losses)))
+        while len(pos["active"]) > 2:
+            active = pos["active"]
+            while pos["cycle"] < cfg.epochs_per_round:
+                last = [step(r) for r in active]
+                pos["cycle"] += 1
+                e = pos["cycle"]
+                if progress and e % max(1, cfg.epochs_per_round // 4) == 0:
+                    progress(f"diffusion consensus: |S| = {len(active)}, cycle {e}/{cfg.epochs_per_round}, "
+                             f"step {pos['steps']}/{budget}, loss {np.mean(last):.4f}")
+                if due() and pos["cycle"] < cfg.epochs_per_round:
+                    save()
+            history.append(pos["loss_sum"] / max(pos["loss_count"], 1))
             val = {r: validation_loss(model, XV, tabs[r], r, draws=cfg.val_draws, seed=cfg.seed + 2) for r in active}
             keep = sorted(sorted(active, key=lambda r: (val[r], r))[:len(active) // 2])
             rounds.append({"active": list(active), "val_loss": [val[r] for r in active], "kept": keep})
-            active = keep
+            pos.update(active=keep, cycle=0, loss_sum=0.0, loss_count=0)
+            if len(keep) > 2:
+                save()
     else:
-        budget = cfg.budget()
         order = [cfg.R // 2] if cfg.method == "single" else list(range(cfg.R))
-        losses = [step(order[i % len(order)]) for i in range(budget)]
-        history.append(float(np.mean(losses)) if losses else float("nan"))
+        while pos["steps"] < budget:
+            step(order[pos["steps"] % len(order)])
+            if progress and pos["steps"] % max(1, budget // 8) == 0:
+                progress(f"diffusion {cfg.method}: step {pos['steps']}/{budget}, "
+                         f"mean loss {pos['loss_sum'] / pos['loss_count']:.4f}")
+            if due() and pos["steps"] < budget:
+                save()
+        history.append(pos["loss_sum"] / pos["loss_count"] if pos["loss_count"] else float("nan"))
     model.eval()
-    return {"model": model, "config": cfg, "schedules": scheds, "rounds": rounds, "history": history,
-            "train_rows": tr, "val_rows": va, "steps": steps}
+    return result()
 
 
 __all__ = ["DiffusionConfig", "METHODS", "train_diffusion", "validation_loss"]
