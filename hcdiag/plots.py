@@ -237,3 +237,61 @@ def witness_phases(series: dict, *, margin: float, title: str, ax=None):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def diffusion_gain(d1_values: dict, d2_values: dict | None = None, ax=None):
+    """D1's normalized gain G(t) of E[x0|xt] along the top direction (with +-2 standard errors), the Gaussian closed
+    form SNR lambda / (1 + SNR lambda), and where each criterion puts t_c (eq. 13, SNR lambda = 1, measured)."""
+    fig, ax = axes(ax)
+    ts = np.asarray(d1_values["timesteps"], dtype=float)
+    g, se = np.asarray(d1_values["gain"]), np.asarray(d1_values["se"])
+    ax.fill_between(ts, g - 2 * se, g + 2 * se, color="C0", alpha=0.2, lw=0)
+    ax.plot(ts, g, "o-", ms=3, color="C0", label="measured (trained denoiser)")
+    if "gaussian_gain" in d1_values:
+        ax.plot(ts, d1_values["gaussian_gain"], "--", color="k", lw=1,
+                label=f"Gaussian closed form, lambda_max = {d1_values['lambda_max']:.3g}")
+    ax.axhline(0.5, color="0.6", lw=0.8)
+    marks = [("t_measured", "C0", "measured t_c")]
+    if d2_values:
+        marks += [("t_snr", "C2", "SNR lambda_max = 1"), ("t_eq13", "C3", "eq. 13: 1 - abar = lambda_max")]
+    for key, color, label in marks:
+        t = (d2_values or {}).get(key, d1_values.get(key)) if key != "t_measured" else d1_values.get(key)
+        if t is not None:
+            ax.axvline(t, color=color, ls=":", lw=1.2, label=f"{label} ({t:.0f})")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.1, 1.1)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("gain of E[x0 | xt] along v")
+    ax.set_title(d1_values.get("schedule", ""), fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def diffusion_samples(heldout: np.ndarray, sets: dict, *, title: str = "", max_points: int = 500):
+    """Held-out rows beside each set of samples ``{label: (n, d)}`` in one row of panels: the first two coordinates
+    when d = 2, else the top two principal directions of the held-out rows."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    h = np.asarray(heldout, dtype=float)
+    mean = h.mean(0)
+    if h.shape[1] == 2:
+        proj, axis_names = np.eye(2), ("x1", "x2")
+    else:
+        _, _, vt = np.linalg.svd(h - mean, full_matrices=False)
+        proj, axis_names = vt[:2].T, ("PC 1", "PC 2")
+    panels = [("held-out data", h)] + list(sets.items())
+    fig, axs = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), sharex=True, sharey=True, squeeze=False)
+    for ax, (label, pts) in zip(axs[0], panels):
+        p = (np.asarray(pts, dtype=float)[:max_points] - mean) @ proj
+        ax.scatter(p[:, 0], p[:, 1], s=3, alpha=0.5, color="k" if label == "held-out data" else "C0")
+        ax.set_title(label, fontsize=7)
+        ax.set_xlabel(axis_names[0], fontsize=7)
+    axs[0][0].set_ylabel(axis_names[1], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

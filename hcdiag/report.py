@@ -73,11 +73,12 @@ def run_description(run) -> str:
 
 
 def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.05, figures: list[tuple[str, str]] = (),
-             require: list[str] | None = None, about: str | None = None) -> str:
+             require: list[str] | None = None, about: str | None = None,
+             title: str = "hcdiag check-barrier report") -> str:
     """A Markdown report: the verdict table, each check's numbers and witness, the figures. ``Overall`` is
     decided by the ``require``d checks (default all), as the JSON document and the exit status are."""
     deciding = f" (deciding checks: {', '.join(require)})" if require else ""
-    out = ["# hcdiag check-barrier report", "", f"Run: `{run_path}`  ", *([f"{about}  "] if about else []),
+    out = [f"# {title}", "", f"Run: `{run_path}`  ", *([f"{about}  "] if about else []),
            f"Tolerance tau = {tolerance:g}  ",
            f"Overall: **{overall(results, require)}**{deciding}", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
     for r in results:

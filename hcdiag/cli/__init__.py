@@ -20,6 +20,8 @@ COMMANDS = {
     "clusterings": "hcdiag.cli.clusterings",
     "train": "hcdiag.cli.train",
     "check-barrier": "hcdiag.cli.check_barrier",
+    "train-diffusion": "hcdiag.cli.train_diffusion",
+    "check-diffusion": "hcdiag.cli.check_diffusion",
     "verify": "hcdiag.cli.verify",
 }
 

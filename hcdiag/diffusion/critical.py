@@ -25,9 +25,10 @@ from hcdiag.errors import InputError
 
 
 def normalized_gain(eps: EpsFn, tab: Tables, x0: torch.Tensor, v: torch.Tensor, ts, *,
-                    generator: torch.Generator | None = None) -> np.ndarray:
+                    generator: torch.Generator | None = None, with_se: bool = False):
     """``G(t)`` (module docstring) at each timestep of ``ts`` (1..T), averaged over the rows ``x0`` (n, d) each
-    noised once to x_t; ``v`` (d,) a unit direction."""
+    noised once to x_t; ``v`` (d,) a unit direction. ``with_se``: also the standard error of each mean over the
+    rows (``(gain, se)``)."""
     x0 = torch.as_tensor(x0, dtype=torch.float64)
     v = torch.as_tensor(v, dtype=torch.float64)
     if x0.ndim != 2 or v.shape != (x0.shape[1],):
@@ -37,7 +38,7 @@ def normalized_gain(eps: EpsFn, tab: Tables, x0: torch.Tensor, v: torch.Tensor, 
     if not nv > 0:
         raise InputError("The direction v must be non-zero.")
     v = v / nv
-    out = []
+    out, se = [], []
     for t in ts:
         t = int(t)
         if not 1 <= t <= tab.T:
@@ -51,8 +52,10 @@ def normalized_gain(eps: EpsFn, tab: Tables, x0: torch.Tensor, v: torch.Tensor, 
         with torch.enable_grad():
             # v^T J v = v^T J^T v: the gradient of sum_i <v, eps(x_i)> (rows are independent), dotted with v
             (grad,) = torch.autograd.grad((eps(xg, tt) * vv).sum(), xg)
-        out.append(float(1.0 - (1 - a).sqrt() * (grad.detach() * vv).sum(1).mean()))
-    return np.asarray(out)
+        per_row = 1.0 - (1 - a).sqrt() * (grad.detach() * vv).sum(1)
+        out.append(float(per_row.mean()))
+        se.append(float(per_row.std() / np.sqrt(per_row.numel())) if per_row.numel() > 1 else float("inf"))
+    return (np.asarray(out), np.asarray(se)) if with_se else np.asarray(out)
 
 
 def gaussian_gain(lam: float, tab: Tables, ts) -> np.ndarray:

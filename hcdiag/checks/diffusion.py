@@ -1,0 +1,445 @@
+"""Checks D1-D4: the four predictions of section 7.4 on a trained diffusion model (issue 14).
+
+Every number is recomputed from the run file's denoiser and rows (``data.x``); the held-out rows are the run's
+validation rows, which training never stepped on. The *home schedule* of a run is the one it would be sampled
+with: for Algorithm 2 (``consensus``) the kept schedule with the smallest last-round validation loss, for the
+controls (``single``, ``logsnr``) the family's middle one (index R // 2), on which ``single`` trained.
+
+* **D1 critical timestep exists** ("for t > t_c the reverse process becomes independent of x_t"). The normalized
+  gain ``G(t)`` of E[x_0 | x_t] along the top covariance direction (:mod:`hcdiag.diffusion.critical`) on a
+  geometric grid of timesteps, on held-out rows under the home schedule. Holds when it starts dependent
+  (``G(t_1) >= 0.75``), ends independent (``G(T) <= 0.25``) and crosses 1/2 in between; fails when it never falls
+  below 1/2 (x_t matters up to T: no critical timestep in this schedule) or never rises above it (x_t matters at
+  no t); inconclusive for a partial run, for standard errors above 0.1, or a gain that stops between 0.25 and 0.5.
+  The Gaussian closed form ``SNR lambda_max / (1 + SNR lambda_max)`` is reported beside it (exact for Gaussian
+  data; for other data the linear approximation).
+* **D2 t_c is set by lambda_max**: the measured crossing against eq. 13 (``1 - abar = lambda_max``, no solution
+  for lambda_max >= 1) and ``SNR(t) lambda_max = 1``, compared in log SNR: a criterion is *followed* when it is
+  within ``log 2`` of the measurement (a factor 2 in SNR). Holds when one of them is followed (``follows`` says
+  which), fails when neither is, inconclusive without a crossing. Across a rescaling grid (``hcdiag verify``) the
+  slope of log SNR(t_c) against log lambda_max tells whether lambda_max sets it.
+* **D3 historical barrier** ("prevents schedule-independent collapse, improving sample diversity"). Diversity is
+  the energy distance of samples (ancestral DDPM, home schedule) to the held-out rows, beside a noise floor
+  (:mod:`hcdiag.diffusion.quality`), compared with the control runs by a paired bootstrap (same held-out rows):
+  holds when the run is significantly closer than every control (interval of ``ED(run) - ED(control)`` below 0),
+  fails when a control is significantly closer or every difference lies within the noise floor (no improvement
+  a sample of the data itself would notice), inconclusive otherwise or without controls. Where the data's true
+  mixture is known, mode coverage and the exact log-likelihood of the samples are reported. The *schedule
+  dependence* (how much eps-hat changes when only the schedule index changes, at matched noise level) is reported
+  with a caution the paper lacks: the Bayes-optimal denoiser depends on the noise level only, so its schedule
+  dependence is 0 (the ``logsnr`` control is 0 by construction); low dependence is not a collapse. So is the
+  selection confound of Algorithm 2 (its rule keeps the schedules whose losses are smallest for any model: the
+  noisiest; :mod:`hcdiag.diffusion.train`).
+* **D4 inference flexibility** ("can be sampled with different schedules at test time without degradation"):
+  samples under schedules the run never trained on (the default of its own kind and of every other kind), the
+  denoiser queried at the home timestep of the nearest log SNR (a ``logsnr`` model reads the noise level
+  itself), compared with the home samples by a paired bootstrap: holds when no unseen schedule's energy distance
+  exceeds the home one by more than the noise floor (upper end of the interval), fails when one does
+  significantly (lower end above the floor), inconclusive otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from hcdiag.checks.base import CheckResult, inconclusive
+from hcdiag.diffusion.critical import crossing, gaussian_gain, normalized_gain
+from hcdiag.diffusion.model import Denoiser, Tables, model_eps, sample
+from hcdiag.diffusion.schedules import KINDS, Schedule
+from hcdiag.errors import InputError
+
+GAIN_HIGH, GAIN_LOW, GAIN_SE_MAX = 0.75, 0.25, 0.1
+LOG_SNR_TOL = math.log(2.0)
+MIN_HELDOUT = 50
+CLAIMS = {
+    "D1": ("There exists a timestep t_c such that for t > t_c the reverse process becomes independent of x_t",
+           "7.4 (1)"),
+    "D2": ("t_c is determined by lambda_max of the data covariance (eq. 13: 1 - alphabar_{t_c} = lambda_max)",
+           "7.2, 7.4 (2)"),
+    "D3": ("Training with multiple noise schedules prevents schedule-independent collapse, improving sample diversity",
+           "7.3, 7.4 (3)"),
+    "D4": ("Models trained with historical consensus can be sampled with different schedules at test time without "
+           "degradation", "7.4 (4)"),
+}
+IDS = tuple(CLAIMS)
+
+
+def _result(id: str, verdict: str, summary: str, values: dict, reason: str | None = None) -> CheckResult:
+    claim, section = CLAIMS[id]
+    return CheckResult(id, claim, section, verdict, values=values, reason=reason, summary=summary)
+
+
+def _inconclusive(id: str, reason: str, **values) -> CheckResult:
+    claim, section = CLAIMS[id]
+    return inconclusive(id, claim, section, reason, **values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# schedules: where criteria put t_c, in fractional timesteps and log SNR
+
+def timestep_grid(T: int, n: int = 40) -> np.ndarray:
+    """About ``n`` timesteps from 1 to T, geometric (the transition spans decades of t)."""
+    return np.unique(np.round(np.geomspace(1, T, n)).astype(int))
+
+
+def log_snr_at(schedule: Schedule, t: float) -> float:
+    return float(np.interp(t, np.arange(1, schedule.T + 1), schedule.log_snr()))
+
+
+def snr_timestep(schedule: Schedule, lam: float) -> float | None:
+    """Fractional t with ``SNR(t) lam = 1`` (log SNR interpolated), None outside 1..T."""
+    ls = schedule.log_snr() + math.log(lam)  # decreasing
+    if ls[0] < 0 or ls[-1] > 0:
+        return None
+    i = int(np.argmax(ls <= 0))
+    return 1.0 if i == 0 else float(i + ls[i - 1] / (ls[i - 1] - ls[i]))
+
+
+def eq13_timestep(schedule: Schedule, lam: float) -> float | None:
+    """Fractional t with ``1 - abar_t = lam`` (eq. 13; interpolated), None when lam is outside the schedule's noise
+    range (always for lam >= 1)."""
+    g = 1.0 - schedule.alphabar()
+    if not g[0] <= lam <= g[-1]:
+        return None
+    i = int(np.argmax(g >= lam))
+    return 1.0 if i == 0 else float(i + (lam - g[i - 1]) / (g[i] - g[i - 1]))
+
+
+def home_index(run) -> int:
+    cfg = run.config
+    if cfg.method != "consensus" or not run.rounds:
+        return cfg.R // 2
+    last = run.rounds[-1]
+    val = dict(zip([int(a) for a in last["active"]], [float(v) for v in last["val_loss"]]))
+    return min((int(k) for k in last["kept"]), key=lambda r: (val[r], r))
+
+
+def matched_eps(model: Denoiser, home: Tables, r: int, target: Tables):
+    """eps-hat under a schedule ``target`` the model may not have trained on: at each t the denoiser reads the
+    home timestep whose log SNR is nearest (a ``logsnr`` model reads target's noise level itself)."""
+    if model.conditioning == "logsnr" or target.schedule == home.schedule:
+        return model_eps(model, target, r) if model.conditioning == "logsnr" else model_eps(model, home, r)
+    hl = home.log_snr[1:].cpu().numpy()
+    tl = target.log_snr.cpu().numpy()
+    order = np.argsort(hl)
+    pos = np.clip(np.searchsorted(hl[order], tl), 1, len(hl) - 1)
+    lo, hi = order[pos - 1], order[pos]
+    nearest = np.where(np.abs(hl[lo] - tl) <= np.abs(hl[hi] - tl), lo, hi) + 1
+    mapping = torch.as_tensor(nearest, dtype=torch.long)
+
+    def eps(x, t):
+        tt = mapping[t.cpu()].to(t.device)
+        rr = torch.full_like(tt, int(r)) if model.conditioning == "schedule" else None
+        return model(x.float(), tt, home.log_snr[tt].float(), rr).to(x.dtype)
+    return eps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# D1, D2 kernels
+
+def decide_critical(ts, gain, se, *, complete: bool = True, lam: float | None = None,
+                    schedule: Schedule | None = None) -> CheckResult:
+    """D1 from a measured gain curve (module docstring)."""
+    ts, gain, se = np.asarray(ts), np.asarray(gain, dtype=float), np.asarray(se, dtype=float)
+    t_meas = crossing(ts, gain, 0.5)
+    values = {"timesteps": ts.tolist(), "gain": gain.tolist(), "se": se.tolist(), "t_measured": t_meas,
+              "gain_first": float(gain[0]), "gain_last": float(gain[-1])}
+    if lam is not None and schedule is not None:
+        closed = gaussian_gain(lam, Tables(schedule), ts)
+        values.update(gaussian_gain=closed.tolist(), max_gap_to_gaussian=float(np.max(np.abs(gain - closed))),
+                      t_gaussian=crossing(ts, closed, 0.5), lambda_max=lam, schedule=schedule.spec)
+    if not complete:
+        return _inconclusive("D1", "the run is partial (training unfinished): finish it (hcdiag train-diffusion "
+                             "--resume) before judging what it learned", **values)
+    if not np.isfinite(gain).all():
+        return _inconclusive("D1", "the measured gain is not finite at some timestep", **values)
+    if float(np.max(se)) > GAIN_SE_MAX:
+        return _inconclusive("D1", f"the gain's standard error reaches {np.max(se):.3g} > {GAIN_SE_MAX}: too few "
+                             "held-out rows to place the transition", **values)
+    where = f"G(t={int(ts[0])}) = {gain[0]:.3f}, G(t={int(ts[-1])}) = {gain[-1]:.3f}"
+    if gain[-1] > 0.5:
+        return _result("D1", "fails", f"E[x0|xt] still depends on x_t at t = T ({where}): no critical timestep in "
+                       "this schedule", values)
+    if gain[0] < 0.5:
+        return _result("D1", "fails", f"E[x0|xt] ignores x_t already at the first timestep ({where}): nothing "
+                       "becomes independent", values)
+    if gain[0] >= GAIN_HIGH and gain[-1] <= GAIN_LOW:
+        return _result("D1", "holds", f"the gain falls from {gain[0]:.3f} to {gain[-1]:.3f}, crossing 1/2 at t = "
+                       f"{t_meas:.1f}", values)
+    return _inconclusive("D1", f"the gain crosses 1/2 at t = {t_meas:.1f} but the transition is incomplete ({where}; "
+                         f"needs >= {GAIN_HIGH} and <= {GAIN_LOW})", **values)
+
+
+def decide_spectral(t_meas: float | None, schedule: Schedule, lam: float, *, complete: bool = True) -> CheckResult:
+    """D2 from the measured crossing (module docstring)."""
+    t_snr, t_13 = snr_timestep(schedule, lam), eq13_timestep(schedule, lam)
+    values = {"lambda_max": lam, "schedule": schedule.spec, "t_measured": t_meas, "t_snr": t_snr, "t_eq13": t_13,
+              "vae_s2_threshold": lam, "log_snr_tol": LOG_SNR_TOL}
+    if lam >= 1:
+        values["eq13_note"] = f"lambda_max = {lam:.4g} >= 1: eq. 13 has no solution (1 - alphabar < 1)"
+    if not complete:
+        return _inconclusive("D2", "the run is partial (training unfinished)", **values)
+    if t_meas is None:
+        return _inconclusive("D2", "no measured crossing (D1) to compare with the criteria", **values)
+    lm = log_snr_at(schedule, t_meas)
+    d_snr = abs(lm + math.log(lam))
+    d_13 = abs(lm - log_snr_at(schedule, t_13)) if t_13 is not None else None
+    follows = [name for name, d in (("snr", d_snr), ("eq13", d_13)) if d is not None and d <= LOG_SNR_TOL]
+    values.update(log_snr_measured=lm, gap_snr=d_snr, gap_eq13=d_13, follows=follows)
+    e13 = "none" if t_13 is None else f"{t_13:.1f}"
+    text = f"measured t_c {t_meas:.1f}, SNR lambda_max = 1 at {'none' if t_snr is None else f'{t_snr:.1f}'}, eq. 13 at {e13}"
+    if follows:
+        return _result("D2", "holds", f"{text}: follows {' and '.join(follows)}", values)
+    return _result("D2", "fails", f"{text}: neither criterion within a factor 2 in SNR", values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# D3, D4 kernels
+
+def decide_diversity(diffs: dict, floor: float, *, complete: bool = True, extra: dict | None = None) -> CheckResult:
+    """D3 from paired bootstrap differences ``{control: {"diff", "diff_ci"}}`` (ED(run) - ED(control)) and the
+    noise floor."""
+    values = {"versus": diffs, "floor": floor, **(extra or {})}
+    if not complete:
+        return _inconclusive("D3", "the run is partial (training unfinished)", **values)
+    if not diffs:
+        return _inconclusive("D3", "needs control runs to compare with (hcdiag check-diffusion RUN --against "
+                             "single.pt,logsnr.pt): diversity is only 'improved' against something", **values)
+    worse = [k for k, d in diffs.items() if d["diff_ci"][0] > 0]
+    better = [k for k, d in diffs.items() if d["diff_ci"][1] < 0]
+    if worse:
+        return _result("D3", "fails", f"a control's samples are significantly closer to held-out data: "
+                       f"{', '.join(worse)}", values)
+    if len(better) == len(diffs):
+        return _result("D3", "holds", f"samples significantly closer to held-out data than every control "
+                       f"({', '.join(better)})", values)
+    if all(-floor < d["diff_ci"][0] and d["diff_ci"][1] < floor for d in diffs.values()):
+        return _result("D3", "fails", f"no improvement beyond the noise floor ({floor:.3g}) over "
+                       f"{', '.join(diffs)}", values)
+    return _inconclusive("D3", "the differences to the controls are within their bootstrap intervals; draw more "
+                         "samples or held-out rows", **values)
+
+
+def decide_flexibility(diffs: dict, floor: float, *, complete: bool = True, extra: dict | None = None) -> CheckResult:
+    """D4 from paired differences ``{schedule: {"diff", "diff_ci"}}`` (ED(unseen) - ED(home)) and the floor."""
+    values = {"unseen": diffs, "floor": floor, **(extra or {})}
+    if not complete:
+        return _inconclusive("D4", "the run is partial (training unfinished)", **values)
+    if not diffs:
+        return _inconclusive("D4", "no schedule outside the training family to sample with", **values)
+    bad = [k for k, d in diffs.items() if d["diff_ci"][0] > floor]
+    if bad:
+        return _result("D4", "fails", f"degraded beyond the noise floor ({floor:.3g}) under {', '.join(bad)}", values)
+    if all(d["diff_ci"][1] <= floor for d in diffs.values()):
+        return _result("D4", "holds", f"no unseen schedule degrades the samples beyond the noise floor "
+                       f"({floor:.3g})", values)
+    return _inconclusive("D4", "some degradation's bootstrap interval straddles the noise floor; draw more samples",
+                         **values)
+
+
+def schedule_dependence(model: Denoiser, tabs: list, x0: torch.Tensor, *, levels: int = 8,
+                        generator: torch.Generator | None = None) -> float | None:
+    """How much eps-hat changes when only the schedule changes at matched noise level:
+    ``mean_{levels, r<r'} ||eps_r - eps_r'||^2 / mean_{levels, r} ||eps_r||^2`` with ``eps_r = eps-hat(x, t_r, r)``,
+    ``t_r`` the timestep of schedule r nearest in log SNR to the level and x one draw at the level (a ``logsnr``
+    model reads the level itself, so its dependence is 0 exactly). None for a model without a schedule input
+    (``timestep``)."""
+    if model.conditioning == "timestep":
+        return None
+    x0 = torch.as_tensor(x0, dtype=torch.float32)
+    lo = max(float(t.log_snr[t.T]) for t in tabs)
+    hi = min(float(t.log_snr[1]) for t in tabs)
+    num = den = 0.0
+    with torch.no_grad():
+        for lv in np.linspace(hi, lo, levels + 2)[1:-1]:
+            a = 1.0 / (1.0 + math.exp(-lv))
+            x = math.sqrt(a) * x0 + math.sqrt(1 - a) * torch.randn(x0.shape, generator=generator)
+            outs = []
+            for r, tab in enumerate(tabs):
+                t = int(torch.argmin((tab.log_snr[1:] - lv).abs())) + 1
+                tt = torch.full((x.shape[0],), t, dtype=torch.long)
+                rr = torch.full_like(tt, r) if model.conditioning == "schedule" else None
+                ls = torch.full((x.shape[0],), float(lv)) if model.conditioning == "logsnr" else tab.log_snr[tt].float()
+                outs.append(model(x, tt, ls, rr).double())
+            for i in range(len(outs)):
+                den += float((outs[i] ** 2).sum(1).mean())
+                for j in range(i + 1, len(outs)):
+                    num += float(((outs[i] - outs[j]) ** 2).sum(1).mean())
+    pairs = len(tabs) * (len(tabs) - 1) / 2
+    return (num / pairs) / (den / len(tabs)) if den > 0 else None
+
+
+def selection_confound(run) -> dict | None:
+    """Whether Algorithm 2 kept the noisiest schedules (smallest mean alphabar: the smallest losses for any model,
+    :mod:`hcdiag.diffusion.train`), per round."""
+    if run.config.method != "consensus" or not run.rounds:
+        return None
+    mean_abar = [float(s.alphabar().mean()) for s in run.schedules]
+    rounds = []
+    for r in run.rounds:
+        active = [int(a) for a in r["active"]]
+        kept = sorted(int(k) for k in r["kept"])
+        noisiest = sorted(sorted(active, key=lambda i: mean_abar[i])[:len(kept)])
+        rounds.append({"kept": kept, "noisiest": noisiest, "kept_noisiest": kept == noisiest})
+    return {"mean_alphabar": mean_abar, "rounds": rounds, "all_kept_noisiest": all(r["kept_noisiest"] for r in rounds)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+
+def unseen_schedules(run) -> list[Schedule]:
+    """The default of the run's own kind and of every other kind, at its T, minus any it trained on."""
+    trained = {s for s in run.schedules}
+    out = [Schedule(run.config.kind, run.config.T)] + [Schedule(k, run.config.T) for k in KINDS if k != run.config.kind]
+    return [s for s in out if s not in trained]
+
+
+class DiffusionContext:
+    """The rows, lambda_max, top direction, home schedule and samples of one run, computed once."""
+
+    def __init__(self, run, *, seed: int = 0, n_samples: int | None = None, progress=None):
+        from hcdiag.diffusion.data import truth
+
+        self.run, self.seed, self.progress = run, int(seed), progress
+        x = run.x.double()
+        self.x = x
+        xc = x - x.mean(0)
+        cov = xc.T @ xc / x.shape[0]
+        evals, evecs = torch.linalg.eigh(cov)
+        self.lam, self.v = float(evals[-1]), evecs[:, -1]
+        self.heldout = x[run.val_rows]
+        self.train = x[run.train_rows]
+        m = self.heldout.shape[0] if n_samples is None else min(int(n_samples), self.heldout.shape[0])
+        self.n = min(m, self.train.shape[0])
+        g = np.random.default_rng(self.seed)
+        self.heldout_n = self.heldout[np.sort(g.choice(self.heldout.shape[0], self.n, replace=False))]
+        self.train_n = self.train[np.sort(g.choice(self.train.shape[0], self.n, replace=False))]
+        self.r = home_index(run)
+        self.home = Tables(run.schedules[self.r])
+        self.truth, self.truth_reason = truth(x.float().numpy(), run.spec)
+        self._samples: dict = {}
+        self._floor = None
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            self.progress(text)
+
+    def samples(self, schedule: Schedule | None = None) -> np.ndarray:
+        key = None if schedule is None else schedule.spec
+        if key not in self._samples:
+            tab = self.home if schedule is None else Tables(schedule)
+            self.say(f"sampling {self.n} rows under {tab.schedule.spec}")
+            eps = matched_eps(self.run.model, self.home, self.r, tab)
+            g = torch.Generator().manual_seed(self.seed + 17)
+            self._samples[key] = sample(eps, tab, self.n, self.x.shape[1], generator=g).numpy()
+        return self._samples[key]
+
+    def floor(self) -> dict:
+        if self._floor is None:
+            from hcdiag.diffusion.quality import energy_test
+
+            self._floor = energy_test(self.samples(), self.heldout_n.numpy(), self.train_n.numpy(), seed=self.seed)
+        return self._floor
+
+    def quality(self, s: np.ndarray) -> dict:
+        if self.truth is None:
+            return {"truth": None, "why": self.truth_reason}
+        from hcdiag.diffusion.quality import gmm_loglik, mode_coverage
+
+        t = self.truth
+        cov = mode_coverage(s, t["means"], t["spread"])
+        ll = gmm_loglik(s, t["means"], t["spread"], t["weights"])
+        ll_data = gmm_loglik(self.heldout_n.numpy(), t["means"], t["spread"], t["weights"])
+        return {"covered": cov["covered"], "K": cov["K"], "high_quality": cov["high_quality"],
+                "kl_modes": cov["kl_modes"], "loglik": float(ll.mean()), "loglik_heldout": float(ll_data.mean())}
+
+
+def _check_control(run, ctl, name: str) -> None:
+    if ctl.x.shape != run.x.shape or not torch.equal(ctl.x, run.x) or not torch.equal(ctl.val_rows, run.val_rows):
+        raise InputError(f"the control {name} trained on other data or held out other rows; compare runs of the same "
+                         "data and seed (like with like).")
+    if ctl.config.T != run.config.T or ctl.config.kind != run.config.kind or ctl.config.R != run.config.R:
+        raise InputError(f"the control {name} uses another schedule family (kind, R, T); compare runs of one family.")
+
+
+def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed: int = 0,
+                         n_samples: int | None = None, progress=None,
+                         context: "DiffusionContext | None" = None) -> list[CheckResult]:
+    """D1-D4 (``select``: a subset of :data:`IDS`) on a loaded :class:`~hcdiag.diffusion.runfile.DiffusionRun`;
+    ``controls`` ``{name: DiffusionRun}`` for D3 (same data, rows and family). ``context``: the run's
+    :class:`DiffusionContext` when the caller wants its samples afterwards (a report's figures)."""
+    ids = list(IDS) if select is None else list(select)
+    bad = [i for i in ids if i not in IDS]
+    if bad:
+        raise InputError(f"unknown diffusion check id(s) {', '.join(bad)}; choose among {', '.join(IDS)}.")
+    controls = dict(controls or {})
+    for name, ctl in controls.items():
+        _check_control(run, ctl, name)
+    ctx = context if context is not None else DiffusionContext(run, seed=seed, n_samples=n_samples, progress=progress)
+    complete = run.complete
+    out: dict[str, CheckResult] = {}
+    if ("D1" in ids or "D2" in ids):
+        ctx.say("measuring the gain of E[x0|xt] along the top direction")
+        ts = timestep_grid(run.config.T)
+        rows = ctx.heldout[:512]
+        g = torch.Generator().manual_seed(seed)
+        gain, se = normalized_gain(model_eps(run.model, ctx.home, ctx.r), ctx.home, rows, ctx.v, ts, generator=g,
+                                   with_se=True)
+        d1 = decide_critical(ts, gain, se, complete=complete, lam=ctx.lam, schedule=ctx.home.schedule)
+        out["D1"] = d1
+        t_meas = d1.values["t_measured"] if d1.verdict == "holds" else None
+        out["D2"] = decide_spectral(t_meas, ctx.home.schedule, ctx.lam, complete=complete)
+        if d1.verdict != "holds" and out["D2"].verdict == "inconclusive" and complete:
+            out["D2"].reason = out["D2"].summary = f"D1 does not hold ({d1.verdict}), so there is no critical timestep to place"
+    few = ctx.n < MIN_HELDOUT
+    if "D3" in ids:
+        from hcdiag.diffusion.quality import paired_difference
+
+        extra = {"home_schedule": ctx.home.schedule.spec, "n_samples": ctx.n}
+        if few:
+            out["D3"] = _inconclusive("D3", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
+        else:
+            fl = ctx.floor()
+            extra.update(ed=fl["ed"], excess=fl["excess"], excess_ci=fl["excess_ci"], quality=ctx.quality(ctx.samples()),
+                         schedule_dependence=schedule_dependence(run.model, [Tables(s) for s in run.schedules],
+                                                                 ctx.heldout[:256], generator=torch.Generator().manual_seed(seed)),
+                         selection=selection_confound(run))
+            diffs, side = {}, {}
+            for name, ctl in controls.items():
+                cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress)
+                cs = cctx.samples()
+                pdiff = paired_difference(ctx.samples(), cs, ctx.heldout_n.numpy(), seed=seed)
+                diffs[name] = {"method": ctl.config.method, "diff": pdiff["diff"], "diff_ci": pdiff["diff_ci"],
+                               "ed_run": pdiff["ed_a"], "ed_control": pdiff["ed_b"]}
+                side[name] = {"method": ctl.config.method, "quality": ctx.quality(cs),
+                              "schedule_dependence": schedule_dependence(ctl.model, [Tables(s) for s in ctl.schedules],
+                                                                         ctx.heldout[:256],
+                                                                         generator=torch.Generator().manual_seed(seed))}
+            extra["controls"] = side
+            out["D3"] = decide_diversity(diffs, fl["floor"], complete=complete, extra=extra)
+    if "D4" in ids:
+        from hcdiag.diffusion.quality import paired_difference
+
+        extra = {"home_schedule": ctx.home.schedule.spec, "method": run.config.method, "n_samples": ctx.n,
+                 "query": "logsnr (the model reads the noise level)" if run.model.conditioning == "logsnr" else
+                 "the home timestep of the nearest log SNR"}
+        if few:
+            out["D4"] = _inconclusive("D4", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
+        else:
+            fl = ctx.floor()
+            diffs = {}
+            for s in unseen_schedules(run):
+                pdiff = paired_difference(ctx.samples(s), ctx.samples(), ctx.heldout_n.numpy(), seed=seed)
+                diffs[s.spec] = {"diff": pdiff["diff"], "diff_ci": pdiff["diff_ci"], "ed_unseen": pdiff["ed_a"],
+                                 "ed_home": pdiff["ed_b"], "terminal_snr": s.terminal_snr,
+                                 "quality": ctx.quality(ctx.samples(s))}
+            out["D4"] = decide_flexibility(diffs, fl["floor"], complete=complete, extra=extra)
+    return [out[i] for i in IDS if i in ids and i in out]
+
+
+__all__ = ["CLAIMS", "DiffusionContext", "IDS", "decide_critical", "decide_diversity", "decide_flexibility",
+           "decide_spectral", "eq13_timestep", "home_index", "log_snr_at", "matched_eps", "run_diffusion_checks",
+           "schedule_dependence", "selection_confound", "snr_timestep", "timestep_grid", "unseen_schedules"]

@@ -1,0 +1,135 @@
+"""``hcdiag train-diffusion`` and ``hcdiag check-diffusion`` end to end, the data they train on
+(hcdiag.diffusion.data), resume from the command line, and one line with exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hcdiag.cli import main
+from hcdiag.data import digits, synthetic
+from hcdiag.diffusion.data import lambda_max_of, prepare, truth
+from hcdiag.diffusion.runfile import load_diffusion_run, save_diffusion_run
+from hcdiag.diffusion.train import train_diffusion
+from hcdiag.errors import InputError
+
+FAST = ["--n-samples", "600", "--dim", "2", "--k", "4", "--spread", "0.3", "--separation", "2", "--T", "100",
+        "--epochs-per-round", "15", "--widths", "16,16", "--batch-size", "64", "--quiet"]
+
+
+def _train(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert main(["train-diffusion", "synthetic", *FAST, "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    return {m: _train(d, f"{m}.pt", "--method", m) for m in ("consensus", "single", "logsnr")}
+
+
+def test_prepare_scales_to_the_asked_lambda_max_and_centres(seed):
+    ds = synthetic(n=500, dim=5, k=3, seed=seed % 1000)
+    for lam in (0.1, 10.0):
+        d = prepare(ds, lambda_max=lam)
+        assert np.allclose(d.x.mean(0), 0, atol=1e-5)
+        top = np.linalg.eigvalsh(np.cov(d.x.astype(np.float64).T, bias=True))[-1]
+        assert top == pytest.approx(lam, rel=1e-5) and lambda_max_of(d.x) == pytest.approx(lam, rel=1e-5)
+    assert prepare(ds).spec["scale"] == 1.0
+    with pytest.raises(InputError, match="target lambda_max must be a finite number > 0"):
+        prepare(ds, lambda_max=-1.0)
+
+
+def test_truth_is_regenerated_and_refused_for_rows_it_does_not_match(seed):
+    ds = synthetic(n=300, dim=3, k=4, seed=seed % 1000)
+    d = prepare(ds, lambda_max=2.0)
+    t, why = truth(d.x, d.spec)
+    assert why is None
+    s = d.spec["scale"]
+    assert np.allclose(t["means"], s * (ds.means - np.asarray(d.spec["center"]))) and t["spread"] == pytest.approx(s * 0.5)
+    tampered = d.x.copy()
+    tampered[0, 0] += 1.0
+    t, why = truth(tampered, d.spec)
+    assert t is None and "not the synthetic data its data.spec names" in why
+    t, why = truth(prepare(digits()).x, prepare(digits()).spec)
+    assert t is None and "no known true distribution" in why
+
+
+def test_train_writes_a_run_the_checks_read(runs, tmp_path, capsys):
+    run = load_diffusion_run(runs["consensus"])
+    assert run.complete and run.steps == run.budget == 15 * 4 and run.spec["name"] == "synthetic"
+    capsys.readouterr()
+    code = main(["check-diffusion", str(runs["consensus"]), "--against", f"{runs['single']},{runs['logsnr']}",
+                 "--samples", "100", "--format", "json", "--report", str(tmp_path / "rep")])
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in doc["checks"]] == ["D1", "D2", "D3", "D4"]
+    assert code == (0 if doc["status"] == "holds" else 1)
+    d3 = doc["checks"][2]
+    assert set(d3["values"]["versus"]) == {str(runs["single"]), str(runs["logsnr"])}
+    assert d3["values"]["quality"]["K"] == 4  # the truth regenerated from the run file's data.spec
+    assert d3["values"]["controls"][str(runs["logsnr"])]["schedule_dependence"] == 0.0
+    assert d3["values"]["controls"][str(runs["single"])]["schedule_dependence"] is None
+    d4 = doc["checks"][3]
+    assert len(d4["values"]["unseen"]) == 4  # linear default, scaled_linear, cosine, sigmoid
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["fig_gain.png", "fig_samples.png", "report.html",
+                                                                    "report.md", "results.json"]
+    assert "# hcdiag check-diffusion report" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_check_text_output_names_the_spectral_criteria_side_by_side(runs, capsys):
+    main(["check-diffusion", str(runs["single"]), "--only", "D1,D2"])
+    out = capsys.readouterr().out
+    assert "spectral criteria, lambda_max = " in out and "VAE collapse for s2 >" in out and "eq. 13" in out
+
+
+def test_resume_from_the_command_line_finishes_the_run_bitwise(tmp_path):
+    whole = _train(tmp_path, "whole.pt", "--method", "single")
+    ds = synthetic(n=600, dim=2, k=4, spread=0.3, separation=2)
+    data = prepare(ds)
+    cfg = load_diffusion_run(whole).config
+    part = tmp_path / "part.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop(p):
+        save_diffusion_run(p, part, data)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_diffusion(data.x, cfg, checkpoint=stop, checkpoint_steps=7)
+    assert not load_diffusion_run(part).complete
+    assert main(["train-diffusion", "synthetic", *FAST, "--method", "single", "--out", str(part), "--resume"]) == 0
+    a, b = load_diffusion_run(whole), load_diffusion_run(part)
+    assert b.complete and all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                                  b.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["train-diffusion", "digits", "--dim", "3", "--out", "{tmp}/a.pt"], "--dim apply to the synthetic data only"),
+    (["train-diffusion", "synthetic", "--R", "6", "--out", "{tmp}/a.pt"], "Algorithm 2 needs R = 2^k >= 4"),
+    (["train-diffusion", "synthetic", "--out", "{tmp}/no/a.pt"], "the folder"),
+    (["train-diffusion", "synthetic", "--out", "{consensus}"], "already exists; pass --resume"),
+    (["train-diffusion", "synthetic", *FAST, "--out", "{consensus}", "--resume"], "is a complete run; there is nothing"),
+    (["check-diffusion", "{tmp}/none.pt"], "no such file"),
+    (["check-diffusion", "{consensus}", "--only", "D9"], "--only must list check ids among D1, D2, D3, D4"),
+    (["check-diffusion", "{consensus}", "--only", "D1", "--require", "D3"], "--require names ['D3']"),
+    (["check-diffusion", "{consensus}", "--against", "{other}"], "trained on other data"),
+    (["check-diffusion", "{vae}"], "not a diffusion run file"),
+])
+def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, msg):
+    other = _train(tmp_path, "other.pt", "--data-seed", "3") if "{other}" in argv else None
+    vae = tmp_path / "vae.pt"
+    torch.save({"format": "hcdiag-run"}, vae)
+    sub = {"tmp": tmp_path, "consensus": runs["consensus"], "other": other, "vae": vae}
+    argv = [a.format(**sub) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
