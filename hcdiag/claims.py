@@ -529,3 +529,79 @@ def witness_side_by_side(cells: Mapping[str, Mapping[str, Any]]) -> ClaimResult:
     return ClaimResult("witness.side_by_side", "Which methods keep KL > 0.01, which are certified", "companion notes",
                        NOTES_BASELINES[0], "reported", "; ".join(parts) or "no runs",
                        {"cells": {k: dict(v) for k, v in cells.items()}})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# section 7.4 on trained diffusion models (issue 14): the grid's rows from the checks D1-D4
+# (hcdiag.checks.diffusion decides each run; these rules pool the runs of one dataset)
+
+SLOPE_RANGE = (-1.25, -0.75)
+
+
+def diffusion_critical(results: Mapping[float, tuple[str, float | None]]) -> ClaimResult:
+    """7.4 (1) from D1 per rescaled run: ``{lambda_max: (verdict, measured t_c)}``, combined over the runs."""
+    verdict = combine([v for v, _ in results.values()])
+    ours = "; ".join(f"lambda_max {lam:g}: D1 {v}" + (f", t_c {t:.0f}" if _ok(t) else "")
+                     for lam, (v, t) in sorted(results.items()))
+    return ClaimResult("diffusion.critical", "A critical timestep exists beyond which E[x0|xt] ignores x_t", "7.4 (1)",
+                       "t_c exists", verdict, ours or "no run", {"runs": {str(k): list(v) for k, v in results.items()}})
+
+
+def diffusion_rescaling(points: Sequence[Mapping[str, Any]]) -> ClaimResult:
+    """7.4 (2) across a rescaling of the data: ``points`` of ``{"lambda_max", "log_snr_measured", "t_measured",
+    "t_snr", "t_eq13", "follows"}`` (D2's values; ``log_snr_measured`` None without a crossing). lambda_max sets
+    t_c when log SNR(t_c) falls with log lambda_max at slope -1 (``SNR lambda_max`` constant): holds for a
+    least-squares slope in :data:`SLOPE_RANGE`, fails outside; inconclusive with fewer than two crossings or
+    lambda_max spanning less than a factor 10."""
+    pts = [p for p in points if _ok(p.get("log_snr_measured"))]
+    lams = [float(p["lambda_max"]) for p in pts]
+    values = {"points": [dict(p) for p in points], "slope_range": list(SLOPE_RANGE)}
+    detail = "; ".join(f"lambda_max {p['lambda_max']:g}: t_c {p['t_measured']:.0f} (SNR crit. "
+                       f"{'none' if p.get('t_snr') is None else format(p['t_snr'], '.0f')}, eq. 13 "
+                       f"{'none' if p.get('t_eq13') is None else format(p['t_eq13'], '.0f')})"
+                       for p in sorted(pts, key=lambda p: p["lambda_max"]))
+    if len(pts) < 2 or max(lams) < 10 * min(lams):
+        return ClaimResult("diffusion.rescaling", "lambda_max sets t_c: log SNR(t_c) = -log lambda_max", "7.4 (2)",
+                           "t_c is determined by lambda_max", "inconclusive",
+                           f"needs crossings at lambda_max spanning a factor 10 ({len(pts)} crossing(s)); {detail}",
+                           values)
+    slope = float(np.polyfit(np.log(lams), [float(p["log_snr_measured"]) for p in pts], 1)[0])
+    values["slope"] = slope
+    ok = SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]
+    return ClaimResult("diffusion.rescaling", "lambda_max sets t_c: log SNR(t_c) = -log lambda_max", "7.4 (2)",
+                       "t_c is determined by lambda_max", "holds" if ok else "fails",
+                       f"slope of log SNR(t_c) on log lambda_max {slope:.2f} (1/lambda_max scaling: -1); {detail}",
+                       values)
+
+
+def diffusion_eq13(points: Sequence[Mapping[str, Any]]) -> ClaimResult:
+    """Eq. 13 itself against the measured t_c: per run with a crossing, whether D2 found eq. 13 within a factor 2 in
+    SNR of it (``follows``); a lambda_max >= 1 leaves eq. 13 without a solution, which counts as not followed."""
+    pts = [p for p in points if _ok(p.get("log_snr_measured"))]
+    verdicts = ["holds" if "eq13" in (p.get("follows") or []) else "fails" for p in pts]
+    ours = "; ".join(f"lambda_max {p['lambda_max']:g}: " + ("follows" if v == "holds" else
+                     ("no solution" if p.get("t_eq13") is None else f"eq. 13 at {p['t_eq13']:.0f}, measured "
+                      f"{p['t_measured']:.0f}")) for p, v in zip(pts, verdicts))
+    return ClaimResult("diffusion.eq13", "Eq. 13 (1 - abar = lambda_max) places the measured t_c", "7.2", "eq. 13",
+                       combine(verdicts), ours or "no crossing measured", {"points": [dict(p) for p in points]})
+
+
+def diffusion_barrier(verdict: str, summary: str, values: Mapping[str, Any]) -> ClaimResult:
+    """7.4 (3) as check D3 decided it on Algorithm 2's run against its two controls (same data, steps, family)."""
+    dep = values.get("schedule_dependence")
+    sel = values.get("selection") or {}
+    extra = (f"; schedule dependence {dep:.3g} (the Bayes denoiser's is 0)" if _ok(dep) else "") + (
+        "; Algorithm 2 kept the noisiest schedules in every round (its rule favours them for any model)"
+        if sel.get("all_kept_noisiest") else "")
+    return ClaimResult("diffusion.barrier", "Consensus over noise schedules improves sample diversity", "7.4 (3)",
+                       "prevents schedule-independent collapse, improving diversity", verdict, summary + extra,
+                       dict(values))
+
+
+def diffusion_flexibility(verdict: str, summary: str, control: tuple[str, str] | None = None) -> ClaimResult:
+    """7.4 (4) as D4 decided it on Algorithm 2's run; ``control``: D4's (verdict, summary) on the noise-level
+    conditioned control, beside it."""
+    side = f"; the logSNR control: {control[0]} ({control[1]})" if control else ""
+    return ClaimResult("diffusion.flexibility", "Sampling with unseen schedules without degradation", "7.4 (4)",
+                       "no degradation under other schedules", verdict, summary + side,
+                       {"control": list(control) if control else None})

@@ -176,6 +176,16 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
     ref_keys: dict[tuple, int] = {}
     per_job: list[dict] = []
     for j in jobs:
+        if j.group == "diffusion":  # optimizer steps of Algorithm 2 (each control the same), at the VAE step's cost
+            from hcdiag.diffusion.train import DiffusionConfig
+            from hcdiag.verify import DIFFUSION
+
+            steps = DiffusionConfig(method=j.method, **DIFFUSION[j.preset]["train"]).budget()
+            c = Counts(vanilla_lo=steps, vanilla_hi=steps)
+            groups.setdefault((j.dataset, f"diffusion ({j.method})"), []).append(c)
+            per_job.append({"name": j.name, "hours": (c.seconds(units[j.dataset], False) / 3600,
+                                                      c.seconds(units[j.dataset], True) / 3600)})
+            continue
         cfg = make_config(j.preset, method=j.method, multiple=j.multiple, loss=j.loss, seed=j.seed, device="cpu",
                           **dict(j.overrides))
         n = n_rows[j.dataset]

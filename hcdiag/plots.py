@@ -295,3 +295,26 @@ def diffusion_samples(heldout: np.ndarray, sets: dict, *, title: str = "", max_p
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def diffusion_rescaling(series: dict, *, title: str = "", ax=None):
+    """D1's gain curves ``{lambda_max: D1 values}`` on one axis, each beside its Gaussian closed form, with the
+    measured crossing marked (check D2 across a rescaling of the data)."""
+    fig, ax = axes(ax)
+    for i, (lam, v) in enumerate(sorted(series.items())):
+        c = f"C{i}"
+        ts = np.asarray(v["timesteps"], dtype=float)
+        ax.plot(ts, v["gain"], "o-", ms=2.5, color=c, label=f"lambda_max {lam:g}")
+        if "gaussian_gain" in v:
+            ax.plot(ts, v["gaussian_gain"], "--", lw=0.8, color=c)
+        if v.get("t_measured") is not None:
+            ax.axvline(v["t_measured"], color=c, ls=":", lw=1)
+    ax.axhline(0.5, color="0.6", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.1, 1.1)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("gain of E[x0 | xt] along v")
+    ax.set_title(f"{title}: measured (solid) and Gaussian closed form (dashed)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -34,7 +34,7 @@ class Job:
     loss: str
     seed: int
     preset: str
-    group: str = "main"  # main | phase | ablation | witness
+    group: str = "main"  # main | phase | ablation | witness | diffusion
     tag: str = ""
     overrides: tuple = ()
     n_samples: int | None = None
@@ -44,6 +44,8 @@ class Job:
 
     @property
     def name(self) -> str:
+        if self.group == "diffusion":  # `multiple` is the lambda_max the data are rescaled to (DIFFUSION)
+            return f"diffusion/{self.dataset}/{self.method}_lam{self.multiple:g}_s{self.seed}.pt"
         tag = f"-{self.tag}" if self.tag else ""
         return f"{self.group}/{self.dataset}/{self.method}{tag}_m{self.multiple:g}_{self.loss}_s{self.seed}.pt"
 
@@ -61,18 +63,34 @@ GRIDS = {
     "smoke": dict(methods=[("hct", ""), ("hct", "warmup"), ("vanilla", "")], multiples=[2.0],
                   losses=["literal", "scaled", "mean"],
                   phase_multiples=[0.25, 0.5, 1.0, 2.0, 5.0], phase_epochs=8, n_samples={},
-                  ablations=False, overrides={}, witness=True),
+                  ablations=False, overrides={}, witness=True, diffusion=True),
     "paper": dict(methods=[("hct", ""), ("hct", "warmup"), ("vanilla", ""), ("beta", "beta2"), ("beta", "beta4"),
                            ("anneal", ""), ("aggressive", ""), ("em-type", "")],
                   multiples=[2.0, 5.0], losses=["literal", "scaled", "mean"],
                   phase_multiples=[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0], phase_epochs=30, n_samples={},
-                  ablations=True, overrides={}, witness=True),
+                  ablations=True, overrides={}, witness=True, diffusion=True),
 }
 ABLATIONS = {"r0": [2, 4, 8, 16, 32], "eps": [1e-3, 1e-4, 1e-5], "beta_end": [1.0, 2.0, 3.0, 4.0, 6.0],
              "keep_ratio": [1 / 3, 1 / 2, 2 / 3]}
 
 
-GROUPS = ("main", "phase", "ablation", "witness")
+GROUPS = ("main", "phase", "ablation", "witness", "diffusion")
+
+# section 7 (issue 14): Algorithm 2 on the data rescaled to each lambda_max (D1, D2 across the rescaling), and at
+# `controls_at` its two controls on the same steps (D3, D4); `train`: hcdiag.diffusion.train.DiffusionConfig fields
+DIFFUSION = {"smoke": dict(lambdas=[0.1, 1.0, 10.0], controls_at=1.0, n_samples={"synthetic": 4000},
+                           train=dict(kind="linear", R=4, epochs_per_round=500)),
+             "paper": dict(lambdas=[0.1, 0.3, 1.0, 3.0, 10.0], controls_at=1.0, n_samples={"synthetic": 20000},
+                           train=dict(kind="linear", R=8, epochs_per_round=2000))}
+DIFFUSION_METHODS = ("consensus", "single", "logsnr")
+DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
+
+
+def diffusion_jobs(preset: str, dataset: str, seed: int, *, data_dir=None, device="auto") -> list[Job]:
+    d = DIFFUSION[preset]
+    n = d["n_samples"].get(dataset)
+    return [Job(dataset, m, lam, "eps", seed, preset, group="diffusion", n_samples=n, data_dir=data_dir, device=device)
+            for lam in d["lambdas"] for m in (DIFFUSION_METHODS if lam == d["controls_at"] else ("consensus",))]
 
 # the companion notes' three phases (issue 13), the teacher-guided VAE at s2 = multiple x lambda_max under the
 # grid's first convention: trained with alignment from scratch (prevent), without it (collapse: alpha = 0), and
@@ -204,6 +222,8 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
                 jobs.append(Job(ds, "vanilla", m, losses[0], seed, group="phase", overrides=tuple(sorted(ov.items())), **common))
             if g.get("witness"):  # the companion notes' phases (WITNESS)
                 jobs += witness_jobs(preset, ds, seed, loss=losses[0], n_samples=n, data_dir=data_dir, device=device)
+            if g.get("diffusion"):  # section 7 (DIFFUSION)
+                jobs += diffusion_jobs(preset, ds, seed, data_dir=data_dir, device=device)
         if g["ablations"]:
             jobs += ablation_jobs(preset, ds, ABLATIONS, loss=losses[0], n_samples=n, data_dir=data_dir, device=device)
     return jobs
@@ -232,6 +252,8 @@ def run_job(job: Job, out_dir: str) -> dict:
     from hcdiag.train import Progress, Trainer, make_config
 
     torch.set_num_threads(max(1, int(os.environ.get("HCDIAG_THREADS", "1"))))
+    if job.group == "diffusion":
+        return run_diffusion_job(job, out_dir)
     path = Path(out_dir) / job.name
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -261,6 +283,43 @@ def run_job(job: Job, out_dir: str) -> dict:
         doc = to_json_doc(results, run_path=str(path))
         tmp = checks_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
+        os.replace(tmp, checks_path)
+    return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
+            "seconds": time.perf_counter() - t0}
+
+
+def run_diffusion_job(job: Job, out_dir: str) -> dict:
+    """Train one diffusion job (resuming a partial run file; a complete one is kept) and run D1, D2, D4 on it."""
+    from hcdiag.checks.diffusion import run_diffusion_checks
+    from hcdiag.device import resolve_device
+    from hcdiag.diffusion.data import prepare
+    from hcdiag.diffusion.runfile import load_diffusion_run, save_diffusion_run
+    from hcdiag.diffusion.train import DiffusionConfig, train_diffusion
+    from hcdiag.report import to_json_doc
+
+    path = Path(out_dir) / job.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    prev = None
+    if path.exists():
+        try:
+            prev = load_diffusion_run(path)
+        except InputError:
+            prev = None  # unreadable (a killed writer never leaves one: writes are atomic): train again
+    trained = False
+    if prev is None or not prev.complete:
+        data = prepare(_load(job), lambda_max=job.multiple)
+        cfg = DiffusionConfig(method=job.method, seed=job.seed, device=str(resolve_device(job.device)),
+                              **DIFFUSION[job.preset]["train"])
+        out = train_diffusion(data.x, cfg, resume=prev.resume_state() if prev is not None else None,
+                              checkpoint=lambda part: save_diffusion_run(part, path, data), checkpoint_steps=500)
+        save_diffusion_run(out, path, data)
+        trained = True
+    checks_path = path.with_suffix(".checks.json")
+    if trained or not checks_path.exists():
+        results = run_diffusion_checks(load_diffusion_run(path), select=DIFFUSION_RUN_CHECKS, seed=job.seed)
+        tmp = checks_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(to_json_doc(results, run_path=str(path)), default=float))
         os.replace(tmp, checks_path)
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "seconds": time.perf_counter() - t0}
@@ -798,6 +857,66 @@ def ablation_rows(recs: list[dict], preset: str) -> list[dict]:
     return rows
 
 
+def _check_values(doc: dict, cid: str) -> dict | None:
+    return next((c for c in doc.get("checks", []) if c["id"] == cid), None)
+
+
+def diffusion_grid_rows(recs: list[dict], preset: str, *, seed: int = 0) -> list[dict]:
+    """Section 7.4 per dataset from the diffusion group's runs (seed ``seed``): D1 over the rescaled consensus
+    runs, the rescaling slope (D2), eq. 13 itself, D3 (Algorithm 2 against its controls at ``controls_at``,
+    decided here: it compares runs) and D4 beside the logSNR control's."""
+    from hcdiag.checks.diffusion import run_diffusion_checks
+    from hcdiag.diffusion.runfile import load_diffusion_run
+
+    rows = []
+    d = DIFFUSION.get(preset, {})
+    dif = [r for r in recs if r["job"]["group"] == "diffusion" and r["job"]["seed"] == seed]
+    for ds in sorted({r["job"]["dataset"] for r in dif}):
+        mine = [r for r in dif if r["job"]["dataset"] == ds]
+        cons = sorted((r for r in mine if r["job"]["method"] == "consensus"), key=lambda r: r["job"]["multiple"])
+        cond = f"{ds}, diffusion (Algorithm 2, {d.get('train', {}).get('kind', '?')} family), seed {seed}"
+        crit, points = {}, []
+        for r in cons:
+            d1, d2 = _check_values(r["doc"], "D1"), _check_values(r["doc"], "D2")
+            lam = r["job"]["multiple"]
+            crit[lam] = (d1["verdict"] if d1 else "inconclusive", (d1 or {}).get("values", {}).get("t_measured"))
+            if d2:
+                points.append({"lambda_max": lam, **{k: d2["values"].get(k) for k in (
+                    "log_snr_measured", "t_measured", "t_snr", "t_eq13", "follows")}})
+        runs = [r["run"] for r in cons]
+        rows.append(claims.diffusion_critical(crit).row(cond, runs=runs, dataset=ds))
+        rows.append(claims.diffusion_rescaling(points).row(cond, runs=runs, dataset=ds))
+        rows.append(claims.diffusion_eq13(points).row(cond, runs=runs, dataset=ds))
+        at = d.get("controls_at")
+        by = {r["job"]["method"]: r for r in mine if r["job"]["multiple"] == at}
+        cond_at = f"{ds}, diffusion at lambda_max {at:g}, seed {seed}" if at is not None else cond
+        if "consensus" in by:
+            run = load_diffusion_run(by["consensus"]["run"])
+            ctl = {m: load_diffusion_run(by[m]["run"]) for m in ("single", "logsnr") if m in by}
+            d3 = run_diffusion_checks(run, select=["D3"], controls=ctl, seed=seed)[0]
+            rows.append(claims.diffusion_barrier(d3.verdict, d3.summary or d3.reason or "", d3.values).row(
+                cond_at, runs=[by[m]["run"] for m in by], dataset=ds))
+            d4 = _check_values(by["consensus"]["doc"], "D4")
+            c4 = _check_values(by["logsnr"]["doc"], "D4") if "logsnr" in by else None
+            rows.append(claims.diffusion_flexibility(
+                d4["verdict"] if d4 else "inconclusive", (d4 or {}).get("summary") or "D4 not run",
+                (c4["verdict"], c4.get("summary") or "") if c4 else None).row(cond_at, runs=[by["consensus"]["run"]],
+                                                                                dataset=ds))
+    return rows
+
+
+def diffusion_series(recs: list[dict], *, seed: int = 0) -> dict:
+    """``{dataset: {lambda_max: D1 values}}`` of the consensus runs, for the rescaling figure."""
+    out: dict = {}
+    for r in recs:
+        j = r["job"]
+        if j["group"] == "diffusion" and j["method"] == "consensus" and j["seed"] == seed:
+            d1 = _check_values(r["doc"], "D1")
+            if d1 and "gain" in d1["values"]:
+                out.setdefault(j["dataset"], {})[j["multiple"]] = d1["values"]
+    return out
+
+
 def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) -> list[dict]:
     """Every claim of the grid: Table 1, Figure 5 and the barrier checks per condition, the phase transition,
     eq. 13 and the ablations; each decided by its rule in :mod:`hcdiag.claims`."""
@@ -806,6 +925,7 @@ def claims_table(recs: list[dict], phase: dict, diffusion: dict, preset: str) ->
     rows += witness_claim_rows(recs, preset)
     rows += phase_claim_rows(phase, preset)
     rows += diffusion_claim_rows(diffusion)
+    rows += diffusion_grid_rows(recs, preset)
     abl = [r for r in recs if r["job"]["group"] == "ablation"]
     rows += [a for a in ablation_rows(abl, preset) if a["verdict"] != "reported"]
     if not abl:
@@ -890,6 +1010,10 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
                      "rescued from the collapsed run.", f"witness_{ds}_m{m:g}.png",
                      plots.witness_phases(series, margin=0.05, title=f"simplex witness certificate, {ds}, "
                                                                      f"s2 = {m:g} lambda_max")))
+    for ds, series in diffusion_series(recs).items():
+        figs.append((f"Section 7 on {ds}: the gain of E[x0|xt] along the top covariance direction of Algorithm 2's "
+                     "denoiser, the data rescaled to each lambda_max, beside the Gaussian closed form; markers at "
+                     "SNR lambda_max = 1.", f"diffusion_{ds}.png", plots.diffusion_rescaling(series, title=ds)))
     images = report.figure_pngs(figs)
     md = ["# hcdiag verify: the paper's claims beside our measurements", "",
           f"Preset `{meta['preset']}`, datasets {', '.join(meta['datasets'])}, {meta['seeds']} seed(s), "

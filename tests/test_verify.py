@@ -93,8 +93,8 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
     (["--datasets", "imagenet"], "--datasets: unknown dataset(s) imagenet; choose among synthetic"),
     (["--seeds", "0"], "--seeds must be an integer >= 1. Got 0."),
     (["--losses", "sum"], "--losses: unknown convention(s) sum; choose among literal, scaled, mean."),
-    (["--groups", "main,tables"], "--groups: unknown group(s) tables; choose among main, phase, ablation, witness."),
-    (["--groups", ","], "--groups: unknown group(s) (none given); choose among main, phase, ablation, witness."),
+    (["--groups", "main,tables"], "--groups: unknown group(s) tables; choose among main, phase, ablation, witness, diffusion."),
+    (["--groups", ","], "--groups: unknown group(s) (none given); choose among main, phase, ablation, witness, diffusion."),
     (["--methods", "hct,gan"], "--methods: unknown method(s) gan in the smoke grid; choose among hct, hct-warmup, "
                                "vanilla."),
     (["--multiples", "3"], "--multiples: the smoke grid's main jobs are at 2 x lambda_max; got 3."),

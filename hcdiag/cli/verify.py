@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
     p.add_argument("--losses", default=None, help="comma list of loss conventions (default literal,scaled,mean)")
     p.add_argument("--groups", default=None,
-                   help="comma list of the grid's parts to run: main, phase, ablation, witness (default: all the preset has)")
+                   help="comma list of the grid's parts to run: main, phase, ablation, witness, diffusion (default: all the preset has)")
     p.add_argument("--methods", default=None,
                    help="comma list: only these methods' main jobs (hct, vanilla, beta, anneal, aggressive, em-type, "
                         "or a label with its tag: hct-warmup, beta-beta2); the phase and ablation groups are kept")
