@@ -110,7 +110,7 @@ def test_d3_decisions():
     r = decide_diversity({"single": _diff(-0.2, 0.1)}, floor)
     assert r.verdict == "inconclusive" and "bootstrap intervals" in r.reason
     r = decide_diversity({}, floor)
-    assert r.verdict == "inconclusive" and "--against" in r.reason
+    assert r.verdict == "inconclusive" and "needs the control runs" in r.reason
     assert decide_diversity({"single": _diff(-0.2, -0.1)}, floor, complete=False).verdict == "inconclusive"
 
 

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
-def test_the_four_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_phase_transition.py", "02_barrier_checks.py", "03_table1.py", "04_witness_certificate.py"]
+def test_the_five_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == ["01_phase_transition.py", "02_barrier_checks.py", "03_table1.py",
+                                           "04_witness_certificate.py", "05_diffusion_critical_timestep.py"]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

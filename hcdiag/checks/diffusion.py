@@ -152,8 +152,8 @@ def decide_critical(ts, gain, se, *, complete: bool = True, lam: float | None = 
         values.update(gaussian_gain=closed.tolist(), max_gap_to_gaussian=float(np.max(np.abs(gain - closed))),
                       t_gaussian=crossing(ts, closed, 0.5), lambda_max=lam, schedule=schedule.spec)
     if not complete:
-        return _inconclusive("D1", "the run is partial (training unfinished): finish it (hcdiag train-diffusion "
-                             "--resume) before judging what it learned", **values)
+        return _inconclusive("D1", "the run is partial (training unfinished): resume it to the end before judging "
+                             "what it learned", **values)
     if not np.isfinite(gain).all():
         return _inconclusive("D1", "the measured gain is not finite at some timestep", **values)
     if float(np.max(se)) > GAIN_SE_MAX:
@@ -206,8 +206,8 @@ def decide_diversity(diffs: dict, floor: float, *, complete: bool = True, extra:
     if not complete:
         return _inconclusive("D3", "the run is partial (training unfinished)", **values)
     if not diffs:
-        return _inconclusive("D3", "needs control runs to compare with (hcdiag check-diffusion RUN --against "
-                             "single.pt,logsnr.pt): diversity is only 'improved' against something", **values)
+        return _inconclusive("D3", "needs the control runs of the same data to compare with (single, logsnr): "
+                             "diversity is only 'improved' against something", **values)
     worse = [k for k, d in diffs.items() if d["diff_ci"][0] > 0]
     better = [k for k, d in diffs.items() if d["diff_ci"][1] < 0]
     if worse:

@@ -74,7 +74,7 @@ def truth(x: np.ndarray, spec: dict) -> tuple[dict | None, str | None]:
         center = np.asarray(spec["center"], dtype=np.float64)
         scale = float(spec["scale"])
     except (KeyError, TypeError, ValueError, InputError) as exc:
-        return None, f"the synthetic data cannot be regenerated from the run file's data.spec ({exc})"
+        return None, f"the synthetic data cannot be regenerated from the run file's data.spec ({str(exc)})"
     want = (scale * (ds.x.astype(np.float64) - center)).astype(np.float32)
     x = np.asarray(x)
     if want.shape != x.shape or not np.allclose(want, x, rtol=1e-5, atol=1e-6 * max(scale, 1e-12)):
