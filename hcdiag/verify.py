@@ -489,8 +489,11 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
             if progress:
                 n = sum(r is not None for r in results)
                 what = f"FAILED: {rec['error']}" if rec.get("error") else f"{rec['seconds']:.1f} s"
-                left = (time.perf_counter() - t_start) / n * (len(jobs) - n)  # the mean pace so far
-                eta = f", about {_duration(left)} to the end" if n < len(jobs) else ""
+                # the pace of the runs trained here: runs finished before (a resumed grid) took no time and would
+                # make the estimate seconds for hours of work
+                worked = sum(r is not None and (r.get("trained") or r.get("error") is not None) for r in results)
+                left = (time.perf_counter() - t_start) / worked * (len(jobs) - n) if worked else None
+                eta = f", about {_duration(left)} to the end" if n < len(jobs) and left is not None else ""
                 progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")
 
         waiting = _dependents(jobs)  # job index -> the jobs that start from its run file

@@ -156,6 +156,19 @@ def test_progress_lines_estimate_the_time_to_the_end(tiny_grid, tmp_path):
     assert done and all("to the end)" in ln for ln in done[:-1]) and "to the end" not in done[-1]
 
 
+def test_progress_estimates_from_runs_trained_here_not_from_finished_ones(monkeypatch, tmp_path):
+    jobs = V.build_grid("smoke", ["synthetic"], 1, groups=["phase"])[:3]
+
+    def fake(job, out_dir):  # the first was finished by an earlier verify: it takes no time here
+        first = job.name == jobs[0].name
+        return {"job": V.asdict(job), "run": job.name, "checks": "", "trained": not first, "seconds": 0.0}
+
+    monkeypatch.setattr(V, "run_job", fake)
+    lines = []
+    V.execute(jobs, str(tmp_path), workers=1, progress=lines.append)
+    assert "to the end" not in lines[0] and "to the end)" in lines[1] and "to the end" not in lines[2]
+
+
 def test_verify_without_out_runs_only_a_plan(capsys):
     assert main(["verify"]) == 2
     assert capsys.readouterr().err.strip() == ("hcdiag verify: error: --out is required (the folder of the runs and "
