@@ -590,7 +590,10 @@ def diffusion_barrier(verdict: str, summary: str, values: Mapping[str, Any]) -> 
     """7.4 (3) as check D3 decided it on Algorithm 2's run against its two controls (same data, steps, family)."""
     dep = values.get("schedule_dependence")
     sel = values.get("selection") or {}
-    extra = (f"; schedule dependence {dep:.3g} (the Bayes denoiser's is 0)" if _ok(dep) else "") + (
+    common = (values.get("at_common_schedule") or {}).get("versus") or {}
+    like = ", ".join(f"{k} {v['diff']:+.3g} [{v['diff_ci'][0]:+.3g}, {v['diff_ci'][1]:+.3g}]" for k, v in common.items())
+    extra = (f"; ED(run) - ED(control) under the family's middle schedule: {like}" if like else "") + (
+        f"; schedule dependence {dep:.3g} (the Bayes denoiser's is 0)" if _ok(dep) else "") + (
         "; Algorithm 2 kept the noisiest schedules in every round (its rule favours them for any model)"
         if sel.get("all_kept_noisiest") else "")
     return ClaimResult("diffusion.barrier", "Consensus over noise schedules improves sample diversity", "7.4 (3)",

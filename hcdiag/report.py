@@ -79,7 +79,7 @@ def markdown(results: list[CheckResult], *, run_path=None, tolerance: float = 0.
     decided by the ``require``d checks (default all), as the JSON document and the exit status are."""
     deciding = f" (deciding checks: {', '.join(require)})" if require else ""
     out = [f"# {title}", "", f"Run: `{run_path}`  ", *([f"{about}  "] if about else []),
-           f"Tolerance tau = {tolerance:g}  ",
+           *([f"Tolerance tau = {tolerance:g}  "] if tolerance is not None else []),
            f"Overall: **{overall(results, require)}**{deciding}", "", "| check | section | verdict | deciding numbers |", "|---|---|---|---|"]
     for r in results:
         out.append(f"| {r.id} | {r.section} | {r.verdict} | {(r.summary or r.reason or '').replace('|', '/')} |")

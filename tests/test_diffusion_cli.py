@@ -73,6 +73,9 @@ def test_train_writes_a_run_the_checks_read(runs, tmp_path, capsys):
     assert d3["values"]["quality"]["K"] == 4  # the truth regenerated from the run file's data.spec
     assert d3["values"]["controls"][str(runs["logsnr"])]["schedule_dependence"] == 0.0
     assert d3["values"]["controls"][str(runs["single"])]["schedule_dependence"] is None
+    common = d3["values"]["at_common_schedule"]  # like with like, reported beside the deciding comparison
+    assert common["schedule"] == load_diffusion_run(runs["single"]).schedules[2].spec
+    assert set(common["versus"]) == set(d3["values"]["versus"])
     d4 = doc["checks"][3]
     assert len(d4["values"]["unseen"]) == 4  # linear default, scaled_linear, cosine, sigmoid
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["fig_gain.png", "fig_samples.png", "report.html",

@@ -24,7 +24,9 @@ controls (``single``, ``logsnr``) the family's middle one (index R // 2), on whi
   holds when the run is significantly closer than every control (interval of ``ED(run) - ED(control)`` below 0),
   fails when a control is significantly closer or every difference lies within the noise floor (no improvement
   a sample of the data itself would notice), inconclusive otherwise or without controls. Where the data's true
-  mixture is known, mode coverage and the exact log-likelihood of the samples are reported. The *schedule
+  mixture is known, mode coverage and the exact log-likelihood of the samples are reported, and so is the same
+  comparison with every model sampled under the family's middle schedule (like with like: the home schedules
+  differ, and Algorithm 2's is chosen by its selection rule). The *schedule
   dependence* (how much eps-hat changes when only the schedule index changes, at matched noise level) is reported
   with a caution the paper lacks: the Bayes-optimal denoiser depends on the noise level only, so its schedule
   dependence is 0 (the ``logsnr`` control is 0 by construction); low dependence is not a collapse. So is the
@@ -337,6 +339,20 @@ class DiffusionContext:
             self._samples[key] = sample(eps, tab, self.n, self.x.shape[1], generator=g).numpy()
         return self._samples[key]
 
+    def samples_trained(self, i: int) -> np.ndarray:
+        """Samples under the run's training schedule ``i``, the denoiser told that schedule (its index for a
+        ``schedule`` model; a ``timestep`` model trained on another one reads the nearest log SNR of its own)."""
+        key = ("trained", int(i))
+        if key not in self._samples:
+            tab = Tables(self.run.schedules[i])
+            model = self.run.model
+            eps = matched_eps(model, self.home, self.r, tab) if model.conditioning == "timestep" else model_eps(
+                model, tab, i)
+            self.say(f"sampling {self.n} rows under {tab.schedule.spec} (training schedule {i})")
+            g = torch.Generator().manual_seed(self.seed + 17)
+            self._samples[key] = sample(eps, tab, self.n, self.x.shape[1], generator=g).numpy()
+        return self._samples[key]
+
     def floor(self) -> dict:
         if self._floor is None:
             from hcdiag.diffusion.quality import energy_test
@@ -407,18 +423,27 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                          schedule_dependence=schedule_dependence(run.model, [Tables(s) for s in run.schedules],
                                                                  ctx.heldout[:256], generator=torch.Generator().manual_seed(seed)),
                          selection=selection_confound(run))
-            diffs, side = {}, {}
+            diffs, side, common = {}, {}, {}
+            mid = run.config.R // 2
             for name, ctl in controls.items():
                 cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress)
                 cs = cctx.samples()
                 pdiff = paired_difference(ctx.samples(), cs, ctx.heldout_n.numpy(), seed=seed)
                 diffs[name] = {"method": ctl.config.method, "diff": pdiff["diff"], "diff_ci": pdiff["diff_ci"],
                                "ed_run": pdiff["ed_a"], "ed_control": pdiff["ed_b"]}
+                # like with like beside it (reported, not deciding): every model sampled under the family's middle
+                # schedule, the one the single-schedule control trained on
+                cm = paired_difference(ctx.samples_trained(mid), cctx.samples_trained(mid), ctx.heldout_n.numpy(),
+                                       seed=seed)
+                common[name] = {"diff": cm["diff"], "diff_ci": cm["diff_ci"], "ed_run": cm["ed_a"],
+                                "ed_control": cm["ed_b"]}
                 side[name] = {"method": ctl.config.method, "quality": ctx.quality(cs),
                               "schedule_dependence": schedule_dependence(ctl.model, [Tables(s) for s in ctl.schedules],
                                                                          ctx.heldout[:256],
                                                                          generator=torch.Generator().manual_seed(seed))}
             extra["controls"] = side
+            if common:
+                extra["at_common_schedule"] = {"schedule": run.schedules[mid].spec, "versus": common}
             out["D3"] = decide_diversity(diffs, fl["floor"], complete=complete, extra=extra)
     if "D4" in ids:
         from hcdiag.diffusion.quality import paired_difference

@@ -60,9 +60,10 @@ def write_report(results, run, ctx_samples: dict, out_dir, *, run_path) -> list[
     about = (f"diffusion `{run.config.method}`, {run.config.kind} family, R = {run.config.R}, T = {run.config.T}, "
              f"{run.steps} steps, data {run.spec.get('name')} ({run.x.shape[0]} x {run.x.shape[1]})")
     md = report.markdown(results, run_path=run_path, figures=[(c, n) for c, n, _ in figs], about=about,
-                         title="hcdiag check-diffusion report")
+                         title="hcdiag check-diffusion report", tolerance=None)
     files = {**images, "report.md": md.encode(), "report.html": report.html(md, images).encode(),
-             "results.json": json.dumps(report.to_json_doc(results, run_path=run_path), indent=2).encode()}
+             "results.json": json.dumps(report.to_json_doc(results, run_path=run_path, tolerance=None),
+                                        indent=2).encode()}
     return report.write_files(out_dir, files)
 
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = DiffusionContext(run_obj, seed=args.seed, n_samples=args.samples, progress=progress)
     results = run_diffusion_checks(run_obj, select=only, controls=controls, seed=args.seed, n_samples=args.samples,
                                    progress=progress, context=ctx)
-    doc = to_json_doc(results, run_path=args.run, require=require)
+    doc = to_json_doc(results, run_path=args.run, require=require, tolerance=None)  # no region tolerance here
     text = text_table(results) + f"\n\noverall: {doc['status']}"
     text += f" (deciding checks: {','.join(require)})" if require else ""
     if not run_obj.complete:
