@@ -592,7 +592,13 @@ def diffusion_barrier(verdict: str, summary: str, values: Mapping[str, Any]) -> 
     sel = values.get("selection") or {}
     common = (values.get("at_common_schedule") or {}).get("versus") or {}
     like = ", ".join(f"{k} {v['diff']:+.3g} [{v['diff_ci'][0]:+.3g}, {v['diff_ci'][1]:+.3g}]" for k, v in common.items())
-    extra = (f"; ED(run) - ED(control) under the family's middle schedule: {like}" if like else "") + (
+    q = values.get("quality") or {}
+    cov = ""
+    if q.get("K"):
+        ctl = {k: (v.get("quality") or {}).get("covered") for k, v in (values.get("controls") or {}).items()}
+        cov = f"; modes covered {q['covered']}/{q['K']}" + "".join(f", {k} {c}/{q['K']}" for k, c in ctl.items()
+                                                                 if c is not None)
+    extra = cov + (f"; ED(run) - ED(control) under the family's middle schedule: {like}" if like else "") + (
         f"; schedule dependence {dep:.3g} (the Bayes denoiser's is 0)" if _ok(dep) else "") + (
         "; Algorithm 2 kept the noisiest schedules in every round (its rule favours them for any model)"
         if sel.get("all_kept_noisiest") else "")

@@ -89,6 +89,13 @@ def test_check_text_output_names_the_spectral_criteria_side_by_side(runs, capsys
     assert "spectral criteria, lambda_max = " in out and "VAE collapse for s2 >" in out and "eq. 13" in out
 
 
+def test_ddim_sampler_draws_the_samples_of_d4(runs, capsys):
+    assert main(["check-diffusion", str(runs["logsnr"]), "--only", "D4", "--sampler", "ddim", "--ddim-steps", "20",
+                 "--samples", "60", "--format", "json"]) in (0, 1)
+    d4 = json.loads(capsys.readouterr().out)["checks"][0]
+    assert d4["values"]["sampler"] == "ddim" and len(d4["values"]["unseen"]) == 4
+
+
 def test_resume_from_the_command_line_finishes_the_run_bitwise(tmp_path):
     whole = _train(tmp_path, "whole.pt", "--method", "single")
     ds = synthetic(n=600, dim=2, k=4, spread=0.3, separation=2)
@@ -120,6 +127,7 @@ def test_resume_from_the_command_line_finishes_the_run_bitwise(tmp_path):
     (["train-diffusion", "synthetic", *FAST, "--out", "{consensus}", "--resume"], "is a complete run; there is nothing"),
     (["check-diffusion", "{tmp}/none.pt"], "no such file"),
     (["check-diffusion", "{consensus}", "--only", "D9"], "--only must list check ids among D1, D2, D3, D4"),
+    (["check-diffusion", "{consensus}", "--ddim-steps", "5"], "--ddim-steps applies to --sampler ddim only"),
     (["check-diffusion", "{consensus}", "--only", "D1", "--require", "D3"], "--require names ['D3']"),
     (["check-diffusion", "{consensus}", "--against", "{other}"], "trained on other data"),
     (["check-diffusion", "{vae}"], "not a diffusion run file"),

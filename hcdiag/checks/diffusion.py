@@ -302,10 +302,14 @@ def unseen_schedules(run) -> list[Schedule]:
 class DiffusionContext:
     """The rows, lambda_max, top direction, home schedule and samples of one run, computed once."""
 
-    def __init__(self, run, *, seed: int = 0, n_samples: int | None = None, progress=None):
+    def __init__(self, run, *, seed: int = 0, n_samples: int | None = None, progress=None, sampler: str = "ddpm",
+                 ddim_steps: int | None = None):
         from hcdiag.diffusion.data import truth
 
+        if sampler not in ("ddpm", "ddim"):
+            raise InputError(f"The sampler must be ddpm or ddim. Got {sampler!r}.")
         self.run, self.seed, self.progress = run, int(seed), progress
+        self.sampler, self.ddim_steps = sampler, ddim_steps
         x = run.x.double()
         self.x = x
         xc = x - x.mean(0)
@@ -336,8 +340,12 @@ class DiffusionContext:
             self.say(f"sampling {self.n} rows under {tab.schedule.spec}")
             eps = matched_eps(self.run.model, self.home, self.r, tab)
             g = torch.Generator().manual_seed(self.seed + 17)
-            self._samples[key] = sample(eps, tab, self.n, self.x.shape[1], generator=g).numpy()
+            self._samples[key] = self._draw(eps, tab, g)
         return self._samples[key]
+
+    def _draw(self, eps, tab: Tables, g: torch.Generator) -> np.ndarray:
+        steps = min(self.ddim_steps, tab.T) if self.sampler == "ddim" and self.ddim_steps else None
+        return sample(eps, tab, self.n, self.x.shape[1], method=self.sampler, steps=steps, generator=g).numpy()
 
     def samples_trained(self, i: int) -> np.ndarray:
         """Samples under the run's training schedule ``i``, the denoiser told that schedule (its index for a
@@ -350,7 +358,7 @@ class DiffusionContext:
                 model, tab, i)
             self.say(f"sampling {self.n} rows under {tab.schedule.spec} (training schedule {i})")
             g = torch.Generator().manual_seed(self.seed + 17)
-            self._samples[key] = sample(eps, tab, self.n, self.x.shape[1], generator=g).numpy()
+            self._samples[key] = self._draw(eps, tab, g)
         return self._samples[key]
 
     def floor(self) -> dict:
@@ -382,7 +390,8 @@ def _check_control(run, ctl, name: str) -> None:
 
 
 def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed: int = 0,
-                         n_samples: int | None = None, progress=None,
+                         n_samples: int | None = None, progress=None, sampler: str = "ddpm",
+                         ddim_steps: int | None = None,
                          context: "DiffusionContext | None" = None) -> list[CheckResult]:
     """D1-D4 (``select``: a subset of :data:`IDS`) on a loaded :class:`~hcdiag.diffusion.runfile.DiffusionRun`;
     ``controls`` ``{name: DiffusionRun}`` for D3 (same data, rows and family). ``context``: the run's
@@ -394,7 +403,8 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
     controls = dict(controls or {})
     for name, ctl in controls.items():
         _check_control(run, ctl, name)
-    ctx = context if context is not None else DiffusionContext(run, seed=seed, n_samples=n_samples, progress=progress)
+    ctx = context if context is not None else DiffusionContext(run, seed=seed, n_samples=n_samples, progress=progress,
+                                                               sampler=sampler, ddim_steps=ddim_steps)
     complete = run.complete
     out: dict[str, CheckResult] = {}
     if ("D1" in ids or "D2" in ids):
@@ -414,7 +424,7 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
     if "D3" in ids:
         from hcdiag.diffusion.quality import paired_difference
 
-        extra = {"home_schedule": ctx.home.schedule.spec, "n_samples": ctx.n}
+        extra = {"home_schedule": ctx.home.schedule.spec, "n_samples": ctx.n, "sampler": ctx.sampler}
         if few:
             out["D3"] = _inconclusive("D3", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
         else:
@@ -426,7 +436,8 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
             diffs, side, common = {}, {}, {}
             mid = run.config.R // 2
             for name, ctl in controls.items():
-                cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress)
+                cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress, sampler=ctx.sampler,
+                                        ddim_steps=ctx.ddim_steps)
                 cs = cctx.samples()
                 pdiff = paired_difference(ctx.samples(), cs, ctx.heldout_n.numpy(), seed=seed)
                 diffs[name] = {"method": ctl.config.method, "diff": pdiff["diff"], "diff_ci": pdiff["diff_ci"],
@@ -449,6 +460,7 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
         from hcdiag.diffusion.quality import paired_difference
 
         extra = {"home_schedule": ctx.home.schedule.spec, "method": run.config.method, "n_samples": ctx.n,
+                 "sampler": ctx.sampler,
                  "query": "logsnr (the model reads the noise level)" if run.model.conditioning == "logsnr" else
                  "the home timestep of the nearest log SNR"}
         if few:

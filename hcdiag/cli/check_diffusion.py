@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require", default=None, help="comma list of check ids that decide the exit status (default all)")
     p.add_argument("--samples", type=int_arg(2), default=None,
                    help="samples per schedule (default: as many as the run's held-out rows)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
+                   help="sampler of D3/D4: ddpm (ancestral, every timestep; default) or ddim (deterministic)")
+    p.add_argument("--ddim-steps", type=int_arg(1), default=None, help="DDIM timesteps (default: all T)")
     p.add_argument("--seed", type=int_arg(0, 2**31 - 1), default=0, help="seed of the samples and bootstraps")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md, report.html, results.json and figures here")
     p.add_argument("--threads", type=int_arg(1), default=1, help="CPU threads of torch (default 1)")
@@ -98,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--report {rp} cannot be created ({exc.strerror or type(exc).__name__}); give a "
                              "writable folder.") from None
     progress = (lambda s: print(f"hcdiag {NAME}: {s}", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
-    ctx = DiffusionContext(run_obj, seed=args.seed, n_samples=args.samples, progress=progress)
+    if args.ddim_steps is not None and args.sampler != "ddim":
+        raise InputError("--ddim-steps applies to --sampler ddim only; drop it or pass --sampler ddim.")
+    ctx = DiffusionContext(run_obj, seed=args.seed, n_samples=args.samples, progress=progress, sampler=args.sampler,
+                           ddim_steps=args.ddim_steps)
     results = run_diffusion_checks(run_obj, select=only, controls=controls, seed=args.seed, n_samples=args.samples,
                                    progress=progress, context=ctx)
     doc = to_json_doc(results, run_path=args.run, require=require, tolerance=None)  # no region tolerance here
