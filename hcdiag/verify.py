@@ -78,9 +78,11 @@ GROUPS = ("main", "phase", "ablation", "witness", "diffusion")
 
 # section 7 (issue 14): Algorithm 2 on the data rescaled to each lambda_max (D1, D2 across the rescaling), and at
 # `controls_at` its two controls on the same steps (D3, D4); `train`: hcdiag.diffusion.train.DiffusionConfig fields
-DIFFUSION = {"smoke": dict(lambdas=[0.1, 1.0, 10.0], controls_at=1.0, n_samples={"synthetic": 4000},
+# lambda_max 0.7 is where eq. 13 and SNR lambda_max = 1 part (their log SNRs differ by |log(1 - lambda)|, under a
+# factor 2 for lambda <= 0.5; eq. 13 has no solution from 1): the only scale at which a measurement can tell them apart
+DIFFUSION = {"smoke": dict(lambdas=[0.1, 0.7, 10.0], controls_at=0.7, n_samples={"synthetic": 4000},
                            train=dict(kind="linear", R=4, epochs_per_round=500)),
-             "paper": dict(lambdas=[0.1, 0.3, 1.0, 3.0, 10.0], controls_at=1.0, n_samples={"synthetic": 20000},
+             "paper": dict(lambdas=[0.1, 0.3, 0.7, 1.0, 3.0, 10.0], controls_at=0.7, n_samples={"synthetic": 20000},
                            train=dict(kind="linear", R=8, epochs_per_round=2000))}
 DIFFUSION_METHODS = ("consensus", "single", "logsnr")
 DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
@@ -901,10 +903,11 @@ def diffusion_grid_rows(recs: list[dict], preset: str, *, seed: int = 0) -> list
                 cond_at, runs=[by[m]["run"] for m in by], dataset=ds))
             d4 = _check_values(by["consensus"]["doc"], "D4")
             c4 = _check_values(by["logsnr"]["doc"], "D4") if "logsnr" in by else None
+            c4v = (c4 or {}).get("values", {})
             rows.append(claims.diffusion_flexibility(
                 d4["verdict"] if d4 else "inconclusive", (d4 or {}).get("summary") or "D4 not run",
-                (c4["verdict"], c4.get("summary") or "") if c4 else None).row(cond_at, runs=[by["consensus"]["run"]],
-                                                                                dataset=ds))
+                (c4v["measured_verdict"], c4v.get("measured_summary") or "") if "measured_verdict" in c4v else None
+            ).row(cond_at, runs=[by["consensus"]["run"]], dataset=ds))
     return rows
 
 

@@ -165,3 +165,37 @@ def test_selection_confound_names_rounds_that_kept_the_noisiest_schedules():
     assert np.all(np.diff(c["mean_alphabar"]) < 0)
     assert [r["kept_noisiest"] for r in c["rounds"]] == [True, False]
     assert c["rounds"][1]["noisiest"] == [6, 7] and not c["all_kept_noisiest"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sigmoid", "linear"])
+def test_d2_places_the_crossing_in_log_snr_so_the_exact_denoiser_follows_the_snr_criterion(seed, kind):
+    # the geometric grid's last interval spans log SNR -2.7..-19.8 under cosine: a crossing interpolated in t there
+    # missed SNR lambda = 1 by more than a factor 2 for lambda 100 (found by a review)
+    s = Schedule(kind)
+    for lam in (0.3, 100.0):
+        ts, gain, se = _oracle_gain(lam, s, seed)
+        d1 = decide_critical(ts, gain, se, lam=lam, schedule=s)
+        if d1.verdict != "holds":  # a schedule whose terminal SNR leaves x_t informative at this lambda
+            assert d1.verdict == "fails" and s.terminal_snr * lam > 1
+            continue
+        assert abs(d1.values["log_snr_measured"] + math.log(lam)) < 1e-6  # logit G is linear in log SNR
+        d2 = decide_spectral(d1.values["t_measured"], s, lam, log_snr_measured=d1.values["log_snr_measured"])
+        assert d2.verdict == "holds" and "snr" in d2.values["follows"]
+
+
+def test_d1_fails_only_beyond_two_standard_errors():
+    ts = np.array([1, 10, 100, 1000])
+    gain = np.array([0.99, 0.9, 0.7, 0.6])
+    assert decide_critical(ts, gain, np.full(4, 0.01)).verdict == "fails"
+    r = decide_critical(ts, gain, np.array([0.01, 0.01, 0.01, 0.06]))  # 0.6 - 2 x 0.06 < 0.5
+    assert r.verdict == "inconclusive" and "two standard errors" in r.reason
+
+
+def test_d3_an_improvement_below_the_noise_floor_is_no_improvement():
+    floor = 0.01
+    r = decide_diversity({"single": _diff(-0.009, -0.001)}, floor)  # significant, but smaller than the floor
+    assert r.verdict == "fails" and "no improvement beyond the noise floor" in r.summary
+    assert decide_diversity({"single": _diff(-0.05, -0.011)}, floor).verdict == "holds"
+    assert decide_diversity({"single": _diff(-0.05, -0.005)}, floor).verdict == "inconclusive"
+    r = decide_diversity({"single": _diff(-0.05, -0.02)}, floor, extra={"diverged": "3 of 60 rows non-finite"})
+    assert r.verdict == "fails" and "diverge" in r.summary

@@ -89,6 +89,46 @@ def test_check_text_output_names_the_spectral_criteria_side_by_side(runs, capsys
     assert "spectral criteria, lambda_max = " in out and "VAE collapse for s2 >" in out and "eq. 13" in out
 
 
+def test_constant_data_are_refused_at_training(tmp_path, capsys):
+    np.save(tmp_path / "ones.npy", np.ones((50, 3), dtype=np.float32))
+    assert main(["train-diffusion", str(tmp_path / "ones.npy"), "--out", str(tmp_path / "c.pt"), "--quiet"]) == 2
+    assert "are constant (lambda_max = 0)" in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
+
+
+def test_a_control_run_measures_d4_but_decides_nothing_about_algorithm_2(runs, capsys):
+    main(["check-diffusion", str(runs["logsnr"]), "--only", "D3,D4", "--samples", "60", "--format", "json"])
+    d3, d4 = json.loads(capsys.readouterr().out)["checks"]
+    assert d3["verdict"] == d4["verdict"] == "inconclusive"
+    assert "this is a logsnr run" in d3["reason"] and d4["values"]["measured_verdict"] in ("holds", "fails",
+                                                                                          "inconclusive")
+
+
+def test_samples_that_blow_up_are_a_verdict_not_bad_input(runs, tmp_path, capsys):
+    d = torch.load(runs["consensus"], weights_only=True)
+    last = max(k for k in d["model"]["state"] if k.endswith(".weight"))
+    d["model"]["state"][last] = d["model"]["state"][last] * 1e30  # finite parameters, exploding samples
+    torch.save(d, tmp_path / "big.pt")
+    # the stored validation losses are no longer the model's: a tampered file is refused first
+    assert main(["check-diffusion", str(tmp_path / "big.pt")]) == 2
+    assert "last-round validation losses" in capsys.readouterr().err
+    from hcdiag.checks.diffusion import run_diffusion_checks
+    from hcdiag.diffusion.model import Tables
+    from hcdiag.diffusion.runfile import validate
+    from hcdiag.diffusion.train import validation_loss
+
+    run = validate(d)  # the producer's own record of the exploded model (losses recomputed): consistent, so checked
+    last_round = d["rounds"][-1]
+    xv = run.x[run.val_rows].float()
+    vals = [validation_loss(run.model, xv, Tables(run.schedules[int(a)]), int(a), draws=run.config.val_draws,
+                            seed=run.config.seed + 2) for a in last_round["active"]]
+    last_round["val_loss"] = torch.tensor(vals, dtype=torch.float64)
+    order = sorted(range(len(vals)), key=lambda i: (vals[i], int(last_round["active"][i])))
+    last_round["kept"] = torch.tensor(sorted(int(last_round["active"][i]) for i in order[:len(vals) // 2]))
+    res = {r.id: r for r in run_diffusion_checks(validate(d), select=["D3", "D4"], n_samples=60)}
+    assert res["D3"].verdict == "fails" and "diverge" in res["D3"].summary
+    assert res["D4"].verdict == "inconclusive" and "diverge" in res["D4"].reason
+
+
 def test_ddim_sampler_draws_the_samples_of_d4(runs, capsys):
     assert main(["check-diffusion", str(runs["logsnr"]), "--only", "D4", "--sampler", "ddim", "--ddim-steps", "20",
                  "--samples", "60", "--format", "json"]) in (0, 1)
@@ -131,12 +171,15 @@ def test_resume_from_the_command_line_finishes_the_run_bitwise(tmp_path):
     (["check-diffusion", "{consensus}", "--only", "D1", "--require", "D3"], "--require names ['D3']"),
     (["check-diffusion", "{consensus}", "--against", "{other}"], "trained on other data"),
     (["check-diffusion", "{vae}"], "not a diffusion run file"),
+    (["check-diffusion", "{consensus}", "--against", "{consensus}"], "is a consensus run; D3's controls are single"),
+    (["check-diffusion", "{consensus}", "--against", "{longer}"], "differs from the run in lr; controls must share"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, msg):
-    other = _train(tmp_path, "other.pt", "--data-seed", "3") if "{other}" in argv else None
+    other = _train(tmp_path, "other.pt", "--data-seed", "3", "--method", "single") if "{other}" in argv else None
+    longer = _train(tmp_path, "longer.pt", "--method", "single", "--lr", "0.002") if "{longer}" in argv else None
     vae = tmp_path / "vae.pt"
     torch.save({"format": "hcdiag-run"}, vae)
-    sub = {"tmp": tmp_path, "consensus": runs["consensus"], "other": other, "vae": vae}
+    sub = {"tmp": tmp_path, "consensus": runs["consensus"], "other": other, "vae": vae, "longer": longer}
     argv = [a.format(**sub) for a in argv]
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()

@@ -66,7 +66,7 @@ def test_a_trained_denoiser_matches_the_gaussian_posterior_mean_at_moderate_nois
 
 @pytest.mark.parametrize("kw,msg", [(dict(R=6), "needs R = 2\\^k >= 4 schedules"), (dict(R=2), "with 2 it trains nothing"), (dict(method="ema"), "must be one of"),
                                     (dict(epochs_per_round=0), "'epochs_per_round' parameter must be an integer >= 1"),
-                                    (dict(lr=-1.0), "'lr' parameter must be a float > 0")])
+                                    (dict(lr=-1.0), "'lr' parameter must be a finite number > 0")])
 def test_bad_configs_get_one_line(kw, msg):
     with pytest.raises(InputError, match=msg):
         DiffusionConfig(**kw)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from hcdiag.checks.base import CheckResult, inconclusive
-from hcdiag.diffusion.critical import crossing, gaussian_gain, normalized_gain
+from hcdiag.diffusion.critical import crossing, crossing_log_snr, gaussian_gain, normalized_gain
 from hcdiag.diffusion.model import Denoiser, Tables, model_eps, sample
 from hcdiag.diffusion.schedules import KINDS, Schedule
 from hcdiag.errors import InputError
@@ -59,8 +59,8 @@ MIN_HELDOUT = 50
 CLAIMS = {
     "D1": ("There exists a timestep t_c such that for t > t_c the reverse process becomes independent of x_t",
            "7.4 (1)"),
-    "D2": ("t_c is determined by lambda_max of the data covariance (eq. 13: 1 - alphabar_{t_c} = lambda_max)",
-           "7.2, 7.4 (2)"),
+    "D2": ("t_c is determined by lambda_max of the data covariance (eq. 13, 1 - alphabar = lambda_max, or SNR "
+           "lambda_max = 1: 'follows' says which)", "7.2, 7.4 (2)"),
     "D3": ("Training with multiple noise schedules prevents schedule-independent collapse, improving sample diversity",
            "7.3, 7.4 (3)"),
     "D4": ("Models trained with historical consensus can be sampled with different schedules at test time without "
@@ -93,11 +93,16 @@ def log_snr_at(schedule: Schedule, t: float) -> float:
 
 def snr_timestep(schedule: Schedule, lam: float) -> float | None:
     """Fractional t with ``SNR(t) lam = 1`` (log SNR interpolated), None outside 1..T."""
-    ls = schedule.log_snr() + math.log(lam)  # decreasing
-    if ls[0] < 0 or ls[-1] > 0:
+    return t_at_log_snr(schedule, -math.log(lam))
+
+
+def t_at_log_snr(schedule: Schedule, ls: float) -> float | None:
+    """Fractional t at which the schedule's log SNR (decreasing) falls to ``ls``, interpolated; None outside."""
+    d = schedule.log_snr() - ls
+    if d[0] < 0 or d[-1] > 0:
         return None
-    i = int(np.argmax(ls <= 0))
-    return 1.0 if i == 0 else float(i + ls[i - 1] / (ls[i - 1] - ls[i]))
+    i = int(np.argmax(d <= 0))
+    return 1.0 if i == 0 else float(i + d[i - 1] / (d[i - 1] - d[i]))
 
 
 def eq13_timestep(schedule: Schedule, lam: float) -> float | None:
@@ -111,12 +116,29 @@ def eq13_timestep(schedule: Schedule, lam: float) -> float | None:
 
 
 def home_index(run) -> int:
+    """The home schedule (module docstring). For Algorithm 2 the last round's validation losses are recomputed from
+    the denoiser and the selection rows (never read from the file: they are its final model's, so they recompute
+    exactly on one device) and must match the file's, which must have kept the smaller half of them."""
+    from hcdiag.diffusion.train import validation_loss
+
     cfg = run.config
     if cfg.method != "consensus" or not run.rounds:
         return cfg.R // 2
     last = run.rounds[-1]
-    val = dict(zip([int(a) for a in last["active"]], [float(v) for v in last["val_loss"]]))
-    return min((int(k) for k in last["kept"]), key=lambda r: (val[r], r))
+    active = [int(a) for a in last["active"]]
+    xv = run.x[run.val_rows].float()
+    got = {r: validation_loss(run.model, xv, Tables(run.schedules[r]), r, draws=cfg.val_draws, seed=cfg.seed + 2)
+           for r in active}
+    stored = [float(v) for v in last["val_loss"]]
+    if any(not math.isclose(got[r], v, rel_tol=1e-4, abs_tol=1e-7) for r, v in zip(active, stored)):
+        raise InputError(f"the run file's last-round validation losses {[round(v, 6) for v in stored]} are not what its "
+                         f"denoiser gives on its selection rows {[round(got[r], 6) for r in active]}; the record "
+                         "cannot be trusted: fix the producer.")
+    kept = sorted(int(k) for k in last["kept"])
+    if kept != sorted(sorted(active, key=lambda r: (got[r], r))[:len(active) // 2]):
+        raise InputError("the run file's last round did not keep the half of its schedules with the smallest "
+                         "(recomputed) validation losses, as Algorithm 2 does; fix the producer.")
+    return min(kept, key=lambda r: (got[r], r))
 
 
 def matched_eps(model: Denoiser, home: Tables, r: int, target: Tables):
@@ -146,9 +168,13 @@ def decide_critical(ts, gain, se, *, complete: bool = True, lam: float | None = 
                     schedule: Schedule | None = None) -> CheckResult:
     """D1 from a measured gain curve (module docstring)."""
     ts, gain, se = np.asarray(ts), np.asarray(gain, dtype=float), np.asarray(se, dtype=float)
-    t_meas = crossing(ts, gain, 0.5)
+    if schedule is not None:  # placed in log SNR (crossing_log_snr), then read as a fractional timestep
+        ls_c = crossing_log_snr(ts, gain, schedule.log_snr()[ts - 1])
+        t_meas = t_at_log_snr(schedule, ls_c) if ls_c is not None else None
+    else:
+        ls_c, t_meas = None, crossing(ts, gain, 0.5)
     values = {"timesteps": ts.tolist(), "gain": gain.tolist(), "se": se.tolist(), "t_measured": t_meas,
-              "gain_first": float(gain[0]), "gain_last": float(gain[-1])}
+              "log_snr_measured": ls_c, "gain_first": float(gain[0]), "gain_last": float(gain[-1])}
     if lam is not None and schedule is not None:
         closed = gaussian_gain(lam, Tables(schedule), ts)
         values.update(gaussian_gain=closed.tolist(), max_gap_to_gaussian=float(np.max(np.abs(gain - closed))),
@@ -162,21 +188,26 @@ def decide_critical(ts, gain, se, *, complete: bool = True, lam: float | None = 
         return _inconclusive("D1", f"the gain's standard error reaches {np.max(se):.3g} > {GAIN_SE_MAX}: too few "
                              "held-out rows to place the transition", **values)
     where = f"G(t={int(ts[0])}) = {gain[0]:.3f}, G(t={int(ts[-1])}) = {gain[-1]:.3f}"
-    if gain[-1] > 0.5:
+    if gain[-1] - 2 * se[-1] > 0.5:  # beyond two standard errors, not a point estimate
         return _result("D1", "fails", f"E[x0|xt] still depends on x_t at t = T ({where}): no critical timestep in "
                        "this schedule", values)
-    if gain[0] < 0.5:
+    if gain[0] + 2 * se[0] < 0.5:
         return _result("D1", "fails", f"E[x0|xt] ignores x_t already at the first timestep ({where}): nothing "
                        "becomes independent", values)
-    if gain[0] >= GAIN_HIGH and gain[-1] <= GAIN_LOW:
+    if gain[0] >= GAIN_HIGH and gain[-1] <= GAIN_LOW and t_meas is not None:
         return _result("D1", "holds", f"the gain falls from {gain[0]:.3f} to {gain[-1]:.3f}, crossing 1/2 at t = "
                        f"{t_meas:.1f}", values)
-    return _inconclusive("D1", f"the gain crosses 1/2 at t = {t_meas:.1f} but the transition is incomplete ({where}; "
-                         f"needs >= {GAIN_HIGH} and <= {GAIN_LOW})", **values)
+    at = "never crosses 1/2" if t_meas is None else f"crosses 1/2 at t = {t_meas:.1f}"
+    return _inconclusive("D1", f"the gain {at} but the transition is incomplete or within two standard errors of "
+                         f"1/2 ({where}; needs >= {GAIN_HIGH} and <= {GAIN_LOW})", **values)
 
 
-def decide_spectral(t_meas: float | None, schedule: Schedule, lam: float, *, complete: bool = True) -> CheckResult:
-    """D2 from the measured crossing (module docstring)."""
+def decide_spectral(t_meas: float | None, schedule: Schedule, lam: float, *, complete: bool = True,
+                    log_snr_measured: float | None = None) -> CheckResult:
+    """D2 from the measured crossing (module docstring); ``log_snr_measured`` (D1's) places it, else ``t_meas``."""
+    if not (math.isfinite(lam) and lam > 0):
+        return _inconclusive("D2", f"lambda_max = {lam:.3g}: the data have no variance to set a timestep",
+                             lambda_max=lam, schedule=schedule.spec)
     t_snr, t_13 = snr_timestep(schedule, lam), eq13_timestep(schedule, lam)
     values = {"lambda_max": lam, "schedule": schedule.spec, "t_measured": t_meas, "t_snr": t_snr, "t_eq13": t_13,
               "vae_s2_threshold": lam, "log_snr_tol": LOG_SNR_TOL}
@@ -186,7 +217,7 @@ def decide_spectral(t_meas: float | None, schedule: Schedule, lam: float, *, com
         return _inconclusive("D2", "the run is partial (training unfinished)", **values)
     if t_meas is None:
         return _inconclusive("D2", "no measured crossing (D1) to compare with the criteria", **values)
-    lm = log_snr_at(schedule, t_meas)
+    lm = log_snr_measured if log_snr_measured is not None else log_snr_at(schedule, t_meas)
     d_snr = abs(lm + math.log(lam))
     d_13 = abs(lm - log_snr_at(schedule, t_13)) if t_13 is not None else None
     follows = [name for name, d in (("snr", d_snr), ("eq13", d_13)) if d is not None and d <= LOG_SNR_TOL]
@@ -207,18 +238,20 @@ def decide_diversity(diffs: dict, floor: float, *, complete: bool = True, extra:
     values = {"versus": diffs, "floor": floor, **(extra or {})}
     if not complete:
         return _inconclusive("D3", "the run is partial (training unfinished)", **values)
+    if values.get("diverged"):
+        return _result("D3", "fails", f"the run's own samples diverge ({values['diverged']})", values)
     if not diffs:
         return _inconclusive("D3", "needs the control runs of the same data to compare with (single, logsnr): "
                              "diversity is only 'improved' against something", **values)
     worse = [k for k, d in diffs.items() if d["diff_ci"][0] > 0]
-    better = [k for k, d in diffs.items() if d["diff_ci"][1] < 0]
+    better = [k for k, d in diffs.items() if d["diff_ci"][1] < -floor]
     if worse:
         return _result("D3", "fails", f"a control's samples are significantly closer to held-out data: "
                        f"{', '.join(worse)}", values)
     if len(better) == len(diffs):
-        return _result("D3", "holds", f"samples significantly closer to held-out data than every control "
-                       f"({', '.join(better)})", values)
-    if all(-floor < d["diff_ci"][0] and d["diff_ci"][1] < floor for d in diffs.values()):
+        return _result("D3", "holds", f"samples closer to held-out data than every control by more than the noise "
+                       f"floor ({floor:.3g}; {', '.join(better)})", values)
+    if all(-floor <= d["diff_ci"][0] and d["diff_ci"][1] <= floor for d in diffs.values()):
         return _result("D3", "fails", f"no improvement beyond the noise floor ({floor:.3g}) over "
                        f"{', '.join(diffs)}", values)
     return _inconclusive("D3", "the differences to the controls are within their bootstrap intervals; draw more "
@@ -316,7 +349,7 @@ class DiffusionContext:
         cov = xc.T @ xc / x.shape[0]
         evals, evecs = torch.linalg.eigh(cov)
         self.lam, self.v = float(evals[-1]), evecs[:, -1]
-        self.heldout = x[run.val_rows]
+        self.heldout = x[run.test_rows]  # held out from training and from Algorithm 2's selection alike
         self.train = x[run.train_rows]
         m = self.heldout.shape[0] if n_samples is None else min(int(n_samples), self.heldout.shape[0])
         self.n = min(m, self.train.shape[0])
@@ -382,11 +415,35 @@ class DiffusionContext:
 
 
 def _check_control(run, ctl, name: str) -> None:
-    if ctl.x.shape != run.x.shape or not torch.equal(ctl.x, run.x) or not torch.equal(ctl.val_rows, run.val_rows):
-        raise InputError(f"the control {name} trained on other data or held out other rows; compare runs of the same "
-                         "data and seed (like with like).")
-    if ctl.config.T != run.config.T or ctl.config.kind != run.config.kind or ctl.config.R != run.config.R:
-        raise InputError(f"the control {name} uses another schedule family (kind, R, T); compare runs of one family.")
+    """A control of D3: a complete ``single`` or ``logsnr`` run of the same rows and every setting but the method
+    (so the same step budget, model, schedule family and split)."""
+    if ctl.config.method not in ("single", "logsnr"):
+        raise InputError(f"the control {name} is a {ctl.config.method} run; D3's controls are single and logsnr runs.")
+    if not ctl.complete:
+        raise InputError(f"the control {name} is partial ({ctl.steps} of {ctl.budget} steps); finish it first.")
+    if ctl.x.shape != run.x.shape or not torch.equal(ctl.x, run.x):
+        raise InputError(f"the control {name} trained on other data; compare runs of the same data and seed (like "
+                         "with like).")
+    a, b = ({k: v for k, v in c.config.to_dict().items() if k not in ("method", "device", "extra")}
+            for c in (run, ctl))
+    diff = sorted(k for k in a if a[k] != b[k])
+    if diff:
+        raise InputError(f"the control {name} differs from the run in {', '.join(diff)}; controls must share every "
+                         "setting but the method (the same steps, model, schedules and rows).")
+
+
+DIVERGE_FACTOR = 1e3
+
+
+def diverged(s: np.ndarray, x: torch.Tensor) -> str | None:
+    """Why samples ``s`` count as diverged (non-finite rows, or values beyond ``DIVERGE_FACTOR`` times the data's
+    largest absolute value), else None: a measurement (the sampler blew up), not bad input."""
+    bad = int((~np.isfinite(s)).any(1).sum())
+    if bad:
+        return f"{bad} of {len(s)} sample rows non-finite"
+    limit = DIVERGE_FACTOR * (float(x.abs().max()) + 1.0)
+    big = int((np.abs(s) > limit).any(1).sum())
+    return f"{big} of {len(s)} sample rows beyond {limit:.3g}" if big else None
 
 
 def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed: int = 0,
@@ -407,7 +464,10 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                                                                sampler=sampler, ddim_steps=ddim_steps)
     complete = run.complete
     out: dict[str, CheckResult] = {}
-    if ("D1" in ids or "D2" in ids):
+    if ("D1" in ids or "D2" in ids) and not ctx.lam > 0:
+        why = f"the data have no variance (lambda_max = {ctx.lam:.3g}): no direction to measure"
+        out["D1"], out["D2"] = _inconclusive("D1", why), _inconclusive("D2", why)
+    elif "D1" in ids or "D2" in ids:
         ctx.say("measuring the gain of E[x0|xt] along the top direction")
         ts = timestep_grid(run.config.T)
         rows = ctx.heldout[:512]
@@ -416,8 +476,9 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                                    with_se=True)
         d1 = decide_critical(ts, gain, se, complete=complete, lam=ctx.lam, schedule=ctx.home.schedule)
         out["D1"] = d1
-        t_meas = d1.values["t_measured"] if d1.verdict == "holds" else None
-        out["D2"] = decide_spectral(t_meas, ctx.home.schedule, ctx.lam, complete=complete)
+        held = d1.verdict == "holds"
+        out["D2"] = decide_spectral(d1.values["t_measured"] if held else None, ctx.home.schedule, ctx.lam,
+                                    complete=complete, log_snr_measured=d1.values["log_snr_measured"] if held else None)
         if d1.verdict != "holds" and out["D2"].verdict == "inconclusive" and complete:
             out["D2"].reason = out["D2"].summary = f"D1 does not hold ({d1.verdict}), so there is no critical timestep to place"
     few = ctx.n < MIN_HELDOUT
@@ -425,8 +486,14 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
         from hcdiag.diffusion.quality import paired_difference
 
         extra = {"home_schedule": ctx.home.schedule.spec, "n_samples": ctx.n, "sampler": ctx.sampler}
-        if few:
+        if run.config.method != "consensus":
+            out["D3"] = _inconclusive("D3", f"the claim is about Algorithm 2's models; this is a {run.config.method} run "
+                                      "(check the consensus run against it)", **extra)
+        elif few:
             out["D3"] = _inconclusive("D3", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
+        elif diverged(ctx.samples(), ctx.x):
+            out["D3"] = decide_diversity({}, 0.0, complete=complete, extra={**extra, "diverged": diverged(ctx.samples(),
+                                                                                                      ctx.x)})
         else:
             fl = ctx.floor()
             extra.update(ed=fl["ed"], excess=fl["excess"], excess_ci=fl["excess_ci"], quality=ctx.quality(ctx.samples()),
@@ -439,13 +506,21 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                 cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress, sampler=ctx.sampler,
                                         ddim_steps=ctx.ddim_steps)
                 cs = cctx.samples()
+                why = diverged(cs, ctx.x)
+                if why:  # the control's sampler blew up and the run's did not: the run is the closer one
+                    diffs[name] = {"method": ctl.config.method, "diff": -math.inf, "diff_ci": [-math.inf, -math.inf],
+                                   "control_diverged": why}
+                    continue
                 pdiff = paired_difference(ctx.samples(), cs, ctx.heldout_n.numpy(), seed=seed)
                 diffs[name] = {"method": ctl.config.method, "diff": pdiff["diff"], "diff_ci": pdiff["diff_ci"],
                                "ed_run": pdiff["ed_a"], "ed_control": pdiff["ed_b"]}
                 # like with like beside it (reported, not deciding): every model sampled under the family's middle
                 # schedule, the one the single-schedule control trained on
-                cm = paired_difference(ctx.samples_trained(mid), cctx.samples_trained(mid), ctx.heldout_n.numpy(),
-                                       seed=seed)
+                a, b = ctx.samples_trained(mid), cctx.samples_trained(mid)
+                if diverged(a, ctx.x) or diverged(b, ctx.x):
+                    common[name] = {"diverged": diverged(a, ctx.x) or diverged(b, ctx.x)}
+                    continue
+                cm = paired_difference(a, b, ctx.heldout_n.numpy(), seed=seed)
                 common[name] = {"diff": cm["diff"], "diff_ci": cm["diff_ci"], "ed_run": cm["ed_a"],
                                 "ed_control": cm["ed_b"]}
                 side[name] = {"method": ctl.config.method, "quality": ctx.quality(cs),
@@ -465,18 +540,33 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                  "the home timestep of the nearest log SNR"}
         if few:
             out["D4"] = _inconclusive("D4", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
+        elif diverged(ctx.samples(), ctx.x):
+            out["D4"] = _inconclusive("D4", f"the samples under the home schedule diverge ({diverged(ctx.samples(), ctx.x)}): "
+                                      "nothing to compare the unseen schedules with", **extra)
         else:
             fl = ctx.floor()
             diffs = {}
             for s in unseen_schedules(run):
+                why = diverged(ctx.samples(s), ctx.x)
+                if why:  # a blown-up sampler is the strongest degradation there is: a measurement, not bad input
+                    diffs[s.spec] = {"diff": math.inf, "diff_ci": [math.inf, math.inf], "diverged": why,
+                                     "terminal_snr": s.terminal_snr}
+                    continue
                 pdiff = paired_difference(ctx.samples(s), ctx.samples(), ctx.heldout_n.numpy(), seed=seed)
                 diffs[s.spec] = {"diff": pdiff["diff"], "diff_ci": pdiff["diff_ci"], "ed_unseen": pdiff["ed_a"],
                                  "ed_home": pdiff["ed_b"], "terminal_snr": s.terminal_snr,
                                  "quality": ctx.quality(ctx.samples(s))}
-            out["D4"] = decide_flexibility(diffs, fl["floor"], complete=complete, extra=extra)
+            d4 = decide_flexibility(diffs, fl["floor"], complete=complete, extra=extra)
+            if run.config.method != "consensus":  # measured, reported beside Algorithm 2's, deciding nothing
+                d4 = _inconclusive("D4", f"the claim is about Algorithm 2's models; this {run.config.method} run "
+                                   f"measures {d4.verdict}: {d4.summary or d4.reason}",
+                                   **{**d4.values, "measured_verdict": d4.verdict,
+                                      "measured_summary": d4.summary or d4.reason})
+            out["D4"] = d4
     return [out[i] for i in IDS if i in ids and i in out]
 
 
-__all__ = ["CLAIMS", "DiffusionContext", "IDS", "decide_critical", "decide_diversity", "decide_flexibility",
+__all__ = ["CLAIMS", "DiffusionContext", "IDS", "decide_critical", "diverged", "decide_diversity", "decide_flexibility",
            "decide_spectral", "eq13_timestep", "home_index", "log_snr_at", "matched_eps", "run_diffusion_checks",
-           "schedule_dependence", "selection_confound", "snr_timestep", "timestep_grid", "unseen_schedules"]
+           "schedule_dependence", "selection_confound", "snr_timestep", "t_at_log_snr", "timestep_grid",
+           "unseen_schedules"]

@@ -78,4 +78,25 @@ def crossing(ts, g, level: float = 0.5) -> float | None:
     return float(t0 + (g0 - level) / (g0 - g1) * (t1 - t0))
 
 
-__all__ = ["crossing", "gaussian_gain", "normalized_gain"]
+def crossing_log_snr(ts, g, log_snr, level: float = 0.5) -> float | None:
+    """The log SNR at which ``g`` first falls to ``level``: between the two grid timesteps that bracket it,
+    ``logit(g)`` is interpolated linearly in log SNR (exact for Gaussian data, where ``logit G = log SNR + log
+    lambda``; a linear interpolation in t misplaces it by more than a factor 2 in SNR across the coarse end of a
+    geometric grid); None when ``g`` never falls to ``level``. ``log_snr``: the schedule's log SNR at ``ts``."""
+    ts, g, ls = (np.asarray(a, dtype=float) for a in (ts, g, log_snr))
+    below = np.nonzero(g <= level)[0]
+    if below.size == 0:
+        return None
+    i = int(below[0])
+    if i == 0:
+        return float(ls[0])
+    lo, hi = g[i - 1], g[i]
+    if not (0 < hi < 1 and 0 < lo < 1):  # logit undefined (a measured gain may overshoot): interpolate g itself
+        f = (lo - level) / (lo - hi)
+    else:
+        lg = lambda p: np.log(p / (1 - p))  # noqa: E731
+        f = (lg(lo) - lg(level)) / (lg(lo) - lg(hi))
+    return float(ls[i - 1] + f * (ls[i] - ls[i - 1]))
+
+
+__all__ = ["crossing", "crossing_log_snr", "gaussian_gain", "normalized_gain"]

@@ -14,6 +14,7 @@ else (digits, a user's array, rows that do not match) has no truth, and the chec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,12 +45,12 @@ def prepare(ds, *, lambda_max: float | None = None) -> DiffusionData:
         raise InputError(f"Diffusion training needs a finite (n, d) data matrix with n >= 2; got shape {raw.shape}.")
     center = raw.mean(0)
     lam_raw = lambda_max_of(raw - center)
+    if not lam_raw > 0:
+        raise InputError(f"The data {ds.name} are constant (lambda_max = 0): a diffusion model has nothing to learn and "
+                         "the checks no direction to measure; give data that vary.")
     if lambda_max is not None:
         if not (isinstance(lambda_max, (int, float)) and np.isfinite(lambda_max) and lambda_max > 0):
             raise InputError(f"The target lambda_max must be a finite number > 0. Got {lambda_max!r}.")
-        if not lam_raw > 0:
-            raise InputError(f"The data {ds.name} are constant (lambda_max = 0); they cannot be scaled to lambda_max = "
-                             f"{lambda_max:g}.")
         scale = float(np.sqrt(lambda_max / lam_raw))
     else:
         scale = 1.0
@@ -69,14 +70,19 @@ def truth(x: np.ndarray, spec: dict) -> tuple[dict | None, str | None]:
         return None, f"the data ({spec.get('name') if isinstance(spec, dict) else '?'}) have no known true distribution"
     from hcdiag.data import synthetic
 
+    x = np.asarray(x)
     try:
-        ds = synthetic(**{k: syn[k] for k in _SYNTHETIC_KEYS})
+        if [syn["n"], syn["dim"]] != list(x.shape):  # before regenerating: a hostile spec could ask for any size
+            return None, (f"the run file's data.spec names synthetic data of {syn['n']} x {syn['dim']}, its rows are "
+                          f"{x.shape[0]} x {x.shape[1]}, so no true mixture is assumed")
         center = np.asarray(spec["center"], dtype=np.float64)
         scale = float(spec["scale"])
+        if center.shape != (x.shape[1],) or not (np.isfinite(center).all() and math.isfinite(scale) and scale > 0):
+            return None, "the run file's data.spec has no usable centre and scale, so no true mixture is assumed"
+        ds = synthetic(**{k: syn[k] for k in _SYNTHETIC_KEYS})
     except (KeyError, TypeError, ValueError, InputError) as exc:
         return None, f"the synthetic data cannot be regenerated from the run file's data.spec ({str(exc)})"
     want = (scale * (ds.x.astype(np.float64) - center)).astype(np.float32)
-    x = np.asarray(x)
     if want.shape != x.shape or not np.allclose(want, x, rtol=1e-5, atol=1e-6 * max(scale, 1e-12)):
         return None, ("the run file's rows are not the synthetic data its data.spec names (regenerated and compared), "
                       "so no true mixture is assumed")

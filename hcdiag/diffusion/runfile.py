@@ -9,7 +9,8 @@ how they were made; the checks recompute lambda_max and the truth from these, ne
 ``schedules`` (one dict per schedule: ``kind``, ``T`` and its parameters); ``model`` (``config``: the denoiser's
 ``dim``, ``widths``, ``emb_dim``, ``conditioning``, ``n_schedules``; ``state``: its parameters); ``rounds`` (per
 Algorithm 2 round: ``active``, ``val_loss``, ``kept``); ``history`` (mean training loss per round or run);
-``train_rows``, ``val_rows`` (row indices); ``steps``, ``budget``; and, in a partial file (``complete`` false)
+``train_rows``, ``val_rows`` (Algorithm 2's selection rows), ``test_rows`` (held out from both: the checks judge on
+them), recomputed from the config's seed and required to agree; ``steps``, ``budget``; and, in a partial file (``complete`` false)
 only, ``resume`` (``optimizer``, ``generator``, ``position``: what :func:`train_diffusion` needs to continue
 exactly). Version 1 files (without the rows) are refused: the checks could not recompute anything. The schedules are recomputed from the config and must agree
 (a file's schedules are never trusted on their own).
@@ -17,6 +18,7 @@ exactly). Version 1 files (without the rows) are refused: the checks could not r
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from hcdiag.diffusion.model import Denoiser
 from hcdiag.diffusion.schedules import Schedule
-from hcdiag.diffusion.train import DiffusionConfig
+from hcdiag.diffusion.train import CONDITIONING, DiffusionConfig, split_rows
 from hcdiag.errors import InputError, marked
 
 FORMAT = "hcdiag-diffusion-run"
@@ -57,7 +59,8 @@ def run_dict(out: dict, data) -> dict:
                         "kept": torch.as_tensor(r["kept"], dtype=torch.int64)} for r in out["rounds"]],
             "history": torch.as_tensor(out["history"], dtype=torch.float64),
             "train_rows": torch.as_tensor(out["train_rows"], dtype=torch.int64),
-            "val_rows": torch.as_tensor(out["val_rows"], dtype=torch.int64), "steps": int(out["steps"]),
+            "val_rows": torch.as_tensor(out["val_rows"], dtype=torch.int64),
+            "test_rows": torch.as_tensor(out["test_rows"], dtype=torch.int64), "steps": int(out["steps"]),
             "budget": int(out["budget"])}
     if "resume" in out:
         d["resume"] = out["resume"]
@@ -76,6 +79,7 @@ class DiffusionRun:
     history: torch.Tensor
     train_rows: torch.Tensor
     val_rows: torch.Tensor
+    test_rows: torch.Tensor
     steps: int
     budget: int
     x: torch.Tensor
@@ -132,7 +136,7 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise InputError(f"config has unknown key(s) {', '.join(unknown)}; fix the producer.")
-    if "widths" in raw:
+    if isinstance(raw.get("widths"), list):
         raw["widths"] = tuple(raw["widths"])
     try:
         cfg = DiffusionConfig(**raw)
@@ -141,7 +145,10 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
     except (TypeError, ValueError) as exc:
         raise InputError(f"config cannot be read ({str(exc)}).") from None
     scheds = _need(d, "schedules", "run")
-    want = cfg.schedules()
+    try:
+        want = cfg.schedules()
+    except InputError as exc:
+        raise InputError(f"config: {marked(exc)}") from None
     if not isinstance(scheds, list) or len(scheds) != len(want):
         raise InputError(f"schedules must be a list of R = {cfg.R} schedules; got "
                          f"{len(scheds) if isinstance(scheds, list) else type(scheds).__name__}.")
@@ -167,9 +174,15 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
     mc = _need(m, "config", "model")
     if not isinstance(mc, dict):
         raise InputError(f"model.config must be a dict; got {type(mc).__name__}.")
+    if mc.get("conditioning") != CONDITIONING[cfg.method]:
+        raise InputError(f"model.config.conditioning {mc.get('conditioning')!r} is not what method {cfg.method!r} "
+                         f"trains ({CONDITIONING[cfg.method]!r}); the file is inconsistent: fix the producer.")
     if not (_is_int(mc.get("dim"), dim) and _is_int(mc.get("n_schedules"), cfg.R)):
         raise InputError(f"model.config has dim {mc.get('dim')!r} and n_schedules {mc.get('n_schedules')!r}; the data "
                          f"has d = {dim} and the config R = {cfg.R}.")
+    if mc.get("widths") != list(cfg.widths) or mc.get("emb_dim") != cfg.emb_dim:
+        raise InputError(f"model.config's widths and emb_dim ({mc.get('widths')!r}, {mc.get('emb_dim')!r}) differ from "
+                         f"the config's ({list(cfg.widths)}, {cfg.emb_dim}); fix the producer.")
     try:
         model = Denoiser(mc["dim"], widths=tuple(mc["widths"]), emb_dim=mc["emb_dim"], conditioning=mc["conditioning"],
                          n_schedules=mc["n_schedules"])
@@ -181,6 +194,8 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
     rounds = _need(d, "rounds", "run")
     if not isinstance(rounds, list):
         raise InputError(f"rounds must be a list; got {type(rounds).__name__}.")
+    if rounds and cfg.method != "consensus":
+        raise InputError(f"a {cfg.method} run has no Algorithm 2 rounds; this one has {len(rounds)}.")
     for i, r in enumerate(rounds):
         active = _ints(_need(r, "active", f"rounds[{i}]"), f"rounds[{i}].active", cfg.R)
         kept = _ints(_need(r, "kept", f"rounds[{i}]"), f"rounds[{i}].kept", cfg.R)
@@ -190,10 +205,21 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
                              f"({active.numel()}).")
         if not set(kept.tolist()) <= set(active.tolist()):
             raise InputError(f"rounds[{i}].kept holds schedules that are not active; kept must be a subset of active.")
+        prev = list(range(cfg.R)) if i == 0 else sorted(rounds[i - 1]["kept"].tolist())
+        if sorted(active.tolist()) != prev or len(set(kept.tolist())) != kept.numel() or \
+                kept.numel() != active.numel() // 2:
+            raise InputError(f"rounds[{i}] does not follow Algorithm 2 (active must be the previous round's kept, all R "
+                             "schedules in round 0, and kept half of active); fix the producer.")
     train_rows = _ints(_need(d, "train_rows", "run"), "train_rows", n)
     val_rows = _ints(_need(d, "val_rows", "run"), "val_rows", n)
-    if set(train_rows.tolist()) & set(val_rows.tolist()):
-        raise InputError("train_rows and val_rows overlap; validation rows must be held out.")
+    test_rows = _ints(_need(d, "test_rows", "run"), "test_rows", n)
+    if set(train_rows.tolist()) & (set(val_rows.tolist()) | set(test_rows.tolist())) or \
+            set(val_rows.tolist()) & set(test_rows.tolist()):
+        raise InputError("train_rows, val_rows and test_rows overlap; selection and test rows must be held out.")
+    want_split = split_rows(n, cfg.val_rows, cfg.test_rows, cfg.seed)
+    if any(got.tolist() != w.tolist() for got, w in zip((train_rows, val_rows, test_rows), want_split)):
+        raise InputError("the run file's row split is not the one its config's seed makes (recomputed); the held-out "
+                         "rows cannot be trusted: fix the producer.")
     status = _need(d, "status", "run")
     complete = _need(status, "complete", "status")
     steps, budget = _need(d, "steps", "run"), _need(d, "budget", "run")
@@ -227,7 +253,17 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
             _need(pos, key, "resume.position")
         if not _is_int(pos["steps"], steps):
             raise InputError(f"resume.position.steps ({pos['steps']!r}) differs from steps ({steps}).")
-    return DiffusionRun(path, cfg, want, model, rounds, history, train_rows, val_rows, steps, budget, x, dict(spec),
+        want_active = (sorted(rounds[-1]["kept"].tolist()) if rounds else list(range(cfg.R))) \
+            if cfg.method == "consensus" else []
+        c, ls, lc = pos["cycle"], pos["loss_sum"], pos["loss_count"]
+        if not (isinstance(pos["active"], list) and pos["active"] == want_active and isinstance(c, int)
+                and 0 <= c <= cfg.epochs_per_round and isinstance(ls, float) and math.isfinite(ls)
+                and isinstance(lc, int) and 0 <= lc <= steps):
+            raise InputError("resume.position is inconsistent (active must be the last round's kept schedules, cycle "
+                             f"an integer in 0..{cfg.epochs_per_round}, loss_sum finite, loss_count in 0..steps); "
+                             "the run cannot be continued: train it again.")
+    return DiffusionRun(path, cfg, want, model, rounds, history, train_rows, val_rows, test_rows, steps, budget, x,
+                        dict(spec),
                         complete, resume)
 
 

@@ -34,6 +34,8 @@ from hcdiag.diffusion.schedules import Schedule, family
 from hcdiag.errors import InputError
 
 METHODS = ("consensus", "single", "logsnr")
+CONDITIONING = {"consensus": "schedule", "single": "timestep", "logsnr": "logsnr"}
+MAX_R, MAX_WIDTH = 1024, 65536  # bounds on what a (possibly hostile) config may make a run allocate
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class DiffusionConfig:
     widths: tuple = (128, 128, 128)
     emb_dim: int = 32
     val_rows: int = 512
+    test_rows: int = 512
     val_draws: int = 4
     seed: int = 0
     device: str = "cpu"
@@ -60,11 +63,23 @@ class DiffusionConfig:
         if not isinstance(self.R, int) or self.R < 4 or self.R & (self.R - 1):
             raise InputError(f"Algorithm 2 needs R = 2^k >= 4 schedules (with 2 it trains nothing: it stops when two "
                              f"remain). Got R = {self.R!r}.")
-        for name in ("epochs_per_round", "batch_size", "val_rows", "val_draws"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"The '{name}' parameter must be an integer >= 1. Got {getattr(self, name)!r}.")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"The 'lr' parameter must be a float > 0. Got {self.lr!r}.")
+        for name in ("epochs_per_round", "batch_size", "val_rows", "test_rows", "val_draws", "emb_dim", "T"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"The '{name}' parameter must be an integer >= 1. Got {v!r}.")
+        if self.R > MAX_R or self.emb_dim > MAX_WIDTH or self.T > 100_000:
+            raise InputError(f"R <= {MAX_R}, emb_dim <= {MAX_WIDTH} and T <= 100000 bound what a run may allocate. Got "
+                             f"R = {self.R}, emb_dim = {self.emb_dim}, T = {self.T}.")
+        w = self.widths
+        if not (isinstance(w, (tuple, list)) and 1 <= len(w) <= 64 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WIDTH for v in w)):
+            raise InputError(f"The 'widths' parameter must be 1 to 64 integers in 1..{MAX_WIDTH}. Got {w!r}.")
+        for name, low in (("lr", 0.0), ("spread", 1.0)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
+                    (v > low if name == "lr" else v >= low)):
+                raise InputError(f"The '{name}' parameter must be a finite number {'>' if name == 'lr' else '>='} "
+                                 f"{low:g}. Got {v!r}.")
 
     def schedules(self) -> list[Schedule]:
         return family(self.kind, self.R, T=self.T, spread=self.spread)
@@ -83,14 +98,16 @@ class DiffusionConfig:
         return d
 
 
-def _split(x: np.ndarray, val_rows: int, seed: int):
-    n = x.shape[0]
-    if n < 2:
-        raise InputError(f"Diffusion training needs at least 2 rows of data; got {n}.")
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(n)
-    v = min(val_rows, n // 2)
-    return np.sort(idx[v:]), np.sort(idx[:v])
+def split_rows(n: int, val_rows: int, test_rows: int, seed: int):
+    """``(train, val, test)`` row indices: a permutation of ``n`` rows (numpy ``default_rng(seed)``), the first
+    ``min(val_rows, n // 4)`` for Algorithm 2's selection, the next ``min(test_rows, n // 4)`` held out from training
+    and selection alike (what the checks judge samples by: the selection rows favour the method that chose on them),
+    the rest for training. The same for every method of one seed, so runs compare on the same rows."""
+    if n < 4:
+        raise InputError(f"Diffusion training needs at least 4 rows of data (train, selection and test rows); got {n}.")
+    idx = np.random.default_rng(seed).permutation(n)
+    v, t = min(val_rows, n // 4), min(test_rows, n // 4)
+    return np.sort(idx[v + t:]), np.sort(idx[:v]), np.sort(idx[v:v + t])
 
 
 class _Draws:
@@ -131,7 +148,7 @@ def validation_loss(model: Denoiser, xv: torch.Tensor, tab: Tables, r: int, *, d
 def train_diffusion(x, cfg: DiffusionConfig, progress=None, *, checkpoint=None, checkpoint_steps: int | None = None,
                     resume: dict | None = None) -> dict:
     """Train ``cfg.method`` on the rows ``x`` (n, d); returns ``{"model", "config", "schedules", "rounds",
-    "history", "train_rows", "val_rows", "steps", "budget"}`` (``rounds``: per round the active indices, their
+    "history", "train_rows", "val_rows", "test_rows", "steps", "budget"}`` (``rounds``: per round the active indices, their
     validation losses and the kept ones; ``history``: the mean training loss per round, one entry for a control).
 
     ``checkpoint(partial)``, when given, is called with the same dict plus ``"resume"`` (the optimizer state, the
@@ -147,14 +164,14 @@ def train_diffusion(x, cfg: DiffusionConfig, progress=None, *, checkpoint=None, 
         raise InputError("Diffusion training needs a finite (n, d) data matrix.")
     if checkpoint_steps is not None and (not isinstance(checkpoint_steps, int) or checkpoint_steps < 1):
         raise InputError(f"checkpoint_steps must be an integer >= 1 or None. Got {checkpoint_steps!r}.")
-    tr, va = _split(x, cfg.val_rows, cfg.seed)
+    tr, va, te = split_rows(x.shape[0], cfg.val_rows, cfg.test_rows, cfg.seed)
     dev = torch.device(cfg.device)
     X = torch.as_tensor(x[tr], device=dev)
     XV = torch.as_tensor(x[va], device=dev)
     scheds = cfg.schedules()
     tabs = [Tables(s, dev) for s in scheds]
     torch.manual_seed(cfg.seed)
-    cond = {"consensus": "schedule", "single": "timestep", "logsnr": "logsnr"}[cfg.method]
+    cond = CONDITIONING[cfg.method]
     model = Denoiser(x.shape[1], widths=tuple(cfg.widths), emb_dim=cfg.emb_dim, conditioning=cond,
                      n_schedules=cfg.R).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -183,7 +200,8 @@ def train_diffusion(x, cfg: DiffusionConfig, progress=None, *, checkpoint=None, 
 
     def result() -> dict:
         return {"model": model, "config": cfg, "schedules": scheds, "rounds": [dict(r) for r in rounds],
-                "history": list(history), "train_rows": tr, "val_rows": va, "steps": pos["steps"], "budget": budget}
+                "history": list(history), "train_rows": tr, "val_rows": va, "test_rows": te, "steps": pos["steps"],
+                "budget": budget}
 
     def save():
         nonlocal last_ckpt
@@ -245,4 +263,4 @@ def train_diffusion(x, cfg: DiffusionConfig, progress=None, *, checkpoint=None, 
     return result()
 
 
-__all__ = ["DiffusionConfig", "METHODS", "train_diffusion", "validation_loss"]
+__all__ = ["CONDITIONING", "DiffusionConfig", "METHODS", "split_rows", "train_diffusion", "validation_loss"]
