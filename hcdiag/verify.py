@@ -86,6 +86,8 @@ DIFFUSION = {"smoke": dict(lambdas=[0.1, 0.7, 10.0], controls_at=0.7, n_samples=
                            train=dict(kind="linear", R=8, epochs_per_round=2000))}
 DIFFUSION_METHODS = ("consensus", "single", "logsnr")
 DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
+# stamped into each diffusion run's .checks.json: a grid resumed after the checks changed decides them again
+DIFFUSION_CHECKS_VERSION = 2
 
 
 def diffusion_jobs(preset: str, dataset: str, seed: int, *, data_dir=None, device="auto") -> list[Job]:
@@ -318,10 +320,17 @@ def run_diffusion_job(job: Job, out_dir: str) -> dict:
         save_diffusion_run(out, path, data)
         trained = True
     checks_path = path.with_suffix(".checks.json")
-    if trained or not checks_path.exists():
+    stale = True
+    if not trained and checks_path.exists():
+        try:
+            stale = json.loads(checks_path.read_text()).get("checks_version") != DIFFUSION_CHECKS_VERSION
+        except (OSError, ValueError):
+            stale = True
+    if stale:
         results = run_diffusion_checks(load_diffusion_run(path), select=DIFFUSION_RUN_CHECKS, seed=job.seed)
+        doc = {**to_json_doc(results, run_path=str(path), tolerance=None), "checks_version": DIFFUSION_CHECKS_VERSION}
         tmp = checks_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(to_json_doc(results, run_path=str(path)), default=float))
+        tmp.write_text(json.dumps(doc, default=float))
         os.replace(tmp, checks_path)
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "seconds": time.perf_counter() - t0}

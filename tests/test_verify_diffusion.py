@@ -82,3 +82,12 @@ def test_a_tiny_diffusion_grid_end_to_end(tiny_diffusion, tmp_path, one_thread):
         assert json.loads(open(r["checks"]).read())["checks"][0]["id"] == "D1"
     again = V.verify(tmp_path, preset="smoke", datasets=["synthetic"], groups=["diffusion"], workers=1)
     assert [r["verdict"] for r in again["claims"]] == [r["verdict"] for r in doc["claims"]]  # finished runs kept
+    # checks written by an older version of the checks are decided again; the runs are not retrained
+    one = next(r["checks"] for r in res["runs"])
+    stamp = json.loads(open(one).read())
+    assert stamp["checks_version"] == V.DIFFUSION_CHECKS_VERSION
+    stamp["checks_version"] = 0
+    stamp["checks"] = []
+    open(one, "w").write(json.dumps(stamp))
+    rec = V.run_job(V.Job(**next(r["job"] for r in res["runs"] if r["checks"] == one)), str(tmp_path))
+    assert not rec["trained"] and json.loads(open(one).read())["checks"][0]["id"] == "D1"

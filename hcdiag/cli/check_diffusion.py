@@ -9,7 +9,7 @@ from hcdiag.cli.common import add_format_argument, int_arg, nonempty_arg
 
 NAME = "check-diffusion"
 HELP = ("run the section 7.4 checks D1-D4 on a diffusion run file written by `hcdiag train-diffusion` (exit 0 "
-        "holds, 1 fails, 2 bad input)")
+        "holds, 1 fails or inconclusive, 2 bad input)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ its two controls, on one step budget.
 
 A caution the paper does not give: Algorithm 2 ranks schedules by their epsilon-prediction loss, and that loss
 is not comparable across schedules. Even a perfect denoiser's loss depends on the schedule (for data N(0, I) the
-Bayes loss per dimension is ``mean_t abar_t``: 0.387, 0.309, 0.246, 0.196 for ``family('linear', 4)``), so "keep
+Bayes loss per dimension is ``mean_t abar_t``: 0.387, 0.309, 0.246, 0.195 for ``family('linear', 4)``), so "keep
 the smallest losses" favours the noisiest schedules whatever the model learned. hcdiag runs the rule as written
 (``rounds`` record every loss) and the checks report this confound beside the selection.
 
