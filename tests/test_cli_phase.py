@@ -119,7 +119,10 @@ def test_diffusion_reports_missing_t_c_with_reason(tmp_path, seed, capsys):
     a = alphabar("cosine", 500)
     assert a[s["t_snr"] - 1] * out["lambda_max"] <= 1 - a[s["t_snr"] - 1]
     assert main(["diffusion", str(path), "--schedule", "cosine", "--device", "cpu"]) == 0
-    assert "cosine: no t_c: lambda_max = " in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "cosine: no t_c: lambda_max = " in text
+    # the VAE's spectral criterion printed beside the diffusion timesteps, for the same data
+    assert f"collapse for s2 > lambda_max = {out['lambda_max']:.6g}" in text and out["vae_s2_threshold"] == out["lambda_max"]
 
 
 def test_diffusion_bad_arguments_exit_2(npy, capsys):

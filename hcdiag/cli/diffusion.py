@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"The data {ds.name} has lambda_max = 0 (constant rows); no timestep is defined.")
     results = [critical_timestep(spec.lambda_max, s, args.T) for s in schedules]
     payload = {"dataset": ds.name, "n": spec.n, "N": spec.d, "lambda_max": spec.lambda_max, "T": args.T,
+               "vae_s2_threshold": spec.lambda_max,
                "schedules": [r.to_dict() for r in results]}
 
     def _t(v, frac):
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         if r.t_snr_reason:
             notes.append(f"{r.schedule}: no SNR timestep: {r.t_snr_reason}")
     text = (f"{ds.name}: n = {spec.n}, N = {spec.d}, lambda_max = {spec.lambda_max:.6g}, T = {args.T}\n"
+            f"the VAE's criterion on the same data: collapse for s2 > lambda_max = {spec.lambda_max:.6g} "
+            "(hcdiag phase); measured t_c of a trained model: hcdiag check-diffusion\n"
             "t_c: first t with 1 - alphabar_t >= lambda_max (eq. 13); "
             "t_snr: first t with alphabar_t * lambda_max <= 1 - alphabar_t\n\n" + table
             + ("\n\n" + "\n".join(notes) if notes else ""))
