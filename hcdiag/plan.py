@@ -36,6 +36,7 @@ class Counts:
     mi_lo: int = 0
     mi_hi: int = 0
     em_runs: int = 0
+    diffusion: int = 0  # denoiser steps (section 7's runs), timed by their own unit
 
     def __add__(self, o: Counts) -> Counts:
         return Counts(*(getattr(self, f.name) + getattr(o, f.name) for f in fields(self)))
@@ -45,7 +46,7 @@ class Counts:
         pick = (lambda lo, h: h) if hi else (lambda lo, h: lo)
         return (pick(self.hct_lo, self.hct_hi) * u["hct"] + pick(self.vanilla_lo, self.vanilla_hi) * u["vanilla"]
                 + pick(self.evals_lo, self.evals_hi) * u["eval"] + pick(self.mi_lo, self.mi_hi) * u["mi"]
-                + self.em_runs * u["em"])
+                + self.em_runs * u["em"] + self.diffusion * u.get("diffusion", u["vanilla"]))
 
 
 def round_sizes(r0: int, keep_ratio: float) -> list[int]:
@@ -162,7 +163,32 @@ def _unit_costs(data, preset: str, *, em_r0: int, device: str, reps: int, blocks
                          "eval": lambda: tr.loop.evaluate(model), "mi": mi}, reps=reps, blocks=blocks)
     out["em"] = em
     out["params"] = sum(p.numel() for p in model.parameters())
+    out["diffusion"] = _diffusion_step(tr.x_np.shape[1], reps=reps, blocks=blocks)
     return out
+
+
+def _diffusion_step(d: int, *, reps: int, blocks: int, B: int = 256) -> float:
+    """Seconds per step of Algorithm 2's denoiser (the verify grid's settings) on d-dimensional rows."""
+    import torch
+
+    from hcdiag.diffusion.model import Denoiser, Tables
+    from hcdiag.diffusion.train import DiffusionConfig, _Draws, _loss
+
+    cfg = DiffusionConfig()
+    X = torch.randn(4 * B, d)
+    tabs = [Tables(s) for s in cfg.schedules()]
+    model = Denoiser(d, widths=tuple(cfg.widths), emb_dim=cfg.emb_dim, conditioning="schedule", n_schedules=cfg.R)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    draws = _Draws(0, X.shape[0], d, B, cfg.T)
+
+    def step():
+        rows, t, eps = draws.next()
+        loss = _loss(model, X[rows], t, eps, tabs[0], 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _median_block({"d": step}, reps=reps, blocks=blocks)["d"]
 
 
 def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
@@ -176,12 +202,12 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
     ref_keys: dict[tuple, int] = {}
     per_job: list[dict] = []
     for j in jobs:
-        if j.group == "diffusion":  # optimizer steps of Algorithm 2 (each control the same), at the VAE step's cost
+        if j.group == "diffusion":  # optimizer steps of Algorithm 2 (each control the same), at the denoiser's cost
             from hcdiag.diffusion.train import DiffusionConfig
             from hcdiag.verify import DIFFUSION
 
             steps = DiffusionConfig(method=j.method, **DIFFUSION[j.preset]["train"]).budget()
-            c = Counts(vanilla_lo=steps, vanilla_hi=steps)
+            c = Counts(diffusion=steps)
             groups.setdefault((j.dataset, f"diffusion ({j.method})"), []).append(c)
             per_job.append({"name": j.name, "hours": (c.seconds(units[j.dataset], False) / 3600,
                                                       c.seconds(units[j.dataset], True) / 3600)})
@@ -231,14 +257,17 @@ def format_plan(plan: dict, units: dict, workers: int) -> str:
     for ds, u in units.items():
         lines.append(f"{ds}: unit costs on this machine (one thread, {u['params']:,} parameters): vanilla step "
                      f"{u['vanilla'] * 1e3:.1f} ms, HCT step {u['hct'] * 1e3:.1f} ms, evaluation {u['eval'] * 1e3:.0f} ms, "
-                     f"MI {u['mi'] * 1e3:.0f} ms, EM {u['em']:.2f} s per run")
+                     f"MI {u['mi'] * 1e3:.0f} ms, EM {u['em']:.2f} s per run"
+                     + (f", diffusion step {u['diffusion'] * 1e3:.1f} ms" if "diffusion" in u else ""))
     for j in plan.get("per_job", []):
         lines.append(f"  {j['name']:<64} {_span(*j['hours'])}")
     lines.append(f"{'dataset':<15}{'group':<24}{'jobs':>5}{'HCT steps':>24}{'vanilla steps':>24}{'time (lo..hi)':>20}")
     for r in plan["rows"]:
         c, (h_lo, h_hi) = r["counts"], r["hours"]
-        lines.append(f"{r['dataset']:<15}{r['group']:<24}{r['jobs']:>5}{f'{c.hct_lo:,}..{c.hct_hi:,}':>24}"
-                     f"{f'{c.vanilla_lo:,}..{c.vanilla_hi:,}':>24}{_span(h_lo, h_hi):>20}")
+        steps = (f"{c.hct_lo:,}..{c.hct_hi:,}", f"{c.vanilla_lo:,}..{c.vanilla_hi:,}") if not c.diffusion else (
+            "-", f"{c.diffusion:,} denoiser")
+        lines.append(f"{r['dataset']:<15}{r['group']:<24}{r['jobs']:>5}{steps[0]:>24}{steps[1]:>24}"
+                     f"{_span(h_lo, h_hi):>20}")
     lo, hi = plan["hours"]
     lines.append(f"shared once: {plan['em_fits']} EM runs ({duration(plan['em_hours'])}, the em-cache), "
                  f"{plan['references']} collapsed/vanilla references ({duration(plan['reference_hours'])}, the "

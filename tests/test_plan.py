@@ -69,6 +69,16 @@ def test_grid_plan_counts_shared_work_once():
     want = {("c", c.loss, c.seed) for c in cfgs if "collapsed" in c.references}
     want |= {("v", c.multiple, c.loss, c.seed) for c in cfgs if c.method == "hct" and "vanilla" in c.references}
     assert plan["references"] == len(want)
+    # section 7's jobs: Algorithm 2's step budget in denoiser steps, timed by the denoiser's unit when measured
+    from hcdiag.diffusion.train import DiffusionConfig
+    from hcdiag.verify import DIFFUSION
+
+    budget = DiffusionConfig(**DIFFUSION["smoke"]["train"]).budget()
+    dif = [r for r in plan["rows"] if r["group"].startswith("diffusion")]
+    assert dif and all(r["counts"].diffusion == budget * r["jobs"] and r["counts"].vanilla_hi == 0 for r in dif)
+    timed = grid_plan(jobs, {"synthetic": 4000}, {"synthetic": {**units["synthetic"], "diffusion": 1.0}})
+    row = next(r for r in timed["rows"] if r["group"] == "diffusion (consensus)")
+    assert math.isclose(row["hours"][0], budget * row["jobs"] / 3600)
     lo, hi = plan["hours"]
     assert 0 < lo <= hi and math.isclose(hi, sum(r["hours"][1] for r in plan["rows"]) + plan["em_hours"]
                                          + plan["reference_hours"])
