@@ -4,25 +4,13 @@ epsilon loss, Adam) against the same MLP's forward-backward-Adam on an input of 
 diffusion bookkeeping. Printed as a ratio measured in the same run (interleaved, median of blocks), one thread, for
 the smoke grid's denoiser (128, 128, 128) on 32-d (synthetic) and 64-d (digits) rows, batch 256."""
 
-import time
-
 import numpy as np
 import torch
 
+from bench.bench_gemm import _median
 from hcdiag.diffusion.model import Denoiser, Tables
 from hcdiag.diffusion.schedules import family
 from hcdiag.diffusion.train import _Draws, _loss
-
-
-def _median(fn, reps=50, blocks=5) -> float:
-    fn()
-    out = []
-    for _ in range(blocks):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        out.append((time.perf_counter() - t) / reps)
-    return float(np.median(out))
 
 
 def measure(d: int, conditioning: str, B: int = 256) -> dict:
