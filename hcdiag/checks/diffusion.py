@@ -337,7 +337,6 @@ class DiffusionContext:
 
     def __init__(self, run, *, seed: int = 0, n_samples: int | None = None, progress=None, sampler: str = "ddpm",
                  ddim_steps: int | None = None):
-        from hcdiag.diffusion.data import truth
 
         if sampler not in ("ddpm", "ddim"):
             raise InputError(f"The sampler must be ddpm or ddim. Got {sampler!r}.")
@@ -358,7 +357,7 @@ class DiffusionContext:
         self.train_n = self.train[np.sort(g.choice(self.train.shape[0], self.n, replace=False))]
         self.r = home_index(run)
         self.home = Tables(run.schedules[self.r])
-        self.truth, self.truth_reason = truth(x.float().numpy(), run.spec)
+        self._truth = None  # regenerated on first use (D3, D4 with a known mixture), never read from the file
         self._samples: dict = {}
         self._floor = None
 
@@ -394,6 +393,10 @@ class DiffusionContext:
             self._samples[key] = self._draw(eps, tab, g)
         return self._samples[key]
 
+    def home_diverged(self) -> str | None:
+        """Why the home samples count as diverged (:func:`diverged`), else None."""
+        return diverged(self.samples(), self.x)
+
     def floor(self) -> dict:
         if self._floor is None:
             from hcdiag.diffusion.quality import energy_test
@@ -402,11 +405,15 @@ class DiffusionContext:
         return self._floor
 
     def quality(self, s: np.ndarray) -> dict:
-        if self.truth is None:
-            return {"truth": None, "why": self.truth_reason}
+        if self._truth is None:
+            from hcdiag.diffusion.data import truth
+
+            self._truth = truth(self.x.float().numpy(), self.run.spec)
+        t, why = self._truth
+        if t is None:
+            return {"truth": None, "why": why}
         from hcdiag.diffusion.quality import gmm_loglik, mode_coverage
 
-        t = self.truth
         cov = mode_coverage(s, t["means"], t["spread"])
         ll = gmm_loglik(s, t["means"], t["spread"], t["weights"])
         ll_data = gmm_loglik(self.heldout_n.numpy(), t["means"], t["spread"], t["weights"])
@@ -491,9 +498,8 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                                       "(check the consensus run against it)", **extra)
         elif few:
             out["D3"] = _inconclusive("D3", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
-        elif diverged(ctx.samples(), ctx.x):
-            out["D3"] = decide_diversity({}, 0.0, complete=complete, extra={**extra, "diverged": diverged(ctx.samples(),
-                                                                                                      ctx.x)})
+        elif ctx.home_diverged():
+            out["D3"] = decide_diversity({}, 0.0, complete=complete, extra={**extra, "diverged": ctx.home_diverged()})
         else:
             fl = ctx.floor()
             extra.update(ed=fl["ed"], excess=fl["excess"], excess_ci=fl["excess_ci"], quality=ctx.quality(ctx.samples()),
@@ -540,8 +546,8 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                  "the home timestep of the nearest log SNR"}
         if few:
             out["D4"] = _inconclusive("D4", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
-        elif diverged(ctx.samples(), ctx.x):
-            out["D4"] = _inconclusive("D4", f"the samples under the home schedule diverge ({diverged(ctx.samples(), ctx.x)}): "
+        elif ctx.home_diverged():
+            out["D4"] = _inconclusive("D4", f"the samples under the home schedule diverge ({ctx.home_diverged()}): "
                                       "nothing to compare the unseen schedules with", **extra)
         else:
             fl = ctx.floor()
