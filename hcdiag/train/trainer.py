@@ -46,13 +46,16 @@ class Trainer:
         result: the cached set is the one this run would fit.
     ref_cache : folder of references (the collapsed model, the vanilla reference) shared between runs
         (:mod:`hcdiag.train.refcache`), or None to train them every time. It changes no result either.
+    checkpoint_seconds : a baseline saves its run file after an epoch once this many seconds have passed since
+        its last save, so ``--resume`` continues from there (bitwise); HCT saves after every round and stage.
 
     After :meth:`setup`, ``loop`` holds the data stream and steps (:class:`~hcdiag.train.loop.Loop`).
     """
 
     def __init__(self, cfg: TrainConfig, data, out: str | os.PathLike | None = None, *,
                  progress: Progress | None = None, lambda_max: float | None = None,
-                 em_cache: str | os.PathLike | None = None, ref_cache: str | os.PathLike | None = None):
+                 em_cache: str | os.PathLike | None = None, ref_cache: str | os.PathLike | None = None,
+                 checkpoint_seconds: float = 60.0):
         from hcdiag.validation import as_data_matrix
 
         self.cfg = cfg
@@ -73,6 +76,7 @@ class Trainer:
         self.em_cache = em_cache
         self.ref_cache = ref_cache
         self.timings: dict[str, float] = {}
+        self.checkpoint_seconds = float(checkpoint_seconds)
         self.loop: Loop | None = None
         self.writer: RunWriter | None = None
 

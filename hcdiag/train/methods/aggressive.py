@@ -118,6 +118,16 @@ class Aggressive(Vanilla):
                                f"{epoch + 1}; encoder inner loop off, encoder and decoder step together")
         ctx["last_mi"] = mi
 
+    def ctx_state(self, ctx):
+        return {"enc": ctx["enc"].state_dict(), "dec": ctx["dec"].state_dict(), "on": bool(ctx["on"]),
+                "last_mi": float(ctx["last_mi"]), "mis": [float(m) for m in ctx["mis"]], "ended": ctx["ended"]}
+
+    def load_ctx(self, ctx, saved):
+        ctx["enc"].load_state_dict(saved["enc"])
+        ctx["dec"].load_state_dict(saved["dec"])
+        ctx.update(on=bool(saved["on"]), last_mi=float(saved["last_mi"]), mis=[float(m) for m in saved["mis"]],
+                   ended=None if saved["ended"] is None else int(saved["ended"]))
+
     def finish(self, t, ctx, run):
         if run is not None:
             t.writer.set_aggressive(records.Aggressive(torch.tensor(ctx["mis"], dtype=torch.float64), ctx["ended"]))

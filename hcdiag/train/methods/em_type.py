@@ -46,6 +46,13 @@ class EMType(Vanilla):
         return {"enc": torch.optim.Adam(enc, lr=t.cfg.lr), "dec": torch.optim.Adam(dec, lr=t.cfg.lr),
                 "weights": weights, "inner": []}
 
+    def ctx_state(self, ctx):
+        return {"enc": ctx["enc"].state_dict(), "dec": ctx["dec"].state_dict()}
+
+    def load_ctx(self, ctx, saved):
+        ctx["enc"].load_state_dict(saved["enc"])
+        ctx["dec"].load_state_dict(saved["dec"])
+
     def epoch_terms(self, t, model, ctx, state, epoch):
         terms, inner = [], []
         for _ in range(t.loop.steps_per_epoch):

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from hcdiag.errors import InputError, flag
 from hcdiag.losses import LossWeights
 from hcdiag.train.methods.base import Method
 from hcdiag.train.writer import cpu_state, snapshot_marks
@@ -46,6 +47,15 @@ class Vanilla(Method):
     def finish(self, t, ctx: dict, run: dict | None) -> None:
         pass
 
+    def ctx_state(self, ctx: dict) -> dict:
+        """What of ``ctx`` a checkpoint keeps for ``--resume`` to continue bitwise: every optimizer's state and
+        the method's own plain values (:meth:`load_ctx` restores them)."""
+        return {"opt": ctx["opt"].state_dict()}
+
+    def load_ctx(self, ctx: dict, saved: dict) -> None:
+        """Restore :meth:`ctx_state`'s ``saved`` into a fresh ``ctx`` (from :meth:`begin`)."""
+        ctx["opt"].load_state_dict(saved["opt"])
+
     # -- the run ------------------------------------------------------------------------------------------
     def train(self, t, run: dict) -> None:
         """``epochs`` data epochs; snapshots ``init``, evenly spaced epochs and ``final``."""
@@ -53,10 +63,8 @@ class Vanilla(Method):
         if (t.writer.resume_position() or {}).get("stage") == "references":
             return
         t0 = time.perf_counter()
-        state, snaps = train_vae(t, self, model, t.cfg.epochs, run=run, stage="baseline")
-        t.timings["baseline"] = time.perf_counter() - t0
-        for name, sd in snaps:
-            t.writer.add_state(name, sd)
+        state, _ = train_vae(t, self, model, t.cfg.epochs, run=run, stage="baseline", checkpoint=True)
+        t.timings["baseline"] = t.timings.get("baseline", 0.0) + time.perf_counter() - t0
         t.writer.save(model, None, state, {"stage": "references", "done": []})
 
 
@@ -87,20 +95,57 @@ class FreeBits(Vanilla):
         return cfg.free_bits
 
 
+class _Ctx:
+    """A method's training context seen as one optimizer by :meth:`RunWriter.save`/``restore``: its state dict
+    is :meth:`Vanilla.ctx_state` (every optimizer and the method's own values)."""
+
+    def __init__(self, method: Vanilla, ctx: dict):
+        self.method, self.ctx = method, ctx
+
+    def state_dict(self) -> dict:
+        return self.method.ctx_state(self.ctx)
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.method.load_ctx(self.ctx, saved)
+
+
 def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage: str,
-              weights: LossWeights | None = None, seed_offset: int = 0) -> tuple[dict, list]:
+              weights: LossWeights | None = None, seed_offset: int = 0, checkpoint: bool = False) -> tuple[dict, list]:
     """Train ``model`` with ``method``'s objective for ``epochs`` data epochs on its own stream (seeded
     ``seed + 1000 seed_offset``). With ``run``, one history row per epoch. Returns the stream state and the
-    snapshots ``[(name, state_dict)]`` (init, ``baseline_snapshots`` evenly spaced epochs, final)."""
+    snapshots ``[(name, state_dict)]`` (init, ``baseline_snapshots`` evenly spaced epochs, final).
+
+    With ``checkpoint`` (the run's main model; needs ``run``) the snapshots go to the run as they are taken (the
+    returned list is empty) and the run file is saved after an epoch whenever ``t.checkpoint_seconds`` have
+    passed since the last save, with what ``--resume`` needs to continue bitwise (model, the method's optimizers
+    and values, the stream, the history rows); a resumed run starts after the last saved epoch."""
     c = t.cfg
     w = weights or t.loop.weights
-    state = t.loop.new_state(c.seed + 1000 * seed_offset)
-    snaps = [("init", cpu_state(model.state_dict()))]
+    pos = t.writer.resume_position() if checkpoint else None
+    resumed = pos is not None and pos.get("stage") == stage
     marks = snapshot_marks(epochs, c.baseline_snapshots)
-    if run is not None:
-        t.writer.record(model, stage, state, None)
+    if resumed:
+        start, snaps = pos.get("epoch"), []
+        if not (isinstance(start, int) and not isinstance(start, bool) and 0 < start < epochs):
+            raise InputError(f"{flag('--resume', 'resume')}: {t.out} holds a checkpoint after epoch {start}, outside this "
+                             f"run's epochs 1..{epochs - 1} (a damaged or edited file); train it again with "
+                             f"{flag('--overwrite', 'overwrite=True')}.")
+    else:
+        start = 0
+        state = t.loop.new_state(c.seed + 1000 * seed_offset)
+        snaps = [("init", cpu_state(model.state_dict()))]
+        if run is not None:
+            t.writer.record(model, stage, state, None)
     ctx = method.begin(t, model, run, w)
-    for e in range(epochs):
+    if resumed:
+        state = t.writer.restore(model, _Ctx(method, ctx), c.seed + 1000 * seed_offset)
+    if checkpoint:
+        for name, sd in snaps:
+            t.writer.add_state(name, sd)
+        snaps = []
+    every = float(getattr(t, "checkpoint_seconds", 60.0))
+    last = time.perf_counter()
+    for e in range(start, epochs):
         terms = torch.stack(method.epoch_terms(t, model, ctx, state, e))
         t.loop.check_finite(terms, f"{stage} ({method.name}), epoch {e + 1}", state)
         state["step"] += len(terms)
@@ -109,7 +154,16 @@ def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage
             t.writer.record(model, stage, state, terms.mean(0))
         method.after_epoch(t, model, ctx, run, e)
         if e + 1 in marks and e + 1 < epochs:
-            snaps.append((f"epoch{e + 1}", cpu_state(model.state_dict())))
+            if checkpoint:
+                t.writer.snapshot(model, f"epoch{e + 1}")
+            else:
+                snaps.append((f"epoch{e + 1}", cpu_state(model.state_dict())))
+        if checkpoint and e + 1 < epochs and time.perf_counter() - last >= every:
+            t.writer.save(model, _Ctx(method, ctx), state, {"stage": stage, "epoch": e + 1})
+            last = time.perf_counter()
     method.finish(t, ctx, run)
-    snaps.append(("final", cpu_state(model.state_dict())))
+    if checkpoint:
+        t.writer.snapshot(model, "final")
+    else:
+        snaps.append(("final", cpu_state(model.state_dict())))
     return state, snaps
