@@ -224,10 +224,14 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
                 ref_keys[key] = reference_steps(cfg, n)
         label = {"main": f"main {j.method}{' ' + j.tag if j.tag else ''}", "phase": "phase (vanilla)",
                  "ablation": "ablations (hct)", "witness": f"witness (teacher {j.tag})"}[j.group]
-        c = Counts(**{**job_counts(cfg, n, shared_references=True).__dict__, "em_runs": 0})
+        # a job relabelled from its twin's run (the same training under the other convention,
+        # hcdiag.train.twin) trains nothing of its own
+        c = Counts() if getattr(j, "twin", "") else Counts(**{**job_counts(cfg, n, shared_references=True).__dict__,
+                                                               "em_runs": 0})
         groups.setdefault((j.dataset, label), []).append(c)
         per_job.append({"name": j.name, "hours": (c.seconds(units[j.dataset], False) / 3600,
-                                                  c.seconds(units[j.dataset], True) / 3600)})
+                                                  c.seconds(units[j.dataset], True) / 3600),
+                        "twin": getattr(j, "twin", "")})
     rows = []
     for (ds, label), cs in groups.items():
         s = sum(cs[1:], cs[0])
@@ -260,7 +264,8 @@ def format_plan(plan: dict, units: dict, workers: int) -> str:
                      f"MI {u['mi'] * 1e3:.0f} ms, EM {u['em']:.2f} s per run"
                      + (f", diffusion step {u['diffusion'] * 1e3:.1f} ms" if "diffusion" in u else ""))
     for j in plan.get("per_job", []):
-        lines.append(f"  {j['name']:<64} {_span(*j['hours'])}")
+        lines.append(f"  {j['name']:<64} " + (f"0 s (relabelled from {j['twin']}: the same training)" if j.get("twin")
+                                             else _span(*j["hours"])))
     lines.append(f"{'dataset':<15}{'group':<24}{'jobs':>5}{'HCT steps':>24}{'vanilla steps':>24}{'time (lo..hi)':>20}")
     for r in plan["rows"]:
         c, (h_lo, h_hi) = r["counts"], r["hours"]

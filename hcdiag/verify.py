@@ -41,6 +41,9 @@ class Job:
     data_dir: str | None = None
     device: str = "auto"
     after: str = ""  # the name of a job whose run file this one starts from (the rescue starts from the collapse)
+    # the name of the job of the same run under the other of literal/scaled, whose complete run file this one is
+    # relabelled from instead of training again (hcdiag.train.twin: a baseline's training does not depend on it)
+    twin: str = ""
 
     @property
     def name(self) -> str:
@@ -203,6 +206,8 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
                              f"choose among {', '.join(GROUPS)}.")
         return [j for j in build_grid(preset, datasets, seeds, device=device, data_dir=data_dir, losses=losses)
                 if j.group in groups]
+    from hcdiag.train.twin import shareable, twin_loss
+
     g = GRIDS[preset]
     losses = losses or g["losses"]
     jobs = []
@@ -219,8 +224,13 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
                 if method != "hct":
                     ov["references"] = ()
                 for m in g["multiples"]:
-                    for loss in (losses[:1] if tag == "warmup" else losses):
-                        jobs.append(Job(ds, method, m, loss, seed, tag=tag, overrides=tuple(sorted(ov.items())), **common))
+                    mine = losses[:1] if tag == "warmup" else losses
+                    for loss in mine:
+                        job = Job(ds, method, m, loss, seed, tag=tag, overrides=tuple(sorted(ov.items())), **common)
+                        other = twin_loss(loss) if shareable(method, loss) else None
+                        if other in mine and mine.index(other) < mine.index(loss):  # trained once, under the first
+                            job = replace(job, twin=replace(job, loss=other).name)
+                        jobs.append(job)
             for m in g["phase_multiples"]:
                 ov = {**g["overrides"], "epochs": g["phase_epochs"], "references": ()}
                 jobs.append(Job(ds, "vanilla", m, losses[0], seed, group="phase", overrides=tuple(sorted(ov.items())), **common))
@@ -265,6 +275,7 @@ def run_job(job: Job, out_dir: str) -> dict:
     cfg = make_config(job.preset, method=job.method, multiple=job.multiple, loss=job.loss, seed=job.seed,
                       device=job.device, **dict(job.overrides), **start)
     trained = False
+    shared = None
     complete = False
     if path.exists():
         try:
@@ -276,12 +287,19 @@ def run_job(job: Job, out_dir: str) -> dict:
         # the references are shared by the grid's runs (HCDIAG_SHARE_REFERENCES=0: each run trains its own, as
         # bench verify does to measure what sharing saves)
         share = os.environ.get("HCDIAG_SHARE_REFERENCES", "1") != "0"
-        Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
-                em_cache=Path(out_dir) / "em-cache",
-                ref_cache=Path(out_dir) / "ref-cache" if share else None).run(resume=True)
-        trained = True
+        trainer = Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
+                          em_cache=Path(out_dir) / "em-cache",
+                          ref_cache=Path(out_dir) / "ref-cache" if share else None)
+        if job.twin and share:
+            from hcdiag.train.twin import relabel
+
+            if relabel(trainer, Path(out_dir) / job.twin, path) is not None:
+                shared = job.twin
+        if shared is None:
+            trainer.run(resume=True)
+            trained = True
     checks_path = path.with_suffix(".checks.json")
-    if trained or not checks_path.exists():
+    if trained or shared or not checks_path.exists():
         select = {"main": None, "witness": WITNESS_CHECKS}.get(job.group, ["KL", "AU"])
         results = run_checks(path, select=select)
         doc = to_json_doc(results, run_path=str(path))
@@ -289,7 +307,7 @@ def run_job(job: Job, out_dir: str) -> dict:
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, checks_path)
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
-            "seconds": time.perf_counter() - t0}
+            "shared_from": shared, "seconds": time.perf_counter() - t0}
 
 
 def run_diffusion_job(job: Job, out_dir: str) -> dict:
@@ -333,7 +351,7 @@ def run_diffusion_job(job: Job, out_dir: str) -> dict:
         tmp.write_text(json.dumps(doc, default=float))
         os.replace(tmp, checks_path)
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
-            "seconds": time.perf_counter() - t0}
+            "shared_from": None, "seconds": time.perf_counter() - t0}
 
 
 # the teacher-guided VAE's runs: no rounds for HCT's checks, and T4 would certify against clustering 0, not the
@@ -469,14 +487,42 @@ def plan(preset: str, datasets, seeds: int, *, data_dir=None, losses=None, group
 
 
 def _dependents(jobs: list[Job]) -> dict[int, list[int]]:
-    """Job index -> the indices of the jobs that start from its run file (``after``); a job whose ``after`` is
-    not in the list runs at once (and fails if that run file does not exist)."""
+    """Job index -> the indices of the jobs that wait for its run file: those that start from it (``after``) and
+    those relabelled from it (``twin``). A job whose ``after`` or ``twin`` is not in the list runs at once (and
+    fails if its ``after`` run file does not exist; trains if its twin's does not)."""
     index = {j.name: i for i, j in enumerate(jobs)}
     out: dict[int, list[int]] = {}
     for k, j in enumerate(jobs):
-        if j.after and j.after in index:
-            out.setdefault(index[j.after], []).append(k)
+        for dep in dict.fromkeys(d for d in (j.after, j.twin) if d and d in index):
+            out.setdefault(index[dep], []).append(k)
     return out
+
+
+class _Waits:
+    """The jobs waiting on others (:func:`_dependents`): :meth:`finished` records one job's end and returns its
+    dependents whose every dependency has ended, with the error each must fail with (None: run it). A job fails
+    when a job it starts from (``after``) failed; a failed twin only means it trains itself."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs, self.waiting = jobs, _dependents(jobs)
+        self.left = {}
+        for ks in self.waiting.values():
+            for k in ks:
+                self.left[k] = self.left.get(k, 0) + 1
+        self.blocked: dict[int, str] = {}
+
+    def first(self) -> list[int]:
+        return [i for i in range(len(self.jobs)) if i not in self.left]
+
+    def finished(self, i: int, failed: bool) -> list[tuple[int, str | None]]:
+        out = []
+        for k in self.waiting.pop(i, []):
+            if failed and self.jobs[k].after == self.jobs[i].name:
+                self.blocked.setdefault(k, f"it starts from {self.jobs[i].name}, which did not finish")
+            self.left[k] -= 1
+            if self.left[k] == 0:
+                out.append((k, self.blocked.get(k)))
+        return out
 
 
 def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: int | None = None,
@@ -499,7 +545,8 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
             results[i] = rec
             if progress:
                 n = sum(r is not None for r in results)
-                what = f"FAILED: {rec['error']}" if rec.get("error") else f"{rec['seconds']:.1f} s"
+                what = f"FAILED: {rec['error']}" if rec.get("error") else f"{rec['seconds']:.1f} s" + (
+                    f", relabelled from {rec['shared_from']}: the same training" if rec.get("shared_from") else "")
                 # the pace of the runs trained here: runs finished before (a resumed grid) took no time and would
                 # make the estimate seconds for hours of work
                 worked = sum(r is not None and (r.get("trained") or r.get("error") is not None) for r in results)
@@ -507,16 +554,16 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                 eta = f", about {_duration(left)} to the end" if n < len(jobs) and left is not None else ""
                 progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")
 
-        waiting = _dependents(jobs)  # job index -> the jobs that start from its run file
+        waits = _Waits(jobs)  # the jobs that start from another's run file, or are relabelled from it
 
         def finished(i: int, rec: dict) -> list[int]:
-            """Record job i; return its dependents now ready. A failed job fails its dependents (they start from
-            its file), and theirs, down the chain."""
+            """Record job i; return its dependents now ready. A failed job fails the jobs that start from its
+            file, and theirs, down the chain."""
             done(i, rec)
             ready = []
-            for k in waiting.pop(i, []):
-                if rec.get("error"):
-                    finished(k, _failure(jobs[k], InputError(f"it starts from {jobs[i].name}, which did not finish")))
+            for k, error in waits.finished(i, bool(rec.get("error"))):
+                if error:
+                    ready += finished(k, _failure(jobs[k], InputError(error)))
                 else:
                     ready.append(k)
             return ready
@@ -528,7 +575,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                                                          "waits on it in turn (a cycle of dependencies)")))
             return results
 
-        first = [i for i, j in enumerate(jobs) if not any(i in ks for ks in waiting.values())]
+        first = waits.first()
         if workers == 1:
             queue = list(first)
             while queue:
@@ -571,11 +618,10 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                           cpus_per_task=slurm.pop("cpus", 4))
         params.update(slurm)
         ex.update_parameters(**params)
-        waiting = _dependents(jobs)
-        later = {k for ks in waiting.values() for k in ks}
+        waits = _Waits(jobs)
         out: list[dict | None] = [None] * len(jobs)
-        wave = [i for i in range(len(jobs)) if i not in later]
-        while wave:  # a job array per wave: the jobs that start from another's run file go in the next one
+        wave = waits.first()
+        while wave:  # a job array per wave: the jobs that wait on another's run file go in a later one
             sj = ex.map_array(run_job, [jobs[i] for i in wave], [out_dir] * len(wave))
             nxt = []
             for i, s in zip(wave, sj):
@@ -584,11 +630,11 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                 except Exception as exc:  # submitit re-raises the job's error (or its own, for a lost job)
                     out[i] = _failure(jobs[i], exc)
                 stack = [i]
-                while stack:  # a failed job fails its dependents, and theirs, down the chain
+                while stack:  # a failed job fails the jobs that start from it, and theirs, down the chain
                     p = stack.pop()
-                    for k in waiting.pop(p, []):
-                        if out[p].get("error"):
-                            out[k] = _failure(jobs[k], InputError(f"it starts from {jobs[p].name}, which did not finish"))
+                    for k, error in waits.finished(p, bool(out[p].get("error"))):
+                        if error:
+                            out[k] = _failure(jobs[k], InputError(error))
                             stack.append(k)
                         else:
                             nxt.append(k)
@@ -1054,16 +1100,24 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
     md += ["", "## Figures"]
     for cap, name, _f in figs:
         md += ["", f"![{cap}]({name})", "", f"*{cap}*"]
-    md += ["", "## Runs", "", "| run | trained here | seconds |", "|---|---|---|"]
-    md += [f"| `{Path(r['run']).relative_to(out_dir)}` | {r['trained']} | {r['seconds']:.1f} |" for r in recs]
+    md += ["", "## Runs", "", "| run | trained in this call | seconds |", "|---|---|---|"]
+    md += [f"| `{Path(r['run']).relative_to(out_dir)}` | {_how(r)} | {r['seconds']:.1f} |" for r in recs]
     md_text = "\n".join(md) + "\n"
     files = {**images, "report.md": md_text.encode(), "report.html": report.html(md_text, images).encode(),
              "results.json": json.dumps(to_jsonable({"schema": "hcdiag.verify/1", **meta, "claims": rows,
                                                      "phase": phase, "diffusion": diffusion,
                                                      "inconsistencies": [{"topic": k, "where": v} for k, v in INCONSISTENCIES],
-                                                     "runs": [{k: r[k] for k in ("job", "run", "checks", "trained", "seconds")}
+                                                     "runs": [{k: r.get(k) for k in ("job", "run", "checks", "trained", "shared_from", "seconds")}
                                                               for r in recs]}), indent=2).encode()}
     return report.write_files(out_dir, files)
+
+
+def _how(rec: dict) -> str:
+    """How a run of the grid came to be, for the report's table of runs."""
+    if rec.get("shared_from"):
+        return (f"no: relabelled from `{Path(rec['shared_from']).name}`, the same training under the other "
+                "convention (hcdiag.train.twin)")
+    return "yes" if rec.get("trained") else "no (finished before)"
 
 
 _OUT = flag("--out", "out_dir")  # verify's output folder

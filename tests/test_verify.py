@@ -1,6 +1,7 @@
 """hcdiag verify: the grid, the executors (local pool and submitit's local executor), the claims table."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,8 @@ def test_plan_prints_every_job_and_writes_nothing(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     jobs = V.build_grid("smoke", ["synthetic"], 1)
     assert all(j.name in out for j in jobs) and f"{len(jobs)} jobs:" in out and "with 2 worker(s)" in out
+    twins = [j for j in jobs if j.twin]  # vanilla under scaled: relabelled from literal, no training of its own
+    assert twins and all(f"{j.name:<64} 0 s (relabelled from {j.twin}: the same training)" in out for j in twins)
     assert not (tmp_path / "o").exists()
     assert main(["verify", "--plan", "--out", str(tmp_path / "o"), "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -504,3 +507,52 @@ def test_readings_on_the_command_line(tmp_path, capsys, monkeypatch):
     assert main(["verify", "--plan", "--readings", "pass"]) == 2
     assert capsys.readouterr().err.strip() == ("hcdiag verify: error: --readings: unknown reading(s) pass; choose "
                                                "among steps, epochs, data_pass.")
+
+
+def test_baselines_under_the_second_of_literal_and_scaled_are_relabelled_from_the_first():
+    jobs = V.build_grid("paper", ["synthetic"], 1, groups=["main"])
+    names = {j.name for j in jobs}
+    for j in jobs:
+        if j.method != "hct" and j.loss == "scaled":
+            assert j.twin == replace(j, loss="literal").name and j.twin in names, j.name
+        else:  # HCT's clustering term depends on the convention; 'mean' is another objective; literal comes first
+            assert j.twin == "", j.name
+    flipped = V.build_grid("paper", ["synthetic"], 1, groups=["main"], losses=["scaled", "literal"])
+    assert {j.name: j.twin for j in flipped if j.twin} == {
+        j.name: replace(j, loss="scaled").name for j in flipped if j.method != "hct" and j.loss == "literal"}
+    assert not any(j.twin for j in V.build_grid("paper", ["synthetic"], 1, groups=["main"], losses=["scaled"]))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_relabelled_twin_waits_for_its_source_and_trains_itself_when_the_source_fails(
+        tiny_grid, tmp_path, monkeypatch, workers, one_thread):
+    from hcdiag.runfile import load_run
+
+    monkeypatch.setitem(V.GRIDS["smoke"], "losses", ["literal", "scaled"])
+    jobs = V.build_grid("smoke", ["synthetic"], 1, groups=["main"])
+    twin = next(j for j in jobs if j.twin)
+    assert twin.method == "vanilla" and twin.loss == "scaled"
+    jobs = [twin] + [j for j in jobs if j is not twin]  # listed first, it must still wait for its source
+    recs = V.execute(jobs, str(tmp_path), workers=workers)
+    assert not any(r.get("error") for r in recs)
+    by = {r["run"]: r for r in recs}
+    got = by[str(tmp_path / twin.name)]
+    assert got["shared_from"] == twin.twin and got["trained"] is False
+    assert all(r["trained"] for r in recs if r is not got)
+    run = load_run(tmp_path / twin.name)
+    assert run.complete and run.config.loss == "scaled"
+    assert json.loads(Path(got["checks"]).read_text())["run"].endswith(twin.name)
+    # the source failed: the twin trains itself (the grid goes on)
+    out2 = tmp_path / "again"
+    real = V.run_job
+
+    def source_fails(job, out_dir):
+        if job.name == twin.twin:
+            raise RuntimeError("killed")
+        return real(job, out_dir)
+
+    monkeypatch.setattr(V, "run_job", source_fails)
+    recs = V.execute(jobs, str(out2), workers=1)
+    by = {r["job"]["tag"] + r["job"]["method"] + r["job"]["loss"]: r for r in recs}
+    assert by["vanillaliteral"]["error"] and by["vanillascaled"]["trained"] is True
+    assert by["vanillascaled"]["shared_from"] is None
