@@ -193,13 +193,16 @@ def table1_bars(rows: list[dict], dataset: str, multiple: float, ax=None):
     fig, ax = axes(ax, (max(6.4, 0.7 * len(rows)), 4.0))
     x = np.arange(len(rows))
     ours = [r["values"]["kl"] for r in rows]
-    paper = [r["values"].get("paper_kl") or 0.0 for r in rows]
+    paper = [r["values"].get("paper_kl") for r in rows]  # None: a method Table 1 does not report (no bar)
     # collapsed runs (KL ~ 1e-8) vanish on a linear axis beside the paper's 2.5: a log axis shows them, with a
-    # floor for an exact 0
-    floor = min([v for v in ours + paper if v > 0] + [COLLAPSE_KL]) / 10
+    # floor for an exact 0 (the paper's own 0.00 included)
+    floor = min([v for v in ours + paper if v is not None and v > 0] + [COLLAPSE_KL]) / 10
     ax.bar(x - 0.2, [max(v, floor) for v in ours], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
            color="C3", label="ours")
-    ax.bar(x + 0.2, [max(v, floor) for v in paper], 0.4, color="C7", label="paper Table 1")
+    have = [i for i, v in enumerate(paper) if v is not None]
+    ax.bar(x[have] + 0.2, [max(paper[i], floor) for i in have], 0.4, color="C7", label="paper Table 1")
+    for i in (i for i, v in enumerate(paper) if v is None):
+        ax.text(x[i] + 0.2, floor, "not in\nTable 1", fontsize=6, ha="center", va="bottom", rotation=90, color="C7")
     ax.set_yscale("log")
     thr = PAPER_KL_THRESHOLD.get(dataset, 2.0)
     ax.axhline(thr, ls="--", color="k", lw=1, label=f"paper's text: HCT KL > {thr:g}")

@@ -362,3 +362,31 @@ def test_scripts_take_the_loss_convention_of_a_verify_folder(name, flag, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{flag} must be" in err[0] and "literal, scaled, mean. Got 'sum'." in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_table1_bars_draw_the_papers_value_only_where_table1_reports_one():
+    """A method Table 1 does not report (aggressive) gets no paper bar (it used to get one at the axis floor,
+    read as 'the paper reports ~0'); the paper's own 0.00 (MNIST, final single cluster) is a bar at the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from hcdiag.plots import table1_bars
+
+    def row(label, kl, paper):
+        return {"id": f"table1.{label}", "values": {"dataset": "mnist", "multiple": 2.0, "label": label, "kl": kl,
+                                                    "kl_sd": None, "paper_kl": paper}}
+
+    rows = [row("aggressive", 1e-9, None), row("vanilla", 1e-6, 0.31), row("hct final", 2e-8, 0.0)]
+    fig = table1_bars(rows, "mnist", 2.0)
+    ax = fig.axes[0]
+    from matplotlib.container import BarContainer
+
+    ours, paper = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(ours) == 3 and len(paper) == 2
+    assert [round(b.get_x() + b.get_width() / 2, 6) for b in paper] == [1.2, 2.2]
+    floor = 1e-9 / 10
+    assert paper[0].get_height() == pytest.approx(0.31) and paper[1].get_height() == pytest.approx(floor)
+    assert [t.get_text() for t in ax.texts] == ["not in\nTable 1"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
