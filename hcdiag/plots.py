@@ -200,7 +200,8 @@ def table1_bars(rows: list[dict], dataset: str, multiple: float, ax=None):
     ax.bar(x - 0.2, [max(v, floor) for v in ours], 0.4, yerr=[r["values"].get("kl_sd") or 0 for r in rows],
            color="C3", label="ours")
     have = [i for i, v in enumerate(paper) if v is not None]
-    ax.bar(x[have] + 0.2, [max(paper[i], floor) for i in have], 0.4, color="C7", label="paper Table 1")
+    if have:
+        ax.bar(x[have] + 0.2, [max(paper[i], floor) for i in have], 0.4, color="C7", label="paper Table 1")
     for i in (i for i, v in enumerate(paper) if v is None):
         ax.text(x[i] + 0.2, floor, "not in\nTable 1", fontsize=6, ha="center", va="bottom", rotation=90, color="C7")
     ax.set_yscale("log")

@@ -41,9 +41,9 @@ class Job:
     data_dir: str | None = None
     device: str = "auto"
     after: str = ""  # the name of a job whose run file this one starts from (the rescue starts from the collapse)
-    # the name of the job of the same run under the other of literal/scaled, whose complete run file this one is
-    # relabelled from instead of training again (hcdiag.train.twin: a baseline's training does not depend on it)
-    twin: str = ""
+    # the other of literal/scaled, whose complete run file of this same job this one is relabelled from instead of
+    # training again (hcdiag.train.twin: a baseline's training does not depend on it); see ``twin``
+    relabel_from: str = ""
 
     @property
     def name(self) -> str:
@@ -51,6 +51,12 @@ class Job:
             return f"diffusion/{self.dataset}/{self.method}_lam{self.multiple:g}_s{self.seed}.pt"
         tag = f"-{self.tag}" if self.tag else ""
         return f"{self.group}/{self.dataset}/{self.method}{tag}_m{self.multiple:g}_{self.loss}_s{self.seed}.pt"
+
+    @property
+    def twin(self) -> str:
+        """The name of the job this one is relabelled from (``relabel_from``), or ''. Derived, so that a job
+        copied with another group, multiple or settings (``dataclasses.replace``) names its own twin."""
+        return replace(self, loss=self.relabel_from, relabel_from="").name if self.relabel_from else ""
 
     @property
     def label(self) -> str:
@@ -229,7 +235,7 @@ def build_grid(preset: str, datasets: list[str], seeds: int, *, device="auto", d
                         job = Job(ds, method, m, loss, seed, tag=tag, overrides=tuple(sorted(ov.items())), **common)
                         other = twin_loss(loss) if shareable(method, loss) else None
                         if other in mine and mine.index(other) < mine.index(loss):  # trained once, under the first
-                            job = replace(job, twin=replace(job, loss=other).name)
+                            job = replace(job, relabel_from=other)
                         jobs.append(job)
             for m in g["phase_multiples"]:
                 ov = {**g["overrides"], "epochs": g["phase_epochs"], "references": ()}
@@ -290,7 +296,7 @@ def run_job(job: Job, out_dir: str) -> dict:
         trainer = Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
                           em_cache=Path(out_dir) / "em-cache",
                           ref_cache=Path(out_dir) / "ref-cache" if share else None)
-        if job.twin and share:
+        if job.twin:
             from hcdiag.train.twin import relabel
 
             if relabel(trainer, Path(out_dir) / job.twin, path) is not None:

@@ -100,3 +100,23 @@ def test_only_methods_without_a_clustering_term_are_shareable():
     assert shareable("vanilla", "literal") and shareable("em-type", "scaled") and shareable("teacher", "literal")
     assert not shareable("hct", "literal") and not shareable("hct", "scaled")
     assert not shareable("vanilla", "mean")
+
+
+def test_relabel_never_replaces_an_existing_file_or_writes_a_locked_one(seed, tmp_path, one_thread):
+    """A run begun at ``out`` is the trainer's to resume or refuse; a locked ``out`` is another writer's."""
+    from hcdiag.atomic import OutputLock
+
+    x = _data(seed)
+    base = dict(seed=seed, method="vanilla", **TINY)
+    Trainer(make_config(None, loss="scaled", **base), x, tmp_path / "src.pt").run()
+    lit = make_config(None, loss="literal", **base)
+    (tmp_path / "begun.pt").write_bytes(b"a partial run of other settings")
+    assert relabel(Trainer(lit, x, tmp_path / "begun.pt"), tmp_path / "src.pt", tmp_path / "begun.pt") is None
+    assert (tmp_path / "begun.pt").read_bytes() == b"a partial run of other settings"
+    lock = OutputLock(tmp_path / "busy.pt", owner="train").acquire()
+    try:
+        assert relabel(Trainer(lit, x, tmp_path / "busy.pt"), tmp_path / "src.pt", tmp_path / "busy.pt") is None
+        assert not (tmp_path / "busy.pt").exists()
+    finally:
+        lock.release()
+    assert relabel(Trainer(lit, x, tmp_path / "busy.pt"), tmp_path / "src.pt", tmp_path / "busy.pt") is not None

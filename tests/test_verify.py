@@ -521,6 +521,10 @@ def test_baselines_under_the_second_of_literal_and_scaled_are_relabelled_from_th
     assert {j.name: j.twin for j in flipped if j.twin} == {
         j.name: replace(j, loss="scaled").name for j in flipped if j.method != "hct" and j.loss == "literal"}
     assert not any(j.twin for j in V.build_grid("paper", ["synthetic"], 1, groups=["main"], losses=["scaled"]))
+    # a job copied into another group or multiple (Table 2, the phase figures) names its own copy's twin
+    j = next(j for j in jobs if j.twin)
+    for moved in (replace(j, group="table2"), replace(j, multiple=5.0)):
+        assert moved.twin == replace(moved, loss="literal", relabel_from="").name != j.twin
 
 
 @pytest.mark.parametrize("workers", [1, 2])

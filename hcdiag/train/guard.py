@@ -63,8 +63,15 @@ def load_for_resume(t) -> dict | None:
         return None  # nothing to resume: start fresh
     prev = load_run(t.out, partial=True).data
     prev.setdefault("config", {})
+    resume = prev.get("resume")
+    if resume is not None and not (isinstance(resume, dict) and isinstance(resume.get("position"), dict)
+                                   and isinstance(resume["position"].get("stage"), str)):
+        raise InputError(f"{_RESUME}: {t.out} holds a checkpoint without a readable position (resume.position.stage): "
+                         f"a damaged or edited file; train it again with {_OVERWRITE}.")
     check_same_data(t, prev)
     mine = t.config_dict()
+    if "resume_format" not in prev["config"]:  # written before the key: its saves are at rounds and stages, which
+        prev["config"]["resume_format"] = mine["resume_format"]  # this hcdiag resumes
     known = _settings_it_knew(prev["config"], mine["train"])
     old_hct, my_hct = prev["config"].get("hct"), mine.get("hct")
     if isinstance(old_hct, dict) and isinstance(my_hct, dict):  # records an older file predates, derived from settings

@@ -31,6 +31,9 @@ from hcdiag.train.references import train_references
 from hcdiag.train.writer import HISTORY_KEYS, RunWriter, finalize_history, history_lists, saved_rows
 
 
+RESUME_FORMAT = 2
+
+
 class Trainer:
     """Runs one configured training of a dataset and writes its run file.
 
@@ -154,6 +157,10 @@ class Trainer:
                      "stage3_epochs": c.stage3_epochs, "covariance": c.covariance, "em_backend": c.em_backend}
                     if self.method.pipeline else None),
             "seed": c.seed, "device": str(self.device), "deterministic": c.deterministic,
+            # 2: baselines save checkpoints during training (hcdiag.train.methods.vae.train_vae); an hcdiag that
+            # predates them would resume such a file by training from scratch onto its rows, and refuses it instead
+            # (its config has no such key: "written with another config")
+            "resume_format": RESUME_FORMAT,
             "fingerprint": dict(self.fingerprint),
             "versions": {"hcdiag": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
                          "sklearn": sklearn.__version__, "python": platform.python_version()},
@@ -219,10 +226,14 @@ class Trainer:
             rows = saved_rows(h, run["resume"])
             run["history"] = {k: v[:rows] for k, v in h.items()}  # no row twice after a non-finite stop
             self.loop.set_centroids(run["clusterings"]["centroids"])
+            for k, v in (run.get("timings") or {}).items():  # the time of the calls before this one (not the
+                if k != "spectrum" and isinstance(v, (int, float)):  # spectrum: recomputed by every call)
+                    self.timings[k] = self.timings.get(k, 0.0) + float(v)
             self.writer = RunWriter(run, self.out, self.loop, self.progress)
             self.writer.has_save = True
         else:  # a new run, or one stopped before its first save: start over from its clusterings
             run = self._new_run(previous["clusterings"] if previous is not None else None)
+        self.writer.timings = self.timings
         self.method.train(self, run)
         train_references(self, run, self.method.pipeline)
         run["status"] = {"complete": True, "stage": "done", "error": None}

@@ -22,8 +22,9 @@ from pathlib import Path
 
 CONVENTIONS = ("literal", "scaled")
 # where a config names its convention (compared after dropping them): config.loss, config.train.loss, and the
-# settings' hash in config.fingerprint (a hash of config.train)
-_LOSS_KEYS = (("loss",), ("train", "loss"), ("fingerprint", "settings"))
+# settings' hash in config.fingerprint (a hash of config.train); and config.resume_format
+_LOSS_KEYS = (("loss",), ("train", "loss"), ("fingerprint", "settings"),
+              ("resume_format",))  # how a run saves its checkpoints: not what it trains
 
 
 def shareable(method: str, loss: str) -> bool:
@@ -55,13 +56,32 @@ def relabel(trainer, twin: str | os.PathLike, out: str | os.PathLike) -> dict | 
     """Write ``out``, the run ``trainer`` (a :class:`hcdiag.train.Trainer` of a :func:`shareable` method and
     convention) would train, from ``twin``, the complete run of the same settings under the other convention;
     returns the run, or None (nothing written) when ``twin`` is missing, partial, unreadable or differs from
-    this run in anything but the convention."""
+    this run in anything but the convention, or when ``out`` exists (a run begun there is the trainer's to
+    resume or refuse). ``out`` is locked while it is written, as the trainer locks it. The run keeps ``twin``'s
+    timings: they are the time its one training took."""
+    from hcdiag.atomic import OutputBusy, OutputLock
+
+    c = trainer.cfg
+    if not shareable(c.method, c.loss) or not Path(twin).is_file() or Path(out).exists():
+        return None
+    lock = OutputLock(Path(out), owner="train")
+    try:
+        lock.acquire()
+    except (OutputBusy, OSError):
+        return None  # another writer has it: the trainer will say so
+    try:
+        if Path(out).exists():
+            return None
+        return _relabel(trainer, twin, out)
+    finally:
+        lock.release()
+
+
+def _relabel(trainer, twin, out) -> dict | None:
     from hcdiag.errors import InputError
     from hcdiag.runfile import load_run, save_run
 
     c = trainer.cfg
-    if not shareable(c.method, c.loss) or not Path(twin).is_file():
-        return None
     try:
         prev = load_run(twin)
     except InputError:

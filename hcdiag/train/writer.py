@@ -88,6 +88,7 @@ class RunWriter:
     def __init__(self, run: dict, out: Path | None, loop, progress):
         self.run, self.out, self.loop, self.progress = run, out, loop, progress
         self.has_save = False  # whether the run file holds a state of this run that --resume continues
+        self.timings: dict | None = None  # the trainer's timings (seconds by part), written with every save
 
     def snapshot(self, model, name: str) -> None:
         """Store the model's parameters as snapshot ``name`` (in training order)."""
@@ -170,6 +171,8 @@ class RunWriter:
         optimizer's state, the stream state and the number of history rows."""
         run = self.run
         run["status"] = {"complete": complete, "stage": position.get("stage", "done"), "error": None}
+        if self.timings is not None:  # so that a resumed run adds to them (Trainer._run)
+            run["timings"] = {k: float(v) for k, v in self.timings.items()}
         if complete:
             run.pop("resume", None)
         else:

@@ -60,11 +60,15 @@ class Vanilla(Method):
     def train(self, t, run: dict) -> None:
         """``epochs`` data epochs; snapshots ``init``, evenly spaced epochs and ``final``."""
         model = t.initial_model()
-        if (t.writer.resume_position() or {}).get("stage") == "references":
+        pos = t.writer.resume_position()
+        stage = (pos or {}).get("stage")
+        if stage == "references":
             return
-        t0 = time.perf_counter()
+        if pos is not None and stage != "baseline":
+            raise InputError(f"{flag('--resume', 'resume')}: {t.out} holds a checkpoint of stage {stage!r}, which the "
+                             f"{self.name} method does not have (a damaged or edited file); train it again with "
+                             f"{flag('--overwrite', 'overwrite=True')}.")
         state, _ = train_vae(t, self, model, t.cfg.epochs, run=run, stage="baseline", checkpoint=True)
-        t.timings["baseline"] = t.timings.get("baseline", 0.0) + time.perf_counter() - t0
         t.writer.save(model, None, state, {"stage": "references", "done": []})
 
 
@@ -126,10 +130,15 @@ def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage
     marks = snapshot_marks(epochs, c.baseline_snapshots)
     if resumed:
         start, snaps = pos.get("epoch"), []
-        if not (isinstance(start, int) and not isinstance(start, bool) and 0 < start < epochs):
-            raise InputError(f"{flag('--resume', 'resume')}: {t.out} holds a checkpoint after epoch {start}, outside this "
-                             f"run's epochs 1..{epochs - 1} (a damaged or edited file); train it again with "
-                             f"{flag('--overwrite', 'overwrite=True')}.")
+        saved = t.writer.run["resume"]
+        if not (isinstance(start, int) and not isinstance(start, bool) and 0 < start < epochs
+                and saved.get("epoch") == start and saved.get("history_rows") == start + 1
+                and isinstance(saved.get("optimizer"), dict)):
+            raise InputError(f"{flag('--resume', 'resume')}: {t.out} holds a checkpoint that cannot be this run's "
+                             f"(after epoch {start!r} of {epochs}, stream at epoch {saved.get('epoch')!r}, "
+                             f"{saved.get('history_rows')!r} history rows, optimizer state "
+                             f"{'saved' if isinstance(saved.get('optimizer'), dict) else 'missing'}): a damaged or "
+                             f"edited file; train it again with {flag('--overwrite', 'overwrite=True')}.")
     else:
         start = 0
         state = t.loop.new_state(c.seed + 1000 * seed_offset)
@@ -138,13 +147,26 @@ def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage
             t.writer.record(model, stage, state, None)
     ctx = method.begin(t, model, run, w)
     if resumed:
-        state = t.writer.restore(model, _Ctx(method, ctx), c.seed + 1000 * seed_offset)
+        try:
+            state = t.writer.restore(model, _Ctx(method, ctx), c.seed + 1000 * seed_offset)
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+            raise InputError(f"{flag('--resume', 'resume')}: {t.out} holds a checkpoint whose training state cannot "
+                             f"be restored ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); "
+                             f"a damaged or edited file: train it again with {flag('--overwrite', 'overwrite=True')}.") from None
     if checkpoint:
         for name, sd in snaps:
             t.writer.add_state(name, sd)
         snaps = []
     every = float(getattr(t, "checkpoint_seconds", 60.0))
-    last = time.perf_counter()
+    last = tick = time.perf_counter()
+
+    def clock() -> None:  # the training time so far, in the timings each save writes (a resume adds to them)
+        nonlocal tick
+        if checkpoint:
+            now = time.perf_counter()
+            t.timings[stage] = t.timings.get(stage, 0.0) + now - tick
+            tick = now
+
     for e in range(start, epochs):
         terms = torch.stack(method.epoch_terms(t, model, ctx, state, e))
         t.loop.check_finite(terms, f"{stage} ({method.name}), epoch {e + 1}", state)
@@ -159,9 +181,11 @@ def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage
             else:
                 snaps.append((f"epoch{e + 1}", cpu_state(model.state_dict())))
         if checkpoint and e + 1 < epochs and time.perf_counter() - last >= every:
+            clock()
             t.writer.save(model, _Ctx(method, ctx), state, {"stage": stage, "epoch": e + 1})
             last = time.perf_counter()
     method.finish(t, ctx, run)
+    clock()
     if checkpoint:
         t.writer.snapshot(model, "final")
     else:
