@@ -2,7 +2,7 @@
 noise from the run's CPU generator, the forward process, the schedule tables, the conditioning embedding, the
 epsilon loss, Adam) against the same MLP's forward-backward-Adam on an input of the same shape without any of the
 diffusion bookkeeping. Printed as a ratio measured in the same run (interleaved, median of blocks), one thread, for
-the smoke grid's denoiser (128, 128, 128) on 32-d (synthetic) and 64-d (digits) rows, batch 256."""
+the grid's denoiser (default_widths: 128 per layer up to d = 64) on 32-d (synthetic) and 64-d (digits) rows, batch 256."""
 
 import numpy as np
 import torch
@@ -10,14 +10,14 @@ import torch
 from bench.bench_gemm import _median
 from hcdiag.diffusion.model import Denoiser, Tables
 from hcdiag.diffusion.schedules import family
-from hcdiag.diffusion.train import _Draws, _loss
+from hcdiag.diffusion.train import _Draws, _loss, default_widths
 
 
 def measure(d: int, conditioning: str, B: int = 256) -> dict:
     torch.manual_seed(0)
     X = torch.randn(4000, d)
     tabs = [Tables(s) for s in family("linear", 4)]
-    model = Denoiser(d, conditioning=conditioning, n_schedules=4)
+    model = Denoiser(d, widths=default_widths(d), conditioning=conditioning, n_schedules=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     draws = _Draws(1, X.shape[0], d, B, 1000)
     r = [0]

@@ -174,7 +174,7 @@ def _diffusion_step(d: int, *, reps: int, blocks: int, B: int = 256) -> float:
     from hcdiag.diffusion.model import Denoiser, Tables
     from hcdiag.diffusion.train import DiffusionConfig, _Draws, _loss
 
-    cfg = DiffusionConfig()
+    cfg = DiffusionConfig().resolved(d)
     X = torch.randn(4 * B, d)
     tabs = [Tables(s) for s in cfg.schedules()]
     model = Denoiser(d, widths=tuple(cfg.widths), emb_dim=cfg.emb_dim, conditioning="schedule", n_schedules=cfg.R)

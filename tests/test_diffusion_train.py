@@ -72,3 +72,26 @@ def test_bad_configs_get_one_line(kw, msg):
         DiffusionConfig(**kw)
     with pytest.raises(InputError, match="needs a finite"):
         train_diffusion(np.array([[np.nan, 1.0], [0.0, 1.0]]), DiffusionConfig(**SMALL))
+
+
+def test_default_widths_carry_x_t_through_every_layer_and_are_recorded_resolved(seed, one_thread):
+    """max(128, 2 d) per layer: 128 up to d = 64 (digits, the synthetic data: earlier runs unchanged), 392 for
+    Fashion-MNIST's 196 (128 could not carry x_t and lost to the data-free predictor); the run records them."""
+    from hcdiag.diffusion.runfile import run_dict, validate
+    from hcdiag.diffusion.train import default_widths
+
+    assert default_widths(2) == default_widths(64) == (128, 128, 128) and default_widths(196) == (392, 392, 392)
+    assert DiffusionConfig().widths is None and DiffusionConfig().resolved(100).widths == (200, 200, 200)
+    assert DiffusionConfig(widths=(8,)).resolved(100).widths == (8,)  # given widths are kept
+    x = np.random.default_rng(seed).normal(size=(700, 70)).astype(np.float32)
+    out = train_diffusion(x, DiffusionConfig(method="single", R=4, T=50, epochs_per_round=1, seed=seed % 1000))
+    assert out["config"].widths == (140, 140, 140) and out["model"].config["widths"] == [140, 140, 140]
+
+    from types import SimpleNamespace
+
+    d = run_dict(out, SimpleNamespace(spec={"name": "array"}, x=x))
+    assert d["config"]["widths"] == [140, 140, 140]
+    d["config"]["widths"] = None
+    with pytest.raises(InputError, match=r"config\.widths is missing \(a run file records the hidden widths it was "
+                                         r"trained with\); fix the producer\."):
+        validate(d)

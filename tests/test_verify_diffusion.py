@@ -64,8 +64,8 @@ def tiny_diffusion(monkeypatch):
              n_samples={"synthetic": 600}, ablations=False, overrides={}, diffusion=True)
     monkeypatch.setitem(V.GRIDS, "smoke", g)
     monkeypatch.setitem(V.DIFFUSION, "smoke", dict(lambdas=[0.1, 10.0], controls_at=10.0, n_samples={"synthetic": 600},
-                                                   train=dict(kind="linear", R=4, epochs_per_round=10, T=100,
-                                                              widths=(16,), batch_size=64)))
+                                                   train=dict(kind="linear", R=4, epochs_per_round=150, T=100,
+                                                              widths=(64, 64), batch_size=64)))
 
 
 def test_a_tiny_diffusion_grid_end_to_end(tiny_diffusion, tmp_path, one_thread):

@@ -5,6 +5,11 @@ validation rows, which training never stepped on. The *home schedule* of a run i
 with: for Algorithm 2 (``consensus``) the kept schedule with the smallest last-round validation loss, for the
 controls (``single``, ``logsnr``) the family's middle one (index R // 2), on which ``single`` trained.
 
+Before any of them: a denoiser that does not beat the *data-free* predictor ``eps_hat = sqrt(1 - abar) x_t`` on
+held-out rows (:func:`competence`) has learned nothing of the data, and its reverse process is no evidence: D1, D2
+and D4 are inconclusive for it, and so is D3 when a control has not learned (a run of Algorithm 2 that learned
+nothing where its controls did is a result, and D3 decides it).
+
 * **D1 critical timestep exists** ("for t > t_c the reverse process becomes independent of x_t"). The normalized
   gain ``G(t)`` of E[x_0 | x_t] along the top covariance direction (:mod:`hcdiag.diffusion.critical`) on a
   geometric grid of timesteps, on held-out rows under the home schedule. Holds when it starts dependent
@@ -453,6 +458,44 @@ def diverged(s: np.ndarray, x: torch.Tensor) -> str | None:
     return f"{big} of {len(s)} sample rows beyond {limit:.3g}" if big else None
 
 
+LEARNED_MARGIN = 0.01  # a denoiser has learned the data when its held-out loss is 1% or more below the data-free one
+
+
+@torch.no_grad()
+def competence(model: Denoiser, tab: Tables, r: int, rows: torch.Tensor, *, draws: int = 4, seed: int = 0) -> dict:
+    """Whether ``model`` has learned anything of the data: its mean ``||eps - eps_hat||^2`` on held-out ``rows``
+    under schedule ``tab`` (index ``r``) against the *data-free* predictor's on the same (t, eps) draws,
+    ``eps_hat = sqrt(1 - abar_t) x_t``: the Bayes-optimal denoiser of data that are all at their mean, 0 (the run's
+    rows are centred), which knows nothing of them; it must be beaten by ``LEARNED_MARGIN`` (float rounding makes
+    a tie go either way). Any denoiser that learned the data's spread beats it (on digits the
+    paper preset's does by 2x); one that does not has learned nothing its reverse process could show, and the
+    checks say so instead of reading its output as evidence (a denoiser whose hidden widths are below the data
+    dimension cannot even pass x_t through, and loses to it)."""
+    dev = next(model.parameters()).device
+    x0 = rows.float().to(dev)  # the run's rows are centred (hcdiag.diffusion.data.prepare): the data's mean is 0
+    g = torch.Generator().manual_seed(seed)
+    m = f = 0.0
+    for _ in range(draws):
+        t = torch.randint(1, tab.T + 1, (x0.shape[0],), generator=g).to(dev)
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        a = tab.abar.to(dev)[t].float()[:, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        rr = torch.full_like(t, r) if model.conditioning == "schedule" else None
+        pred = model(xt, t, tab.log_snr.to(dev)[t].float(), rr)
+        m += float(((pred - eps) ** 2).sum(1).mean())
+        f += float((((1 - a).sqrt() * xt - eps) ** 2).sum(1).mean())
+    m, f = m / draws, f / draws
+    return {"model_loss": m, "data_free_loss": f, "learned": bool(m < (1 - LEARNED_MARGIN) * f), "rows": int(x0.shape[0]),
+            "schedule": tab.schedule.spec}
+
+
+def _not_learned(comp: dict, who: str = "the denoiser") -> str:
+    return (f"{who} has not learned the data: its held-out loss {comp['model_loss']:.4g} per row is not 1% below the "
+            f"data-free predictor's {comp['data_free_loss']:.4g} (eps_hat = sqrt(1 - abar) x_t, which knows nothing "
+            "of the data), so its reverse process is no evidence for or against the claim (train longer, or give the "
+            "denoiser hidden widths at least the data dimension)")
+
+
 def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed: int = 0,
                          n_samples: int | None = None, progress=None, sampler: str = "ddpm",
                          ddim_steps: int | None = None,
@@ -471,10 +514,17 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                                                                sampler=sampler, ddim_steps=ddim_steps)
     complete = run.complete
     out: dict[str, CheckResult] = {}
-    if ("D1" in ids or "D2" in ids) and not ctx.lam > 0:
+    comp = competence(run.model, ctx.home, ctx.r, ctx.heldout, seed=seed)
+    if not comp["learned"]:  # its reverse process is no evidence about t_c or about schedules (D3 compares methods:
+        for i in ("D1", "D2", "D4"):  # there a run that learned nothing where its controls did is a result)
+            if i in ids:
+                out[i] = _inconclusive(i, _not_learned(comp), competence=comp)
+    if not comp["learned"] or not ("D1" in ids or "D2" in ids):
+        pass
+    elif not ctx.lam > 0:
         why = f"the data have no variance (lambda_max = {ctx.lam:.3g}): no direction to measure"
         out["D1"], out["D2"] = _inconclusive("D1", why), _inconclusive("D2", why)
-    elif "D1" in ids or "D2" in ids:
+    else:
         ctx.say("measuring the gain of E[x0|xt] along the top direction")
         ts = timestep_grid(run.config.T)
         rows = ctx.heldout[:512]
@@ -482,6 +532,7 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
         gain, se = normalized_gain(model_eps(run.model, ctx.home, ctx.r), ctx.home, rows, ctx.v, ts, generator=g,
                                    with_se=True)
         d1 = decide_critical(ts, gain, se, complete=complete, lam=ctx.lam, schedule=ctx.home.schedule)
+        d1.values["competence"] = comp
         out["D1"] = d1
         held = d1.verdict == "holds"
         out["D2"] = decide_spectral(d1.values["t_measured"] if held else None, ctx.home.schedule, ctx.lam,
@@ -508,9 +559,14 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                          selection=selection_confound(run))
             diffs, side, common = {}, {}, {}
             mid = run.config.R // 2
+            lost = {}
             for name, ctl in controls.items():
                 cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress, sampler=ctx.sampler,
                                         ddim_steps=ctx.ddim_steps)
+                ccomp = competence(ctl.model, cctx.home, cctx.r, cctx.heldout, seed=seed)
+                if not ccomp["learned"]:  # beating a control that learned nothing is no evidence either
+                    lost[name] = ccomp
+                    continue
                 cs = cctx.samples()
                 why = diverged(cs, ctx.x)
                 if why:  # the control's sampler blew up and the run's did not: the run is the closer one
@@ -536,8 +592,15 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
             extra["controls"] = side
             if common:
                 extra["at_common_schedule"] = {"schedule": run.schedules[mid].spec, "versus": common}
-            out["D3"] = decide_diversity(diffs, fl["floor"], complete=complete, extra=extra)
-    if "D4" in ids:
+            extra["competence"] = comp
+            if lost:
+                name = sorted(lost)[0]
+                out["D3"] = _inconclusive("D3", _not_learned(lost[name], f"the control {name} "
+                                                             f"({controls[name].config.method})"),
+                                          **{**extra, "controls_not_learned": lost})
+            else:
+                out["D3"] = decide_diversity(diffs, fl["floor"], complete=complete, extra=extra)
+    if "D4" in ids and "D4" not in out:
         from hcdiag.diffusion.quality import paired_difference
 
         extra = {"home_schedule": ctx.home.schedule.spec, "method": run.config.method, "n_samples": ctx.n,
@@ -572,7 +635,7 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
     return [out[i] for i in IDS if i in ids and i in out]
 
 
-__all__ = ["CLAIMS", "DiffusionContext", "IDS", "decide_critical", "diverged", "decide_diversity", "decide_flexibility",
+__all__ = ["CLAIMS", "DiffusionContext", "IDS", "competence", "decide_critical", "diverged", "decide_diversity", "decide_flexibility",
            "decide_spectral", "eq13_timestep", "home_index", "log_snr_at", "matched_eps", "run_diffusion_checks",
            "schedule_dependence", "selection_confound", "snr_timestep", "t_at_log_snr", "timestep_grid",
            "unseen_schedules"]

@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Algorithm 2's E: cycles (one step per active schedule) per round (default 200)")
     p.add_argument("--batch-size", type=int_arg(1), default=256, help="batch size (default 256)")
     p.add_argument("--lr", type=float_arg(0, open_low=True), default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--widths", type=_int_list, default=(128, 128, 128), help="hidden widths (default 128,128,128)")
+    p.add_argument("--widths", type=_int_list, default=None,
+                   help="hidden widths (default: three layers of max(128, 2 d) for d-dimensional data)")
     p.add_argument("--seed", type=int_arg(0, 2**31 - 1), default=0, help="seed of the model and the draws (default 0)")
     p.add_argument("--out", required=True, type=nonempty_arg, help="run file to write (atomically, at checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue a partial --out of the same data and settings")
@@ -88,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = DiffusionConfig(method=args.method, kind=args.kind, R=args.R, T=args.T, spread=args.schedule_spread,
                           epochs_per_round=args.epochs_per_round, batch_size=args.batch_size, lr=args.lr,
-                          widths=tuple(args.widths), seed=args.seed, device=str(device))
+                          widths=tuple(args.widths) if args.widths else None, seed=args.seed, device=str(device))
     ds = load(args.data, data_dir=args.data_dir, resize=args.resize, split=args.split, n_samples=args.n_samples,
               seed=args.data_seed, drop_nonfinite=args.drop_nonfinite, **_options(args))
     if out.exists() and ds.source and Path(ds.source).is_file() and os.path.samefile(out, ds.source):
         raise InputError(f"--out {out} is the data file this run reads; choose another --out.")
     data = prepare(ds, lambda_max=args.lambda_max)
+    cfg = cfg.resolved(data.x.shape[1])  # the widths this run trains with (and --resume compares)
     lock = OutputLock(out, owner="train-diffusion")
     try:
         lock.acquire()

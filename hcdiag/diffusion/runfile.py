@@ -144,6 +144,9 @@ def validate(d: Any, path: Path | None = None) -> DiffusionRun:
         raise InputError(f"config: {marked(exc)}") from None
     except (TypeError, ValueError) as exc:
         raise InputError(f"config cannot be read ({str(exc)}).") from None
+    if cfg.widths is None:  # training records the widths it used (DiffusionConfig.resolved)
+        raise InputError("config.widths is missing (a run file records the hidden widths it was trained with); fix "
+                         "the producer.")
     scheds = _need(d, "schedules", "run")
     try:
         want = cfg.schedules()
