@@ -96,7 +96,7 @@ DIFFUSION = {"smoke": dict(lambdas=[0.1, 0.7, 10.0], controls_at=0.7, n_samples=
 DIFFUSION_METHODS = ("consensus", "single", "logsnr")
 DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
 # stamped into each diffusion run's .checks.json: a grid resumed after the checks changed decides them again
-DIFFUSION_CHECKS_VERSION = 3  # 3: checks are inconclusive for a denoiser that has not learned the data
+DIFFUSION_CHECKS_VERSION = 4  # 3: inconclusive for a denoiser that has not learned the data; 4: D3 asks the controls first
 
 
 def diffusion_jobs(preset: str, dataset: str, seed: int, *, data_dir=None, device="auto") -> list[Job]:

@@ -191,3 +191,32 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, msg):
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_d3_is_inconclusive_when_a_control_has_not_learned_and_decided_when_only_the_run_has_not(runs, monkeypatch):
+    """Beating a control that learned nothing is no evidence (inconclusive, even when the run's own samples
+    diverge); a run of Algorithm 2 that learned nothing where its controls did is a result (D3 decides it), while
+    D1 reads nothing from it."""
+    import hcdiag.checks.diffusion as CD
+
+    real = CD.competence
+    ctl = {m: load_diffusion_run(runs[m]) for m in ("single", "logsnr")}  # named by method, as verify names them
+    run = load_diffusion_run(runs["consensus"])
+
+    def unlearned(of):
+        def fake(model, *a, **k):
+            out = real(model, *a, **k)
+            return {**out, "learned": False} if model is of else out
+        return fake
+
+    monkeypatch.setattr(CD, "competence", unlearned(ctl["single"].model))
+    res = {r.id: r for r in CD.run_diffusion_checks(run, select=["D1", "D3"], controls=ctl, n_samples=100)}
+    assert res["D3"].verdict == "inconclusive" and "the single control has not learned the data" in res["D3"].reason
+    assert res["D1"].values["competence"]["learned"]  # the run itself did learn: D1 measured it
+    monkeypatch.setattr(CD.DiffusionContext, "home_diverged", lambda self: "512 of 512 sample rows beyond 1e3")
+    res = {r.id: r for r in CD.run_diffusion_checks(run, select=["D3"], controls=ctl, n_samples=100)}
+    assert res["D3"].verdict == "inconclusive" and "has not learned" in res["D3"].reason
+    monkeypatch.setattr(CD, "competence", unlearned(run.model))
+    res = {r.id: r for r in CD.run_diffusion_checks(run, select=["D1", "D3"], controls=ctl, n_samples=100)}
+    assert res["D1"].verdict == "inconclusive" and "has not learned the data" in res["D1"].reason
+    assert res["D3"].verdict == "fails" and "diverge" in res["D3"].summary  # decided: the controls learned

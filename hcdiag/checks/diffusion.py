@@ -544,11 +544,24 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
         from hcdiag.diffusion.quality import paired_difference
 
         extra = {"home_schedule": ctx.home.schedule.spec, "n_samples": ctx.n, "sampler": ctx.sampler}
+        lost = {}  # controls that learned nothing: beating them is no evidence either
+        if run.config.method == "consensus" and not few:
+            for name, ctl in controls.items():
+                cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n)
+                ccomp = competence(ctl.model, cctx.home, cctx.r, cctx.heldout, seed=seed)
+                if not ccomp["learned"]:
+                    lost[name] = ccomp
         if run.config.method != "consensus":
             out["D3"] = _inconclusive("D3", f"the claim is about Algorithm 2's models; this is a {run.config.method} run "
                                       "(check the consensus run against it)", **extra)
         elif few:
             out["D3"] = _inconclusive("D3", f"only {ctx.n} held-out rows (< {MIN_HELDOUT}) to judge samples by", **extra)
+        elif lost:
+            name = sorted(lost)[0]
+            method = controls[name].config.method
+            who = f"the {method} control" if name == method else f"the control {name} ({method})"
+            out["D3"] = _inconclusive("D3", _not_learned(lost[name], who),
+                                      **{**extra, "competence": comp, "controls_not_learned": lost})
         elif ctx.home_diverged():
             out["D3"] = decide_diversity({}, 0.0, complete=complete, extra={**extra, "diverged": ctx.home_diverged()})
         else:
@@ -559,14 +572,9 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
                          selection=selection_confound(run))
             diffs, side, common = {}, {}, {}
             mid = run.config.R // 2
-            lost = {}
             for name, ctl in controls.items():
                 cctx = DiffusionContext(ctl, seed=seed, n_samples=ctx.n, progress=progress, sampler=ctx.sampler,
                                         ddim_steps=ctx.ddim_steps)
-                ccomp = competence(ctl.model, cctx.home, cctx.r, cctx.heldout, seed=seed)
-                if not ccomp["learned"]:  # beating a control that learned nothing is no evidence either
-                    lost[name] = ccomp
-                    continue
                 cs = cctx.samples()
                 why = diverged(cs, ctx.x)
                 if why:  # the control's sampler blew up and the run's did not: the run is the closer one
@@ -593,13 +601,7 @@ def run_diffusion_checks(run, *, select=None, controls: dict | None = None, seed
             if common:
                 extra["at_common_schedule"] = {"schedule": run.schedules[mid].spec, "versus": common}
             extra["competence"] = comp
-            if lost:
-                name = sorted(lost)[0]
-                out["D3"] = _inconclusive("D3", _not_learned(lost[name], f"the control {name} "
-                                                             f"({controls[name].config.method})"),
-                                          **{**extra, "controls_not_learned": lost})
-            else:
-                out["D3"] = decide_diversity(diffs, fl["floor"], complete=complete, extra=extra)
+            out["D3"] = decide_diversity(diffs, fl["floor"], complete=complete, extra=extra)
     if "D4" in ids and "D4" not in out:
         from hcdiag.diffusion.quality import paired_difference
 
