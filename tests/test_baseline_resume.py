@@ -228,3 +228,20 @@ def test_an_older_hcdiag_refuses_to_resume_a_new_checkpoint(seed, tmp_path, monk
     full = T(cfg, x, tmp_path / "full.pt", checkpoint_seconds=0).run()
     assert resumed["config"]["resume_format"] == 2
     _assert_same_run(full, resumed)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "hct"])
+def test_a_checkpoint_of_another_device_is_refused_in_one_line(method, seed, tmp_path, monkeypatch, one_thread):
+    """Its noise generator's saved state is of that device's kind (a CUDA Philox state does not load into a CPU
+    generator): resuming a GPU checkpoint here would raise from torch, not continue."""
+    kw = {**TINY, **METHODS.get(method, {})}
+    if method == "hct":
+        kw.update(references=(), epochs_per_round=1, steps_per_clustering=2, refine_cap=2, stage3_epochs=1)
+    cfg = make_config(None, seed=seed, method=method, **kw)
+    x = _data(seed)
+    _killed_after(1, monkeypatch, lambda: Trainer(cfg, x, tmp_path / "p.pt", checkpoint_seconds=0).run())
+    data = torch.load(tmp_path / "p.pt", weights_only=False)
+    data["config"]["device"] = "cuda:0"
+    _refused(tmp_path, cfg, x, data, r"^resume: .*p\.pt was trained on cuda, and its saved random streams belong to "
+                                     r"that device; resume it there \(device='cuda'\) or train it again here with "
+                                     r"overwrite=True\.$")

@@ -68,6 +68,12 @@ def load_for_resume(t) -> dict | None:
                                    and isinstance(resume["position"].get("stage"), str)):
         raise InputError(f"{_RESUME}: {t.out} holds a checkpoint without a readable position (resume.position.stage): "
                          f"a damaged or edited file; train it again with {_OVERWRITE}.")
+    was = str(prev["config"].get("device") or "").split(":")[0]
+    if resume is not None and was in ("cpu", "cuda") and was != t.device.type:
+        # the saved noise generator is a state of that device's generator (CPU and CUDA ones differ in kind)
+        raise InputError(f"{_RESUME}: {t.out} was trained on {was}, and its saved random streams belong to that "
+                         f"device; resume it there ({flag(f'--device {was}', f'device={was!r}')}) or train it again "
+                         f"here with {_OVERWRITE}.")
     check_same_data(t, prev)
     mine = t.config_dict()
     if "resume_format" not in prev["config"]:  # written before the key: its saves are at rounds and stages, which
