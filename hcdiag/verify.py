@@ -16,6 +16,7 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -261,19 +262,22 @@ def _load(job: Job):
     return _DATA_CACHE[key]
 
 
-def run_job(job: Job, out_dir: str) -> dict:
+def run_job(job: Job, out_dir: str, heartbeat: float | None = None) -> dict:
     """Train one job (resuming a partial run file, returning at once for a complete one), then run the
-    barrier checks on it (cached next to the run file). Pure: everything goes to its own files."""
+    barrier checks on it (cached next to the run file). Pure: everything goes to its own files. With
+    ``heartbeat`` seconds, a line of the run's progress goes to stderr at most that often
+    (:class:`hcdiag.train.progress.Heartbeat`)."""
     import torch
 
     from hcdiag.checks.barrier import run_checks
     from hcdiag.report import to_json_doc
     from hcdiag.runfile import load_run
     from hcdiag.train import Progress, Trainer, make_config
+    from hcdiag.train.progress import Heartbeat
 
     torch.set_num_threads(max(1, int(os.environ.get("HCDIAG_THREADS", "1"))))
     if job.group == "diffusion":
-        return run_diffusion_job(job, out_dir)
+        return run_diffusion_job(job, out_dir, heartbeat)
     path = Path(out_dir) / job.name
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -293,7 +297,8 @@ def run_job(job: Job, out_dir: str) -> dict:
         # the references are shared by the grid's runs (HCDIAG_SHARE_REFERENCES=0: each run trains its own, as
         # bench verify does to measure what sharing saves)
         share = os.environ.get("HCDIAG_SHARE_REFERENCES", "1") != "0"
-        trainer = Trainer(cfg, _load(job), path, progress=Progress(enabled=False, summaries=False),
+        beat = Heartbeat(job.name, heartbeat) if heartbeat else Progress(enabled=False, summaries=False)
+        trainer = Trainer(cfg, _load(job), path, progress=beat,
                           em_cache=Path(out_dir) / "em-cache",
                           ref_cache=Path(out_dir) / "ref-cache" if share else None)
         if job.twin:
@@ -316,7 +321,7 @@ def run_job(job: Job, out_dir: str) -> dict:
             "shared_from": shared, "seconds": time.perf_counter() - t0}
 
 
-def run_diffusion_job(job: Job, out_dir: str) -> dict:
+def run_diffusion_job(job: Job, out_dir: str, heartbeat: float | None = None) -> dict:
     """Train one diffusion job (resuming a partial run file; a complete one is kept) and run D1, D2, D4 on it."""
     from hcdiag.checks.diffusion import run_diffusion_checks
     from hcdiag.device import resolve_device
@@ -324,6 +329,7 @@ def run_diffusion_job(job: Job, out_dir: str) -> dict:
     from hcdiag.diffusion.runfile import load_diffusion_run, save_diffusion_run
     from hcdiag.diffusion.train import DiffusionConfig, train_diffusion
     from hcdiag.report import to_json_doc
+    from hcdiag.train.progress import Heartbeat
 
     path = Path(out_dir) / job.name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +345,8 @@ def run_diffusion_job(job: Job, out_dir: str) -> dict:
         data = prepare(_load(job), lambda_max=job.multiple)
         cfg = DiffusionConfig(method=job.method, seed=job.seed, device=str(resolve_device(job.device)),
                               **DIFFUSION[job.preset]["train"])
-        out = train_diffusion(data.x, cfg, resume=prev.resume_state() if prev is not None else None,
+        beat = Heartbeat(job.name, heartbeat) if heartbeat else None
+        out = train_diffusion(data.x, cfg, beat, resume=prev.resume_state() if prev is not None else None,
                               checkpoint=lambda part: save_diffusion_run(part, path, data), checkpoint_steps=500)
         save_diffusion_run(out, path, data)
         trained = True
@@ -458,13 +465,6 @@ def _readings(recs: list[dict]) -> str:
     return " and ".join(seen) if seen else "none (no HCT run)"
 
 
-def _duration(seconds: float) -> str:
-    """``seconds`` for a progress line: ``42 s``, ``12 min``, ``3.4 h``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def plan(preset: str, datasets, seeds: int, *, data_dir=None, losses=None, groups=None, methods=None,
          multiples=None, readings=None, workers: int | None = None) -> dict:
     """What the grid would cost on this machine, before any work (``hcdiag verify --plan``): its jobs and
@@ -532,13 +532,19 @@ class _Waits:
 
 
 def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: int | None = None,
-            progress: Callable[[str], None] | None = None, slurm: dict | None = None) -> list[dict]:
+            progress: Callable[[str], None] | None = None, slurm: dict | None = None,
+            heartbeat: float | None = None) -> list[dict]:
     """Run the jobs with the local process pool (one run per core, or per GPU) or submitit (a SLURM job
-    array; ``slurm={'cluster': 'local'}`` uses submitit's local executor, as the tests do)."""
+    array; ``slurm={'cluster': 'local'}`` uses submitit's local executor, as the tests do). ``progress``
+    gets a line as each run ends; with ``heartbeat`` seconds every running run also writes a line of its own
+    progress to stderr at most that often (a worker's stderr: the terminal, or submitit's log)."""
+    beat = {"heartbeat": heartbeat} if heartbeat else {}
     if executor == "local":
         import multiprocessing as mp
 
         import torch
+
+        from hcdiag.train.progress import duration
 
         n_gpu = torch.cuda.device_count() if any(j.device in ("auto", "cuda") for j in jobs) else 0
         workers = workers or (n_gpu or max(1, os.cpu_count() or 1))
@@ -557,7 +563,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                 # make the estimate seconds for hours of work
                 worked = sum(r is not None and (r.get("trained") or r.get("error") is not None) for r in results)
                 left = (time.perf_counter() - t_start) / worked * (len(jobs) - n) if worked else None
-                eta = f", about {_duration(left)} to the end" if n < len(jobs) and left is not None else ""
+                eta = f", about {duration(left)} to the end" if n < len(jobs) and left is not None else ""
                 progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")
 
         waits = _Waits(jobs)  # the jobs that start from another's run file, or are relabelled from it
@@ -587,7 +593,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
             while queue:
                 i = queue.pop(0)
                 try:
-                    rec = run_job(jobs[i], out_dir)
+                    rec = run_job(jobs[i], out_dir, **beat)
                 except Exception as exc:  # one failed run is reported; the grid goes on
                     rec = _failure(jobs[i], exc)
                 queue += finished(i, rec)
@@ -596,7 +602,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         counter = ctx.Value("i", 0)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(list(range(n_gpu)) or None, counter)) as pool:
-            futs = {pool.submit(run_job, jobs[i], out_dir): i for i in first}
+            futs = {pool.submit(run_job, jobs[i], out_dir, **beat): i for i in first}
             while futs:  # progress in the order runs finish, not the order submitted
                 finished_now, _ = wait(futs, return_when=FIRST_COMPLETED)
                 for f in finished_now:
@@ -606,7 +612,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                     except Exception as exc:
                         rec = _failure(jobs[i], exc)
                     for k in finished(i, rec):
-                        futs[pool.submit(run_job, jobs[k], out_dir)] = k
+                        futs[pool.submit(run_job, jobs[k], out_dir, **beat)] = k
             return never_started()
     if executor == "submitit":
         try:
@@ -628,7 +634,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         out: list[dict | None] = [None] * len(jobs)
         wave = waits.first()
         while wave:  # a job array per wave: the jobs that wait on another's run file go in a later one
-            sj = ex.map_array(run_job, [jobs[i] for i in wave], [out_dir] * len(wave))
+            sj = ex.map_array(partial(run_job, **beat), [jobs[i] for i in wave], [out_dir] * len(wave))
             nxt = []
             for i, s in zip(wave, sj):
                 try:
@@ -1133,8 +1139,11 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
            device: str = "auto", workers: int | None = None, data_dir=None, losses=None,
            progress: Callable[[str], None] | None = None, slurm: dict | None = None,
            groups: list[str] | None = None, methods: list[str] | None = None,
-           multiples: list[float] | None = None, readings: list[str] | None = None) -> dict:
-    """Run the grid, the checks, the phase diagram, and write the report; returns the results document."""
+           multiples: list[float] | None = None, readings: list[str] | None = None,
+           heartbeat: float | None = None) -> dict:
+    """Run the grid, the checks, the phase diagram, and write the report; returns the results document.
+    ``progress`` gets a line as each run ends; ``heartbeat`` (seconds) makes each running run write a line of
+    its own progress to stderr at most that often (:func:`execute`)."""
     t0 = time.perf_counter()
     datasets = list(datasets)
     bad = [d for d in datasets if d not in DATASETS]
@@ -1173,7 +1182,8 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
                          "choose another folder.") from None
     if progress:
         progress(f"verify: {len(jobs)} runs ({preset} preset) into {out}")
-    records = execute(jobs, str(out), executor=executor, workers=workers, progress=progress, slurm=slurm)
+    records = execute(jobs, str(out), executor=executor, workers=workers, progress=progress, slurm=slurm,
+                      heartbeat=heartbeat)
     recs = collect(records)
     from hcdiag.train import PRESETS
 

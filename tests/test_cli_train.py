@@ -48,6 +48,9 @@ def test_tiny_run_end_to_end_json(data_file, tmp_path, capsys):
     (["--multiple", "0"], r"The 'multiple' parameter must be a float > 0. Got 0.0"),
     (["--k", "500"], r"The 'k' parameter \(500\) is larger than the number of rows \(400\)"),
     (["--loss", "sum"], r"The 'loss' parameter must be one of literal, scaled, mean. Got 'sum'"),
+    (["--heartbeat", "-1"], r"^hcdiag train: error: --heartbeat must be a number of seconds >= 0 \(0: only the "
+                            r"summaries in a log file\). Got -1.0.$"),
+    (["--heartbeat", "inf"], r"--heartbeat must be a number of seconds >= 0 .*Got inf.$"),
 ])
 def test_bad_parameters(data_file, tmp_path, capsys, argv, msg):
     import re
@@ -55,6 +58,24 @@ def test_bad_parameters(data_file, tmp_path, capsys, argv, msg):
     line = _err(capsys, "train", data_file, "--out", tmp_path / "r.pt", *FAST, *argv)
     assert re.search(msg, line), line
     assert not (tmp_path / "r.pt").exists()
+
+
+def test_a_log_file_gets_progress_lines_a_terminal_the_live_line(data_file, tmp_path, capsys):
+    fast = [a for a in FAST if a != "--quiet"]
+    out = tmp_path / "run.pt"
+    assert main(["train", str(data_file), "--out", str(out), *fast, "--heartbeat", "1e-9"]) == 0
+    err = capsys.readouterr().err.splitlines()  # pytest's stderr is not a terminal
+    beats = [ln for ln in err if ln.startswith(f"  {out}: ")]
+    assert any(": stage1 epoch 1 loss " in ln and " KL " in ln for ln in beats)
+    assert all(ln.endswith(" so far)") for ln in beats)
+    assert any(ln.startswith("round 0: 4 -> 2 clusterings kept") for ln in err)  # the summaries as before
+    assert not any("loss nan" in ln for ln in beats)  # the row before training has no loss to show
+    # 0: the summaries only; --quiet: nothing
+    assert main(["train", str(data_file), "--out", str(tmp_path / "b.pt"), *fast, "--heartbeat", "0"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert not any(" so far)" in ln for ln in err) and any(ln.startswith("round 0:") for ln in err)
+    assert main(["train", str(data_file), "--out", str(tmp_path / "c.pt"), *FAST, "--heartbeat", "1e-9"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_nan_dataset(tmp_path, capsys):

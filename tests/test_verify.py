@@ -51,8 +51,13 @@ def test_smoke_grid_covers_methods_conventions_and_phase():
 def test_submitit_local_executor_runs_the_jobs_and_skips_finished_ones(tiny_grid, tmp_path):
     pytest.importorskip("submitit")
     jobs = [j for j in V.build_grid("smoke", ["synthetic"], 1) if j.group == "phase"]
-    recs = V.execute(jobs, str(tmp_path), executor="submitit", slurm={"cluster": "local", "timeout_min": 5})
+    recs = V.execute(jobs, str(tmp_path), executor="submitit", slurm={"cluster": "local", "timeout_min": 5},
+                     heartbeat=1e-9)
     assert [r["trained"] for r in recs] == [True, True]
+    # each job's progress lines go to its own log: submitit's stderr file
+    logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*.err"))
+    for j in jobs:
+        assert f"  {j.name}: baseline epoch 1 loss " in logs
     from hcdiag.runfile import load_run
 
     for r in recs:
@@ -100,6 +105,9 @@ def test_verify_report_numbers_come_from_the_run_files(tiny_grid, tmp_path):
                                "vanilla."),
     (["--multiples", "3"], "--multiples: the smoke grid's main jobs are at 2 x lambda_max; got 3."),
     (["--multiples", "two"], "--multiples must be a comma list of numbers (multiples of lambda_max). Got 'two'."),
+    (["--heartbeat", "-5"], "--heartbeat must be a number of seconds >= 0 (0: no progress lines while a run trains). "
+                            "Got -5.0."),
+    (["--heartbeat", "nan"], "--heartbeat must be a number of seconds >= 0"),
     (["--plan", "--methods", "gan"], "--methods: unknown method(s) gan in the smoke grid"),
     (["--groups", "phase", "--methods", "hct"], "--methods and --multiples choose among the main jobs, and the grid "
                                                 "has none (--groups phase): add main to the groups."),
@@ -151,12 +159,48 @@ def test_plan_prints_every_job_and_writes_nothing(tmp_path, capsys, monkeypatch)
     assert doc["plan"]["jobs"] == len(jobs) and len(doc["plan"]["per_job"]) == len(jobs)
 
 
-def test_progress_lines_estimate_the_time_to_the_end(tiny_grid, tmp_path):
+def test_progress_lines_estimate_the_time_to_the_end(tiny_grid, tmp_path, capsys):
     lines = []
     V.verify(tmp_path, preset="smoke", datasets=["synthetic"], seeds=1, workers=1, groups=["phase"],
              progress=lines.append)
     done = [ln for ln in lines if ln.startswith("[")]
     assert done and all("to the end)" in ln for ln in done[:-1]) and "to the end" not in done[-1]
+    assert capsys.readouterr().err == ""  # no heartbeat asked: nothing while the runs train
+
+
+def test_heartbeat_writes_each_running_runs_progress_at_most_that_often():
+    import io
+
+    from hcdiag.train.progress import Heartbeat
+
+    now = [100.0]
+    out = io.StringIO()
+    hb = Heartbeat("main/x/hct_m2_scaled_s0.pt", 60, stream=out, clock=lambda: now[0])
+    hb.update("stage1 epoch 1 loss 3 KL 0.1 AU 0")
+    assert out.getvalue() == ""  # not a minute yet
+    now[0] = 161.0
+    hb.update("stage1 epoch 2 loss 2.5 KL 0.05 AU 0")
+    hb("stage1 epoch 3 loss 2.4 KL 0.04 AU 0")  # the same second: throttled (callable for the diffusion trainer)
+    hb.summary("round 1: 16 -> 8 clusterings kept")  # no summaries
+    now[0] = 100.0 + 3 * 3600
+    hb("stage2 epoch 9 loss 2 KL 0.01 AU 0")
+    assert out.getvalue().splitlines() == [
+        "  main/x/hct_m2_scaled_s0.pt: stage1 epoch 2 loss 2.5 KL 0.05 AU 0 (61 s so far)",
+        "  main/x/hct_m2_scaled_s0.pt: stage2 epoch 9 loss 2 KL 0.01 AU 0 (3.0 h so far)"]
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="every must be > 0 seconds"):
+            Heartbeat("x", bad)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_verify_heartbeat_shows_every_run_while_it_trains(tiny_grid, tmp_path, capfd, workers):
+    jobs = V.build_grid("smoke", ["synthetic"], 1, groups=["phase"])
+    V.execute(jobs, str(tmp_path), workers=workers, heartbeat=1e-9)
+    err = capfd.readouterr().err  # the workers' stderr (file descriptor 2), not only this process's
+    for j in jobs:
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"  {j.name}: ")]
+        assert any(f"  {j.name}: baseline epoch 1 loss " in ln and " KL " in ln for ln in lines)
+        assert lines and all(ln.endswith(" so far)") for ln in lines)
 
 
 def test_progress_estimates_from_runs_trained_here_not_from_finished_ones(monkeypatch, tmp_path):
@@ -343,10 +387,10 @@ def test_a_failed_run_is_reported_and_the_grid_goes_on(tiny_grid, tmp_path, caps
 
     real = V.run_job
 
-    def flaky(job, out_dir):
+    def flaky(job, out_dir, **kw):
         if job.group == "main" and job.method == "vanilla":
             raise NumericalError("non-finite loss in stage1 (vanilla), epoch 1; lower --lr")
-        return real(job, out_dir)
+        return real(job, out_dir, **kw)
 
     monkeypatch.setattr(V, "run_job", flaky)
     code = main(["verify", "--out", str(tmp_path), "--workers", "1", "--strict"])

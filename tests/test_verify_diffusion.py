@@ -68,8 +68,12 @@ def tiny_diffusion(monkeypatch):
                                                               widths=(64, 64), batch_size=64)))
 
 
-def test_a_tiny_diffusion_grid_end_to_end(tiny_diffusion, tmp_path, one_thread):
-    doc = V.verify(tmp_path, preset="smoke", datasets=["synthetic"], groups=["diffusion"], workers=1)
+def test_a_tiny_diffusion_grid_end_to_end(tiny_diffusion, tmp_path, one_thread, capsys):
+    doc = V.verify(tmp_path, preset="smoke", datasets=["synthetic"], groups=["diffusion"], workers=1,
+                   heartbeat=1e-9)
+    beats = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("  diffusion/synthetic/")]
+    assert any(": diffusion consensus: |S| = " in ln for ln in beats)  # the trainer's progress, run by run
+    assert any("single_lam10_s0.pt: diffusion single: step " in ln for ln in beats)
     rows = {r["id"]: r for r in doc["claims"] if r["id"].startswith("diffusion.")}
     assert set(rows) == {"diffusion.critical", "diffusion.rescaling", "diffusion.eq13", "diffusion.barrier",
                          "diffusion.flexibility"}

@@ -96,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--references", default=None,
                    help="references to train: comma list of collapsed,vanilla,control, or 'none'")
     p.add_argument("--quiet", action="store_true", help="no per-round summaries on stderr")
+    p.add_argument("--heartbeat", type=float, default=300, metavar="SECONDS",
+                   help="when stderr is not a terminal (a log file), a line of progress (stage, epoch, loss, KL, time "
+                        "so far) at most every SECONDS (default 300; 0: only the summaries)")
     p.add_argument("--em-cache", default=None, metavar="DIR",
                    help="share stage-0 EM fits between runs through this folder (same data and settings: "
                         "fitted once; changes no result)")
@@ -121,11 +124,19 @@ def _one_line_warnings(show):
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+    import sys
     import warnings
 
     from hcdiag.cli.common import load_data
+    from hcdiag.errors import InputError
     from hcdiag.train import Progress, Trainer, make_config
+    from hcdiag.train.progress import Heartbeat
     from hcdiag.runfile import Run
+
+    if not (args.heartbeat >= 0 and math.isfinite(args.heartbeat)):
+        raise InputError(f"--heartbeat must be a number of seconds >= 0 (0: only the summaries in a log file). "
+                         f"Got {args.heartbeat}.")
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _t, _h in _OVERRIDES}
     overrides.update(method="teacher" if args.method == "witness" else args.method, multiple=args.multiple, seed=args.seed, device=args.device,
@@ -137,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["references"] = refs
     cfg = make_config(args.preset, **overrides)
     data = load_data(args)
-    trainer = Trainer(cfg, data, args.out, progress=Progress(summaries=not args.quiet), em_cache=args.em_cache)
+    # a terminal shows a live line; a log file gets a whole line now and then instead (nothing with --quiet)
+    logged = args.heartbeat and not args.quiet and not sys.stderr.isatty()
+    progress = Heartbeat(str(args.out), args.heartbeat, summaries=True) if logged else Progress(summaries=not args.quiet)
+    trainer = Trainer(cfg, data, args.out, progress=progress, em_cache=args.em_cache)
     with warnings.catch_warnings():  # a NumericalError (non-finite loss) is exit status 1, see hcdiag.cli
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         run_dict = trainer.run(resume=args.resume, overwrite=args.overwrite)

@@ -35,12 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="local workers (default: one per core, or per GPU)")
     p.add_argument("--data-dir", default=None, help="folder of MNIST / CIFAR-10 files")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--heartbeat", type=float, default=300, metavar="SECONDS",
+                   help="each running run writes a line of its progress (stage, epoch, loss, KL, time so far) to "
+                        "stderr at most every SECONDS (default 300; 0: only a line as each run ends)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim fails or a run failed")
     p.add_argument("--out", type=nonempty_arg, default=None, help="output folder (runs, report.md, report.html, results.json, figures); required unless --plan")
     add_format_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     import sys
 
     from hcdiag.cli.common import emit
@@ -69,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
                          f"Got {args.seeds}.")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be an integer >= 1 (default: one per core, or per GPU). Got {args.workers}.")
+    if not (args.heartbeat >= 0 and math.isfinite(args.heartbeat)):
+        raise InputError(f"--heartbeat must be a number of seconds >= 0 (0: no progress lines while a run trains). "
+                         f"Got {args.heartbeat}.")
     methods = names("methods", args.methods, ())
     multiples = None
     if args.multiples is not None:
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     doc = verify(args.out, preset=args.preset, datasets=datasets, seeds=args.seeds, executor=args.executor,
                  device=args.device, workers=args.workers, data_dir=args.data_dir, losses=losses, groups=groups,
                  methods=methods, multiples=multiples, readings=readings,
-                 progress=lambda s: print(s, file=sys.stderr, flush=True))
+                 progress=lambda s: print(s, file=sys.stderr, flush=True), heartbeat=args.heartbeat or None)
     rows = doc["claims"]
     table = claims_text(rows)
     text = (f"{table}\n\n{sum(r['verdict'] == 'holds' for r in rows)} hold, {sum(r['verdict'] == 'fails' for r in rows)} fail, "

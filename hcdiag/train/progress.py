@@ -32,3 +32,36 @@ class Progress:
         if self.summaries:
             self.stream.write(text + "\n")
             self.stream.flush()
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a progress line: ``42 s``, ``12 min``, ``3.4 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Heartbeat(Progress):
+    """Progress of a run trained out of sight (``hcdiag verify``'s workers, a log file): the latest live line,
+    written as a whole line after the run's name at most once every ``every`` seconds, with the time so far
+    (``  main/synthetic/hct_m2_scaled_s0.pt: refine epoch 12 loss ... (14 min so far)``); the summaries only
+    with ``summaries=True`` (``hcdiag train`` into a log file).
+    Called with one text it is also the ``progress`` callable of the diffusion trainer."""
+
+    def __init__(self, name: str, every: float, stream=None, clock=time.monotonic, summaries: bool = False):
+        if not every > 0:
+            raise ValueError(f"every must be > 0 seconds. Got {every!r}.")
+        super().__init__(stream=stream, enabled=False, summaries=summaries)
+        self.name, self.every, self.clock = name, float(every), clock
+        self._t0 = clock()
+        self._next = self._t0 + self.every
+
+    def update(self, text: str) -> None:
+        now = self.clock()
+        if now < self._next:
+            return
+        self._next = now + self.every
+        self.stream.write(f"  {self.name}: {text[:150]} ({duration(now - self._t0)} so far)\n")
+        self.stream.flush()
+
+    __call__ = update

@@ -163,7 +163,8 @@ class RunWriter:
         h["kl"].append(ev["kl"])
         h["au"].append(ev["au"])
         h["losses"].append(ev["losses"])
-        self.progress.update(f"{stage} epoch {state['epoch']} loss {t[0]:.4g} KL {ev['kl']:.3f} AU {ev['au']}")
+        loss = f"loss {t[0]:.4g} " if terms is not None else ""  # the row before training has no loss
+        self.progress.update(f"{stage} epoch {state['epoch']} {loss}KL {ev['kl']:.3f} AU {ev['au']}")
         return ev
 
     def save(self, model, opt, state: dict, position: dict, complete: bool = False) -> None:
