@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -83,6 +83,10 @@ class ArtefactResult:
         s = f"preset {m.get('preset')}, datasets {', '.join(m.get('datasets', []))}, {m.get('seeds', 1)} seed(s)"
         if m.get("reduced"):
             s += f"; REDUCED: {m['reduced']}"
+        if m.get("checks"):
+            s += f"; read from the checks documents in {m['checks']} (nothing trained)"
+        if m.get("missing"):
+            s += f"; {len(m['missing'])} run(s) without a checks document left out: {', '.join(m['missing'])}"
         return s
 
     def to_markdown(self) -> str:
@@ -381,6 +385,54 @@ def table1(preset: str = "smoke", datasets: Sequence[str] = ("synthetic",), seed
     rows = [r for r in main_claim_rows(recs, preset) if r["id"].startswith("table1.")]
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "out_dir": str(out), "n_runs": len(recs),
             "reduced": _reduced(overrides, n_samples), "seconds": time.perf_counter() - t0}
+    return Table1Result("table1", "Table 1: posterior collapse metrics, paper beside ours", rows, meta)
+
+
+def table1_from_checks(folder, preset: str = "paper", datasets: Sequence[str] = ("fashion-mnist",), seeds: int = 1,
+                       *, losses: list[str] | None = None, methods: list[str] | None = None,
+                       multiples: list[float] | None = None) -> Table1Result:
+    """Table 1 from the checks documents a ``hcdiag verify`` left, without its run files and without training:
+    each main job of the grid (:func:`hcdiag.verify.build_grid` with ``losses``, ``methods``, ``multiples``)
+    is looked up as ``<run>.checks.json`` in ``folder``, in verify's layout (``main/<dataset>/...``) or flat (the
+    committed ``docs/results/*/checks``), and its rows are decided by the same rules as :func:`table1`. A job
+    without a checks document is left out and named in ``meta['missing']``; the comparisons are like for like
+    among the jobs found. ``folder`` must hold at least one."""
+    import json
+
+    datasets = _datasets(datasets)
+    _check(preset, seeds)
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{flag('--checks', 'folder')} {root} is not a folder of checks documents "
+                         "(<run>.checks.json, as hcdiag verify writes them); give that folder.")
+    jobs = [j for j in build_grid(preset, datasets, seeds, losses=losses, methods=methods, multiples=multiples)
+            if j.group == "main"]
+    recs, missing = [], []
+    for j in jobs:
+        name = Path(j.name).with_suffix(".checks.json")
+        path = next((p for p in (root / name, root / name.name) if p.is_file()), None)
+        if path is None:
+            missing.append(j.name)
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"{path} is not a readable checks document ({cli_text(exc)}); run hcdiag verify "
+                             "again to rewrite it.") from None
+        if not isinstance(doc, dict) or doc.get("schema") != "hcdiag.check-barrier/1" or not isinstance(
+                doc.get("checks"), list):
+            raise InputError(f"{path} is not a checks document of hcdiag check-barrier (schema "
+                             "hcdiag.check-barrier/1); run hcdiag verify again to rewrite it.")
+        run = doc.get("run") if isinstance(doc.get("run"), str) else j.name  # the run file it was measured on
+        recs.append({"job": asdict(j), "run": run, "checks": str(path), "doc": doc})
+    if not recs:
+        raise InputError(f"{root} holds none of the {len(jobs)} checks documents of the {preset} grid's main jobs on "
+                         f"{', '.join(datasets)} (e.g. {Path(jobs[0].name).with_suffix('.checks.json').name}); "
+                         "give the folder hcdiag verify wrote." if jobs else
+                         f"the {preset} grid has no main jobs for these choices.")
+    rows = [r for r in main_claim_rows(recs, preset) if r["id"].startswith("table1.")]
+    meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "checks": str(root), "n_runs": len(recs),
+            "missing": missing, "reduced": ""}
     return Table1Result("table1", "Table 1: posterior collapse metrics, paper beside ours", rows, meta)
 
 

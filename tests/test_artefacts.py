@@ -96,6 +96,51 @@ def test_table1_markdown_text_json_and_figure(t1, tiny_dir):
     assert paths and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
+def test_table1_from_the_checks_documents_alone_equals_the_table_of_the_runs(t1, tiny_dir, tmp_path):
+    import shutil
+
+    again = artefacts.table1_from_checks(tiny_dir, "smoke", ["synthetic"], losses=["literal"])
+    assert again.rows == t1.rows and again.meta["missing"] == [] and again.meta["n_runs"] == 3
+    assert "nothing trained" in again.to_markdown()
+    # flat (as docs/results/*/checks), one run missing: left out, named, and the comparison is among the rest
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (tiny_dir / "main" / "synthetic").glob("*.checks.json"):
+        if not p.name.startswith("vanilla"):
+            shutil.copy(p, flat / p.name)
+    part = artefacts.table1_from_checks(flat, "smoke", ["synthetic"], losses=["literal"])
+    assert part.meta["missing"] == ["main/synthetic/vanilla_m2_literal_s0.pt"]
+    assert "1 run(s) without a checks document left out: main/synthetic/vanilla_m2_literal_s0.pt" in part.to_text()
+    cells = [r for r in part.rows if r["id"] != "table1.highest"]
+    assert cells == [r for r in t1.rows if r["values"].get("method") != "vanilla" and r["id"] != "table1.highest"]
+    highest = [r for r in part.rows if r["id"] == "table1.highest"]
+    assert len(highest) == 2 and all(r["verdict"] == "inconclusive" and "no pair of HCT and baseline KLs" in r["ours"]
+                                     for r in highest)  # no baseline left to compare with
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, r"^folder .*nope is not a folder of checks documents \(<run>.checks.json, as hcdiag verify writes "
+           r"them\); give that folder\.$"),
+    ("", r"^.*empty holds none of the 3 checks documents of the smoke grid's main jobs on synthetic \(e.g. "
+         r"hct_m2_literal_s0.checks.json\); give the folder hcdiag verify wrote\.$"),
+    ("{not json", r"^.*hct_m2_literal_s0.checks.json is not a readable checks document \(.*\); run hcdiag verify "
+                  r"again to rewrite it\.$"),
+    ('{"schema": "other"}', r"^.*hct_m2_literal_s0.checks.json is not a checks document of hcdiag check-barrier "
+                            r"\(schema hcdiag.check-barrier/1\); run hcdiag verify again to rewrite it\.$"),
+    (b"\xff\xfe\x00garbage", r"is not a readable checks document"),  # not UTF-8
+])
+def test_table1_from_checks_refuses_bad_folders_in_one_line(tmp_path, content, match):
+    d = tmp_path / ("nope" if content is None else "empty")
+    if content is not None:
+        d.mkdir()
+        if content:
+            raw = content if isinstance(content, bytes) else content.encode()
+            (d / "hct_m2_literal_s0.checks.json").write_bytes(raw)
+    with pytest.raises(InputError, match=match) as e:
+        artefacts.table1_from_checks(d, "smoke", ["synthetic"], losses=["literal"])
+    assert "\n" not in str(e.value)
+
+
 def test_figure2_values_equal_recomputation(t1, tiny_dir):
     res = artefacts.figure2("smoke", ["synthetic"], 1, tiny_dir, overrides=TINY, n_samples=N_TINY, device="cpu")
     hct = next(r for r in t1.rows if r["values"].get("method") == "hct")["runs"][0]
