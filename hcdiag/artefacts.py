@@ -397,8 +397,6 @@ def table1_from_checks(folder, preset: str = "paper", datasets: Sequence[str] = 
     committed ``docs/results/*/checks``), and its rows are decided by the same rules as :func:`table1`. A job
     without a checks document is left out and named in ``meta['missing']``; the comparisons are like for like
     among the jobs found. ``folder`` must hold at least one."""
-    import json
-
     datasets = _datasets(datasets)
     _check(preset, seeds)
     root = Path(folder)
@@ -410,30 +408,67 @@ def table1_from_checks(folder, preset: str = "paper", datasets: Sequence[str] = 
     recs, missing = [], []
     for j in jobs:
         name = Path(j.name).with_suffix(".checks.json")
-        path = next((p for p in (root / name, root / name.name) if p.is_file()), None)
-        if path is None:
+        rec = None
+        for path in dict.fromkeys(p for p in (root / name, root / name.name) if p.is_file()):
+            doc = _read_checks_doc(path)
+            # flat folders name runs by file name only: take a document only when it was measured on this job's
+            # run (main/<dataset>/...), never another dataset's or group's run of the same file name
+            run = doc.get("run")
+            if isinstance(run, str) and (run == j.name or run.replace("\\", "/").endswith("/" + j.name)):
+                rec = {"job": asdict(j), "run": run, "checks": str(path), "doc": doc}
+                break
+        if rec is None:
             missing.append(j.name)
             continue
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"{path} is not a readable checks document ({cli_text(exc)}); run hcdiag verify "
-                             "again to rewrite it.") from None
-        if not isinstance(doc, dict) or doc.get("schema") != "hcdiag.check-barrier/1" or not isinstance(
-                doc.get("checks"), list):
-            raise InputError(f"{path} is not a checks document of hcdiag check-barrier (schema "
-                             "hcdiag.check-barrier/1); run hcdiag verify again to rewrite it.")
-        run = doc.get("run") if isinstance(doc.get("run"), str) else j.name  # the run file it was measured on
-        recs.append({"job": asdict(j), "run": run, "checks": str(path), "doc": doc})
+        try:  # the rules read the document's values: a shape they cannot read is refused here, by file
+            main_claim_rows([rec], preset)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{rec['checks']} is not a checks document of hcdiag check-barrier (its values cannot be "
+                             f"read: {type(exc).__name__} {cli_text(exc)}); run hcdiag verify again to rewrite "
+                             "it.") from None
+        recs.append(rec)
     if not recs:
         raise InputError(f"{root} holds none of the {len(jobs)} checks documents of the {preset} grid's main jobs on "
-                         f"{', '.join(datasets)} (e.g. {Path(jobs[0].name).with_suffix('.checks.json').name}); "
-                         "give the folder hcdiag verify wrote." if jobs else
+                         f"{', '.join(datasets)} (e.g. {Path(jobs[0].name).with_suffix('.checks.json').name} measured "
+                         f"on {jobs[0].name}); give the folder hcdiag verify wrote." if jobs else
                          f"the {preset} grid has no main jobs for these choices.")
     rows = [r for r in main_claim_rows(recs, preset) if r["id"].startswith("table1.")]
     meta = {"preset": preset, "datasets": datasets, "seeds": seeds, "checks": str(root), "n_runs": len(recs),
             "missing": missing, "reduced": ""}
     return Table1Result("table1", "Table 1: posterior collapse metrics, paper beside ours", rows, meta)
+
+
+def _read_checks_doc(path: Path) -> dict:
+    """A checks document (``hcdiag check-barrier --format json``, cached by verify) read from ``path``, its shape
+    checked as far as the claim rules read it; one line (:class:`InputError`) otherwise."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable checks document ({cli_text(exc)}); run hcdiag verify "
+                         "again to rewrite it.") from None
+    why = None
+    if not isinstance(doc, dict) or doc.get("schema") != "hcdiag.check-barrier/1" or not isinstance(
+            doc.get("checks"), list):
+        why = "schema hcdiag.check-barrier/1"
+    else:
+        for c in doc["checks"]:
+            if not (isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("verdict"), str)
+                    and isinstance(c.get("values", {}), dict)):
+                why = "each check a record with an id, a verdict and values"
+                break
+            rows = c.get("values", {}).get("snapshots", []) if c["id"] == "KL" else []  # what the rules read
+            if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("snapshot"), str)
+                                                   and all(r.get(k) is None or (isinstance(r[k], (int, float))
+                                                                                and math.isfinite(r[k]))
+                                                           for k in ("kl", "au")) for r in rows)):
+                why = f"check {c['id']}: each snapshot row named, its KL and active units numbers"
+                break
+    if why:
+        raise InputError(f"{path} is not a checks document of hcdiag check-barrier ({why}); run hcdiag verify "
+                         "again to rewrite it.")
+    return doc
 
 
 def table2(preset: str = "smoke", datasets: Sequence[str] = ("cifar10",), seeds: int = 1,

@@ -97,6 +97,43 @@ DIFFUSION = {"smoke": dict(lambdas=[0.1, 0.7, 10.0], controls_at=0.7, n_samples=
 DIFFUSION_METHODS = ("consensus", "single", "logsnr")
 DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
 # stamped into each diffusion run's .checks.json: a grid resumed after the checks changed decides them again
+def code_fingerprint() -> str:
+    """A hash of hcdiag's own source (every ``.py`` file of the package), stamped on each checks document verify
+    caches beside a run file: a document written by other code (an older hcdiag, an edited check) is measured
+    again from the run file, never trusted (:func:`_cached_checks`). Computed once per process."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        import hashlib
+
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        _FINGERPRINT = h.hexdigest()[:20]
+    return _FINGERPRINT
+
+
+_FINGERPRINT: str | None = None
+
+
+def _cached_checks(path: Path, **stamp) -> bool:
+    """Whether the checks document at ``path`` can be reused: readable, and stamped by this code (and ``stamp``,
+    e.g. the diffusion checks' version). Anything else (missing, unreadable, another hcdiag's) is measured again."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(doc, dict) and isinstance(doc.get("checks"), list)
+            and doc.get("checks_code") == code_fingerprint() and all(doc.get(k) == v for k, v in stamp.items()))
+
+
+def _write_checks(path: Path, doc: dict) -> None:
+    """Write a checks document whole (a temporary renamed over it), stamped with :func:`code_fingerprint`."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**doc, "checks_code": code_fingerprint()}, default=float))
+    os.replace(tmp, path)
+
+
 DIFFUSION_CHECKS_VERSION = 4  # 3: inconclusive for a denoiser that has not learned the data; 4: D3 asks the controls first
 
 
@@ -310,13 +347,10 @@ def run_job(job: Job, out_dir: str, heartbeat: float | None = None) -> dict:
             trainer.run(resume=True)
             trained = True
     checks_path = path.with_suffix(".checks.json")
-    if trained or shared or not checks_path.exists():
+    if trained or shared or not _cached_checks(checks_path):
         select = {"main": None, "witness": WITNESS_CHECKS}.get(job.group, ["KL", "AU"])
         results = run_checks(path, select=select)
-        doc = to_json_doc(results, run_path=str(path))
-        tmp = checks_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, checks_path)
+        _write_checks(checks_path, to_json_doc(results, run_path=str(path)))
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "shared_from": shared, "seconds": time.perf_counter() - t0}
 
@@ -351,18 +385,10 @@ def run_diffusion_job(job: Job, out_dir: str, heartbeat: float | None = None) ->
         save_diffusion_run(out, path, data)
         trained = True
     checks_path = path.with_suffix(".checks.json")
-    stale = True
-    if not trained and checks_path.exists():
-        try:
-            stale = json.loads(checks_path.read_text()).get("checks_version") != DIFFUSION_CHECKS_VERSION
-        except (OSError, ValueError):
-            stale = True
-    if stale:
+    if trained or not _cached_checks(checks_path, checks_version=DIFFUSION_CHECKS_VERSION):
         results = run_diffusion_checks(load_diffusion_run(path), select=DIFFUSION_RUN_CHECKS, seed=job.seed)
-        doc = {**to_json_doc(results, run_path=str(path), tolerance=None), "checks_version": DIFFUSION_CHECKS_VERSION}
-        tmp = checks_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, default=float))
-        os.replace(tmp, checks_path)
+        _write_checks(checks_path, {**to_json_doc(results, run_path=str(path), tolerance=None),
+                                    "checks_version": DIFFUSION_CHECKS_VERSION})
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "shared_from": None, "seconds": time.perf_counter() - t0}
 
@@ -531,6 +557,20 @@ class _Waits:
         return out
 
 
+def _heartbeat(seconds: float | None) -> float | None:
+    """``heartbeat`` checked before any work: ``None`` or 0 for none, else a finite number of seconds > 0."""
+    if seconds is None or seconds == 0:
+        return None
+    try:
+        ok = float(seconds) > 0 and math.isfinite(float(seconds))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{flag('--heartbeat', 'heartbeat')} must be a number of seconds >= 0 (0: no progress lines "
+                         f"while a run trains). Got {seconds}.")
+    return float(seconds)
+
+
 def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: int | None = None,
             progress: Callable[[str], None] | None = None, slurm: dict | None = None,
             heartbeat: float | None = None) -> list[dict]:
@@ -538,6 +578,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
     array; ``slurm={'cluster': 'local'}`` uses submitit's local executor, as the tests do). ``progress``
     gets a line as each run ends; with ``heartbeat`` seconds every running run also writes a line of its own
     progress to stderr at most that often (a worker's stderr: the terminal, or submitit's log)."""
+    heartbeat = _heartbeat(heartbeat)
     beat = {"heartbeat": heartbeat} if heartbeat else {}
     if executor == "local":
         import multiprocessing as mp
@@ -1145,6 +1186,7 @@ def verify(out_dir, *, preset: str = "smoke", datasets=("synthetic",), seeds: in
     ``progress`` gets a line as each run ends; ``heartbeat`` (seconds) makes each running run write a line of
     its own progress to stderr at most that often (:func:`execute`)."""
     t0 = time.perf_counter()
+    heartbeat = _heartbeat(heartbeat)
     datasets = list(datasets)
     bad = [d for d in datasets if d not in DATASETS]
     if bad:

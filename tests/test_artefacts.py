@@ -116,13 +116,64 @@ def test_table1_from_the_checks_documents_alone_equals_the_table_of_the_runs(t1,
     highest = [r for r in part.rows if r["id"] == "table1.highest"]
     assert len(highest) == 2 and all(r["verdict"] == "inconclusive" and "no pair of HCT and baseline KLs" in r["ours"]
                                      for r in highest)  # no baseline left to compare with
+    # a document of another run with the same file name (another group's, another dataset's) is not taken
+    doc = json.loads((tiny_dir / "main" / "synthetic" / "vanilla_m2_literal_s0.checks.json").read_text())
+    doc["run"] = doc["run"].replace("/main/synthetic/", "/phase/synthetic/")
+    (flat / "vanilla_m2_literal_s0.checks.json").write_text(json.dumps(doc))
+    other = artefacts.table1_from_checks(flat, "smoke", ["synthetic"], losses=["literal"])
+    assert other.meta["missing"] == ["main/synthetic/vanilla_m2_literal_s0.pt"] and other.rows == part.rows
+    with pytest.raises(InputError, match=r"flat holds none of the 3 checks documents of the smoke grid's main jobs on "
+                                         r"digits \(e.g. hct_m2_literal_s0.checks.json measured on "
+                                         r"main/digits/hct_m2_literal_s0.pt\)"):
+        artefacts.table1_from_checks(flat, "smoke", ["digits"], losses=["literal"])
+
+
+BAD_CHECKS = [
+    ([1], "each check a record with an id, a verdict and values"),
+    ([{"verdict": "holds", "values": {}}], "each check a record with an id, a verdict and values"),
+    ([{"id": "KL", "verdict": "holds", "values": []}], "each check a record with an id, a verdict and values"),
+    ([{"id": "KL", "verdict": "holds", "values": {"snapshots": 3}}], "check KL: each snapshot row named"),
+    ([{"id": "KL", "verdict": "holds", "values": {"snapshots": [{"snapshot": "final", "kl": "abc"}]}}],
+     "check KL: each snapshot row named, its KL and active units numbers"),
+    ([{"id": "KL", "verdict": "holds", "values": {"snapshots": [{"snapshot": "final", "kl": float("nan")}]}}],
+     "check KL: each snapshot row named, its KL and active units numbers"),
+    ([{"id": "T1", "verdict": "holds", "values": {"rounds": "x"}},
+      {"id": "KL", "verdict": "holds", "values": {"snapshots": [{"snapshot": "final", "kl": 0.1, "au": 1}]}}], None),
+]
+
+
+@pytest.mark.parametrize("checks, why", BAD_CHECKS)
+def test_table1_from_checks_refuses_a_document_it_cannot_read_in_one_line(t1, tiny_dir, tmp_path, checks, why):
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (tiny_dir / "main" / "synthetic").glob("*.checks.json"):
+        shutil.copy(p, flat / p.name)
+    doc = json.loads((flat / "hct_m2_literal_s0.checks.json").read_text())
+    doc["checks"] = checks
+    (flat / "hct_m2_literal_s0.checks.json").write_text(json.dumps(doc))
+    try:
+        res = artefacts.table1_from_checks(flat, "smoke", ["synthetic"], losses=["literal"])
+    except InputError as e:
+        line = str(e)
+        assert "\n" not in line and line.startswith(str(flat / "hct_m2_literal_s0.checks.json"))
+        assert line.endswith("run hcdiag verify again to rewrite it.")
+        assert why is None or f"({why}" in line
+        return
+    # a document whose values the rules can read is decided; the stages it lacks are inconclusive, never holds
+    assert why is None
+    stages = {r["values"]["stage"]: r for r in res.rows if r["values"].get("method") == "hct" and "stage" in r["values"]}
+    assert [stages[s]["verdict"] for s in ("pre", "post")] == ["inconclusive"] * 2
+    assert stages["final"]["values"]["kl"] == 0.1 and stages["final"]["verdict"] == "fails"  # 0.1 < 2.5
 
 
 @pytest.mark.parametrize("content, match", [
     (None, r"^folder .*nope is not a folder of checks documents \(<run>.checks.json, as hcdiag verify writes "
            r"them\); give that folder\.$"),
     ("", r"^.*empty holds none of the 3 checks documents of the smoke grid's main jobs on synthetic \(e.g. "
-         r"hct_m2_literal_s0.checks.json\); give the folder hcdiag verify wrote\.$"),
+         r"hct_m2_literal_s0.checks.json measured on main/synthetic/hct_m2_literal_s0.pt\); give the folder "
+         r"hcdiag verify wrote\.$"),
     ("{not json", r"^.*hct_m2_literal_s0.checks.json is not a readable checks document \(.*\); run hcdiag verify "
                   r"again to rewrite it\.$"),
     ('{"schema": "other"}', r"^.*hct_m2_literal_s0.checks.json is not a checks document of hcdiag check-barrier "

@@ -192,6 +192,23 @@ def test_heartbeat_writes_each_running_runs_progress_at_most_that_often():
             Heartbeat("x", bad)
 
 
+def test_the_heartbeat_option_reaches_the_runs_and_bad_values_are_refused_before_any_work(tiny_grid, tmp_path,
+                                                                                           capsys):
+    argv = ["verify", "--workers", "1", "--groups", "phase"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--heartbeat", "1e-9"]) == 0
+    err = capsys.readouterr().err
+    assert "  phase/synthetic/vanilla_m0.5_scaled_s0.pt: baseline epoch 1 loss " in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--heartbeat", "0"]) == 0
+    assert " so far)" not in capsys.readouterr().err
+    for bad in (-1.0, float("nan"), float("inf"), "often"):
+        with pytest.raises(InputError, match=r"^heartbeat must be a number of seconds >= 0 \(0: no progress lines "
+                                             r"while a run trains\)\. Got "):
+            V.verify(tmp_path / "c", preset="smoke", groups=["phase"], workers=1, heartbeat=bad)
+        with pytest.raises(InputError, match=r"^heartbeat must be"):
+            V.execute(V.build_grid("smoke", ["synthetic"], 1, groups=["phase"]), str(tmp_path / "c"), heartbeat=bad)
+    assert not (tmp_path / "c").exists()  # refused before any folder or run
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_verify_heartbeat_shows_every_run_while_it_trains(tiny_grid, tmp_path, capfd, workers):
     jobs = V.build_grid("smoke", ["synthetic"], 1, groups=["phase"])
@@ -214,6 +231,45 @@ def test_progress_estimates_from_runs_trained_here_not_from_finished_ones(monkey
     lines = []
     V.execute(jobs, str(tmp_path), workers=1, progress=lines.append)
     assert "to the end" not in lines[0] and "to the end)" in lines[1] and "to the end" not in lines[2]
+
+
+def test_cached_checks_are_reused_only_when_this_code_wrote_them(tiny_grid, tmp_path, monkeypatch):
+    import shutil
+
+    job = V.build_grid("smoke", ["synthetic"], 1, groups=["phase"])[0]
+    rec = V.run_job(job, str(tmp_path))
+    path = Path(rec["checks"])
+    doc = json.loads(path.read_text())
+    assert rec["trained"] and doc["checks_code"] == V.code_fingerprint()
+    kl = next(c for c in doc["checks"] if c["id"] == "KL")["values"]["final"]["kl"]
+    stamp = path.stat().st_mtime_ns
+    assert not V.run_job(job, str(tmp_path))["trained"] and path.stat().st_mtime_ns == stamp  # reused as it is
+
+    def forged(code):  # a document with a made-up KL, stamped by `code`
+        bad = json.loads(json.dumps(doc))
+        next(c for c in bad["checks"] if c["id"] == "KL")["values"]["final"]["kl"] = 999.0
+        bad["checks_code"] = code
+        path.write_text(json.dumps(bad))
+
+    for spoil in (lambda: forged(None), lambda: forged("0123456789abcdef0000"),  # no stamp, another hcdiag's
+                  lambda: path.write_bytes(b"\xff{not json")):  # garbage
+        spoil()
+        again = V.run_job(job, str(tmp_path))
+        assert not again["trained"]  # the run is kept; its checks are measured again from the run file
+        new = json.loads(path.read_text())
+        assert next(c for c in new["checks"] if c["id"] == "KL")["values"]["final"]["kl"] == kl
+        assert new["checks_code"] == V.code_fingerprint()
+
+    # the stamp is the package's source: the same files give the same stamp, one changed byte another
+    root = Path(V.__file__).resolve().parent
+    copy = tmp_path / "pkg" / "hcdiag"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(V, "__file__", str(copy / "verify.py"))
+    monkeypatch.setattr(V, "_FINGERPRINT", None)
+    assert V.code_fingerprint() == doc["checks_code"]
+    (copy / "checks" / "barrier.py").write_text((copy / "checks" / "barrier.py").read_text() + "\n# edited\n")
+    monkeypatch.setattr(V, "_FINGERPRINT", None)
+    assert V.code_fingerprint() != doc["checks_code"]
 
 
 def test_verify_without_out_runs_only_a_plan(capsys):
