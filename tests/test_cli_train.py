@@ -70,6 +70,9 @@ def test_a_log_file_gets_progress_lines_a_terminal_the_live_line(data_file, tmp_
     assert all(ln.endswith(" so far)") for ln in beats)
     assert any(ln.startswith("round 0: 4 -> 2 clusterings kept") for ln in err)  # the summaries as before
     assert not any("loss nan" in ln for ln in beats)  # the row before training has no loss to show
+    # the references train as long as the run: their progress shows too
+    assert any(": reference (vanilla) epoch 1/1 loss " in ln for ln in beats)
+    assert any(": reference (control) step " in ln for ln in beats)
     # 0: the summaries only; --quiet: nothing
     assert main(["train", str(data_file), "--out", str(tmp_path / "b.pt"), *fast, "--heartbeat", "0"]) == 0
     err = capsys.readouterr().err.splitlines()

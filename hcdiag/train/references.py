@@ -99,4 +99,5 @@ def _control(t, run: dict):
     while state["step"] < budget:
         t.loop.cycle(model, opt, state, pair, b_end, "reference (control), epoch %d" % (state["epoch"] + 1))
         state["epoch"] += 1
+        t.progress.update(f"reference (control) step {state['step']}/{budget}")
     return model, {"method": "hct-control", "s2": t.s2, "multiple": c.multiple, "pair": pair, "steps": state["step"]}

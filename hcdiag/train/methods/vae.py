@@ -174,6 +174,8 @@ def train_vae(t, method: Vanilla, model, epochs: int, *, run: dict | None, stage
         state["epoch"] += 1
         if run is not None:
             t.writer.record(model, stage, state, terms.mean(0))
+        else:  # a reference: no history row, but its progress (a long one takes as long as the run)
+            t.progress.update(f"{stage} ({method.name}) epoch {e + 1}/{epochs} loss {float(terms[:, 0].mean()):.4g}")
         method.after_epoch(t, model, ctx, run, e)
         if e + 1 in marks and e + 1 < epochs:
             if checkpoint:
