@@ -347,12 +347,13 @@ def run_job(job: Job, out_dir: str, heartbeat: float | None = None) -> dict:
             trainer.run(resume=True)
             trained = True
     checks_path = path.with_suffix(".checks.json")
-    if trained or shared or not _cached_checks(checks_path):
+    measured = trained or shared or not _cached_checks(checks_path)
+    if measured:
         select = {"main": None, "witness": WITNESS_CHECKS}.get(job.group, ["KL", "AU"])
         results = run_checks(path, select=select)
         _write_checks(checks_path, to_json_doc(results, run_path=str(path)))
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
-            "shared_from": shared, "seconds": time.perf_counter() - t0}
+            "shared_from": shared, "measured": bool(measured), "seconds": time.perf_counter() - t0}
 
 
 def run_diffusion_job(job: Job, out_dir: str, heartbeat: float | None = None) -> dict:
@@ -385,12 +386,13 @@ def run_diffusion_job(job: Job, out_dir: str, heartbeat: float | None = None) ->
         save_diffusion_run(out, path, data)
         trained = True
     checks_path = path.with_suffix(".checks.json")
-    if trained or not _cached_checks(checks_path, checks_version=DIFFUSION_CHECKS_VERSION):
+    measured = trained or not _cached_checks(checks_path, checks_version=DIFFUSION_CHECKS_VERSION)
+    if measured:
         results = run_diffusion_checks(load_diffusion_run(path), select=DIFFUSION_RUN_CHECKS, seed=job.seed)
         _write_checks(checks_path, {**to_json_doc(results, run_path=str(path), tolerance=None),
                                     "checks_version": DIFFUSION_CHECKS_VERSION})
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
-            "shared_from": None, "seconds": time.perf_counter() - t0}
+            "shared_from": None, "measured": bool(measured), "seconds": time.perf_counter() - t0}
 
 
 # the teacher-guided VAE's runs: no rounds for HCT's checks, and T4 would certify against clustering 0, not the
@@ -1160,7 +1162,8 @@ def write_report(out_dir: Path, rows: list[dict], phase: dict, diffusion: dict, 
              "results.json": json.dumps(to_jsonable({"schema": "hcdiag.verify/1", **meta, "claims": rows,
                                                      "phase": phase, "diffusion": diffusion,
                                                      "inconsistencies": [{"topic": k, "where": v} for k, v in INCONSISTENCIES],
-                                                     "runs": [{k: r.get(k) for k in ("job", "run", "checks", "trained", "shared_from", "seconds")}
+                                                     "runs": [{k: r.get(k) for k in ("job", "run", "checks", "trained",
+                                                                                     "shared_from", "measured", "seconds")}
                                                               for r in recs]}), indent=2).encode()}
     return report.write_files(out_dir, files)
 
@@ -1170,7 +1173,9 @@ def _how(rec: dict) -> str:
     if rec.get("shared_from"):
         return (f"no: relabelled from `{Path(rec['shared_from']).name}`, the same training under the other "
                 "convention (hcdiag.train.twin)")
-    return "yes" if rec.get("trained") else "no (finished before)"
+    if rec.get("trained"):
+        return "yes"
+    return "no (finished before; its checks measured again)" if rec.get("measured") else "no (finished before)"
 
 
 _OUT = flag("--out", "out_dir")  # verify's output folder

@@ -243,7 +243,9 @@ def test_cached_checks_are_reused_only_when_this_code_wrote_them(tiny_grid, tmp_
     assert rec["trained"] and doc["checks_code"] == V.code_fingerprint()
     kl = next(c for c in doc["checks"] if c["id"] == "KL")["values"]["final"]["kl"]
     stamp = path.stat().st_mtime_ns
-    assert not V.run_job(job, str(tmp_path))["trained"] and path.stat().st_mtime_ns == stamp  # reused as it is
+    kept = V.run_job(job, str(tmp_path))
+    assert not kept["trained"] and not kept["measured"] and path.stat().st_mtime_ns == stamp  # reused as it is
+    assert V._how(kept) == "no (finished before)"
 
     def forged(code):  # a document with a made-up KL, stamped by `code`
         bad = json.loads(json.dumps(doc))
@@ -255,7 +257,8 @@ def test_cached_checks_are_reused_only_when_this_code_wrote_them(tiny_grid, tmp_
                   lambda: path.write_bytes(b"\xff{not json")):  # garbage
         spoil()
         again = V.run_job(job, str(tmp_path))
-        assert not again["trained"]  # the run is kept; its checks are measured again from the run file
+        assert not again["trained"] and again["measured"]  # the run is kept; its checks measured again from it
+        assert V._how(again) == "no (finished before; its checks measured again)"
         new = json.loads(path.read_text())
         assert next(c for c in new["checks"] if c["id"] == "KL")["values"]["final"]["kl"] == kl
         assert new["checks_code"] == V.code_fingerprint()
