@@ -605,8 +605,10 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                 # the pace of the runs trained here: runs finished before (a resumed grid) took no time and would
                 # make the estimate seconds for hours of work
                 worked = sum(r is not None and (r.get("trained") or r.get("error") is not None) for r in results)
-                left = (time.perf_counter() - t_start) / worked * (len(jobs) - n) if worked else None
-                eta = f", about {duration(left)} to the end" if n < len(jobs) and left is not None else ""
+                # the jobs left that train: one relabelled from its twin's run file takes seconds, not a run's time
+                to_train = sum(r is None and not jobs[k].twin for k, r in enumerate(results))
+                left = (time.perf_counter() - t_start) / worked * to_train if worked and to_train else None
+                eta = f", about {duration(left)} to the end" if left is not None else ""
                 progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")
 
         waits = _Waits(jobs)  # the jobs that start from another's run file, or are relabelled from it

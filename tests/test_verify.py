@@ -231,6 +231,14 @@ def test_progress_estimates_from_runs_trained_here_not_from_finished_ones(monkey
     lines = []
     V.execute(jobs, str(tmp_path), workers=1, progress=lines.append)
     assert "to the end" not in lines[0] and "to the end)" in lines[1] and "to the end" not in lines[2]
+    # the jobs left are relabelled from their twins' run files (seconds each): no estimate from the pace of
+    # trained runs (it said "about 3.6 h to the end" with 6 s left)
+    main = V.build_grid("smoke", ["synthetic"], 1, groups=["main"], methods=["vanilla"], multiples=[2.0],
+                        losses=["literal", "scaled"])
+    assert [bool(j.twin) for j in main] == [False, True]
+    lines = []
+    V.execute(main, str(tmp_path), workers=1, progress=lines.append)
+    assert len(lines) == 2 and not any("to the end" in ln for ln in lines)
 
 
 def test_cached_checks_are_reused_only_when_this_code_wrote_them(tiny_grid, tmp_path, monkeypatch):
