@@ -52,3 +52,10 @@ def _fmt(c: Any) -> str:
             return f"{c:.4g}"
         return f"{c:.3e}"
     return str(c)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the unit that reads best, for progress lines and plans: ``42 s``, ``12 min``, ``3.4 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

@@ -247,8 +247,9 @@ def grid_plan(jobs, n_rows: dict, units: dict) -> dict:
 
 def duration(hours: float) -> str:
     """``hours`` in the unit that reads best: ``40 s``, ``12 min``, ``3.4 h``."""
-    s = hours * 3600
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{hours:.1f} h"
+    from hcdiag.formats import duration as text
+
+    return text(hours * 3600)
 
 
 def _span(lo: float, hi: float) -> str:

@@ -96,7 +96,8 @@ DIFFUSION = {"smoke": dict(lambdas=[0.1, 0.7, 10.0], controls_at=0.7, n_samples=
                            train=dict(kind="linear", R=8, epochs_per_round=2000))}
 DIFFUSION_METHODS = ("consensus", "single", "logsnr")
 DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
-# stamped into each diffusion run's .checks.json: a grid resumed after the checks changed decides them again
+
+
 def code_fingerprint() -> str:
     """A hash of hcdiag's own source (every ``.py`` file of the package), stamped on each checks document verify
     caches beside a run file: a document written by other code (an older hcdiag, an edited check) is measured
@@ -134,6 +135,7 @@ def _write_checks(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+# stamped into each diffusion run's .checks.json: a grid resumed after the checks changed decides them again
 DIFFUSION_CHECKS_VERSION = 4  # 3: inconclusive for a denoiser that has not learned the data; 4: D3 asks the controls first
 
 
@@ -587,7 +589,7 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
 
         import torch
 
-        from hcdiag.train.progress import duration
+        from hcdiag.formats import duration
 
         n_gpu = torch.cuda.device_count() if any(j.device in ("auto", "cuda") for j in jobs) else 0
         workers = workers or (n_gpu or max(1, os.cpu_count() or 1))

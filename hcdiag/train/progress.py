@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
+from hcdiag.formats import duration
+
 
 class Progress:
     """A one-line progress display on a terminal (stage, round, epoch, loss, KL); silent otherwise."""
@@ -32,13 +34,6 @@ class Progress:
         if self.summaries:
             self.stream.write(text + "\n")
             self.stream.flush()
-
-
-def duration(seconds: float) -> str:
-    """``seconds`` for a progress line: ``42 s``, ``12 min``, ``3.4 h``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 class Heartbeat(Progress):
