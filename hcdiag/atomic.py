@@ -78,6 +78,25 @@ def temporary(folder: str | os.PathLike, name: str) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` written to ``path`` whole or not at all: a locked temporary beside it (:func:`temporary`), flushed
+    and fsynced, renamed over it; removed on any failure (the old file stays). Raises ``OSError``."""
+    p = Path(path)
+    fd, tmp = temporary(p.parent, p.name)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, file_mode(p))
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)  # releases the temporary's lock only after its rename or removal
+
+
 def file_mode(target: str | os.PathLike) -> int:
     """The permission bits a new version of ``target`` gets: the old file's, else the usual ones
     (0666 less the umask). ``mkstemp`` makes its temporaries 0600."""

@@ -98,41 +98,84 @@ DIFFUSION_METHODS = ("consensus", "single", "logsnr")
 DIFFUSION_RUN_CHECKS = ["D1", "D2", "D4"]  # per run; D3 compares runs and is decided when the grid is collected
 
 
-def code_fingerprint() -> str:
-    """A hash of hcdiag's own source (every ``.py`` file of the package), stamped on each checks document verify
-    caches beside a run file: a document written by other code (an older hcdiag, an edited check) is measured
-    again from the run file, never trusted (:func:`_cached_checks`). Computed once per process."""
-    global _FINGERPRINT
-    if _FINGERPRINT is None:
-        import hashlib
+def _source_hash() -> str | None:
+    """A hash of hcdiag's own source as it is on disk now: every regular ``.py`` file of the package (not dot
+    files such as an editor's lock links; one that cannot be read counts as its name). None when no source file
+    is found (a zipped or compiled-only install): then no cached checks document is ever reused."""
+    import hashlib
 
-        root = Path(__file__).resolve().parent
-        h = hashlib.sha256()
-        for p in sorted(root.rglob("*.py")):
-            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-        _FINGERPRINT = h.hexdigest()[:20]
-    return _FINGERPRINT
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    found = False
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")) or p.is_symlink() or not p.is_file():
+            continue
+        try:
+            data = p.read_bytes()
+        except OSError:
+            data = b"\0unreadable"
+        found = True
+        h.update(rel.encode() + b"\0" + data + b"\0")
+    return h.hexdigest()[:20] if found else None
 
 
-_FINGERPRINT: str | None = None
+# the source this process imported hcdiag.verify from (hcdiag.checks and the rest are imported after it)
+_SOURCE_AT_IMPORT = _source_hash()
 
 
-def _cached_checks(path: Path, **stamp) -> bool:
-    """Whether the checks document at ``path`` can be reused: readable, and stamped by this code (and ``stamp``,
-    e.g. the diffusion checks' version). Anything else (missing, unreadable, another hcdiag's) is measured again."""
+def code_fingerprint() -> str | None:
+    """The stamp of the code this process runs, for each checks document verify caches beside a run file: the
+    hash of hcdiag's source (:func:`_source_hash`) when it is still what this process imported, else None (the
+    files changed under a running process: what it computes is stamped by nothing, so it is never reused). A
+    document without this stamp (an older hcdiag's, an edited check's) is measured again from its run file."""
+    now = _source_hash()
+    return now if now is not None and now == _SOURCE_AT_IMPORT else None
+
+
+def _stamp(run_path: Path) -> dict | None:
+    """What a cached checks document of the run file ``run_path`` was computed from: this code
+    (:func:`code_fingerprint`), the run file (size and modification time: a file replaced by hand is another run)
+    and the numeric libraries. None when the code has no stamp."""
+    code = code_fingerprint()
+    if code is None:
+        return None
+    import numpy
+    import torch
+
+    try:
+        st = os.stat(run_path)
+    except OSError:
+        return None
+    return {"checks_code": code, "run_file": [st.st_size, st.st_mtime_ns],
+            "versions": {"torch": str(torch.__version__), "numpy": numpy.__version__}}
+
+
+def _cached_checks(path: Path, run_path: Path, **extra) -> bool:
+    """Whether the checks document at ``path`` can be reused for the run file ``run_path``: readable, and written
+    from this code, this very run file and these libraries (:func:`_stamp`), with ``extra`` (e.g. the diffusion
+    checks' version). Anything else (missing, unreadable, another hcdiag's) is measured again."""
+    stamp = _stamp(run_path)
+    if stamp is None:
+        return False
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return (isinstance(doc, dict) and isinstance(doc.get("checks"), list)
-            and doc.get("checks_code") == code_fingerprint() and all(doc.get(k) == v for k, v in stamp.items()))
+            and all(doc.get(k) == v for k, v in {**stamp, **extra}.items()))
 
 
-def _write_checks(path: Path, doc: dict) -> None:
-    """Write a checks document whole (a temporary renamed over it), stamped with :func:`code_fingerprint`."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**doc, "checks_code": code_fingerprint()}, default=float))
-    os.replace(tmp, path)
+def _write_checks(path: Path, run_path: Path, doc: dict) -> None:
+    """Write a checks document whole (:func:`hcdiag.atomic.write_bytes`), stamped (:func:`_stamp`) after the
+    checks ran: with no code stamp (``checks_code`` None) if the source changed meanwhile."""
+    from hcdiag.atomic import write_bytes
+
+    legacy = path.with_suffix(".tmp")  # the fixed-name temporary earlier versions wrote
+    if legacy.is_file() and not legacy.is_symlink():
+        legacy.unlink(missing_ok=True)
+    stamp = _stamp(run_path) or {"checks_code": None}
+    write_bytes(path, json.dumps({**doc, **stamp}, default=float).encode())
 
 
 # stamped into each diffusion run's .checks.json: a grid resumed after the checks changed decides them again
@@ -349,11 +392,11 @@ def run_job(job: Job, out_dir: str, heartbeat: float | None = None) -> dict:
             trainer.run(resume=True)
             trained = True
     checks_path = path.with_suffix(".checks.json")
-    measured = trained or shared or not _cached_checks(checks_path)
+    measured = trained or shared or not _cached_checks(checks_path, path)
     if measured:
         select = {"main": None, "witness": WITNESS_CHECKS}.get(job.group, ["KL", "AU"])
         results = run_checks(path, select=select)
-        _write_checks(checks_path, to_json_doc(results, run_path=str(path)))
+        _write_checks(checks_path, path, to_json_doc(results, run_path=str(path)))
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "shared_from": shared, "measured": bool(measured), "seconds": time.perf_counter() - t0}
 
@@ -388,11 +431,11 @@ def run_diffusion_job(job: Job, out_dir: str, heartbeat: float | None = None) ->
         save_diffusion_run(out, path, data)
         trained = True
     checks_path = path.with_suffix(".checks.json")
-    measured = trained or not _cached_checks(checks_path, checks_version=DIFFUSION_CHECKS_VERSION)
+    measured = trained or not _cached_checks(checks_path, path, checks_version=DIFFUSION_CHECKS_VERSION)
     if measured:
         results = run_diffusion_checks(load_diffusion_run(path), select=DIFFUSION_RUN_CHECKS, seed=job.seed)
-        _write_checks(checks_path, {**to_json_doc(results, run_path=str(path), tolerance=None),
-                                    "checks_version": DIFFUSION_CHECKS_VERSION})
+        _write_checks(checks_path, path, {**to_json_doc(results, run_path=str(path), tolerance=None),
+                                          "checks_version": DIFFUSION_CHECKS_VERSION})
     return {"job": asdict(job), "run": str(path), "checks": str(checks_path), "trained": trained,
             "shared_from": None, "measured": bool(measured), "seconds": time.perf_counter() - t0}
 
@@ -597,6 +640,11 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
         results: list[dict | None] = [None] * len(jobs)
 
         t_start = time.perf_counter()
+        index = {j.name: k for k, j in enumerate(jobs)}
+
+        def _will_train(k: int) -> bool:
+            src = index.get(jobs[k].twin) if jobs[k].twin else None
+            return src is None or bool((results[src] or {}).get("error"))
 
         def done(i: int, rec: dict) -> None:
             results[i] = rec
@@ -606,9 +654,10 @@ def execute(jobs: list[Job], out_dir: str, *, executor: str = "local", workers: 
                     f", relabelled from {rec['shared_from']}: the same training" if rec.get("shared_from") else "")
                 # the pace of the runs trained here: runs finished before (a resumed grid) took no time and would
                 # make the estimate seconds for hours of work
-                worked = sum(r is not None and (r.get("trained") or r.get("error") is not None) for r in results)
-                # the jobs left that train: one relabelled from its twin's run file takes seconds, not a run's time
-                to_train = sum(r is None and not jobs[k].twin for k, r in enumerate(results))
+                worked = sum(r is not None and bool(r.get("trained")) for r in results)
+                # the jobs left that train: one relabelled from its twin's run file takes seconds, not a run's time,
+                # unless its twin failed or is not in the grid (then it trains, hcdiag.train.twin)
+                to_train = sum(r is None and _will_train(k) for k, r in enumerate(results))
                 left = (time.perf_counter() - t_start) / worked * to_train if worked and to_train else None
                 eta = f", about {duration(left)} to the end" if left is not None else ""
                 progress(f"[{n}/{len(jobs)}] {jobs[i].name} ({what}{eta})")

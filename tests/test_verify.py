@@ -1,6 +1,7 @@
 """hcdiag verify: the grid, the executors (local pool and submitit's local executor), the claims table."""
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -271,16 +272,78 @@ def test_cached_checks_are_reused_only_when_this_code_wrote_them(tiny_grid, tmp_
         assert next(c for c in new["checks"] if c["id"] == "KL")["values"]["final"]["kl"] == kl
         assert new["checks_code"] == V.code_fingerprint()
 
-    # the stamp is the package's source: the same files give the same stamp, one changed byte another
+    # the run file replaced (here: only its time changed) is another run: its checks are measured again
+    run_file = Path(rec["run"])
+    st = run_file.stat()
+    os.utime(run_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert V.run_job(job, str(tmp_path))["measured"] and not V.run_job(job, str(tmp_path))["measured"]
+    assert json.loads(path.read_text())["run_file"] == [st.st_size, st.st_mtime_ns + 10**9]
+    # the files changed under this process: what it computes is stamped by nothing and never reused
+    monkeypatch.setattr(V, "_SOURCE_AT_IMPORT", "not-this-source")
+    assert V.code_fingerprint() is None
+    again = V.run_job(job, str(tmp_path))
+    assert again["measured"] and json.loads(path.read_text())["checks_code"] is None
+    assert V.run_job(job, str(tmp_path))["measured"]  # and again: nothing is trusted
+    assert not list(path.parent.glob("*.tmp")) and not list(path.parent.glob(".*.tmp"))  # no temporary left
+
+
+def test_the_report_says_which_finished_runs_had_their_checks_measured_again(tiny_grid, tmp_path):
+    V.verify(tmp_path, preset="smoke", groups=["phase"], workers=1)
+    V.verify(tmp_path, preset="smoke", groups=["phase"], workers=1)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["trained"], r["measured"]) for r in runs] == [(False, False)] * 2
+    spoilt = Path(runs[0]["checks"])
+    spoilt.write_text("{}")
+    V.verify(tmp_path, preset="smoke", groups=["phase"], workers=1)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["trained"], r["measured"]) for r in runs] == [(False, True), (False, False)]
+    md = (tmp_path / "report.md").read_text()
+    name = Path(runs[0]["run"]).relative_to(tmp_path)
+    assert f"| `{name}` | no (finished before; its checks measured again) |" in md
+    assert f"| `{Path(runs[1]['run']).relative_to(tmp_path)}` | no (finished before) |" in md
+
+
+def test_the_code_stamp_is_the_package_source(tmp_path, monkeypatch):
+    import shutil
+
     root = Path(V.__file__).resolve().parent
     copy = tmp_path / "pkg" / "hcdiag"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(V, "__file__", str(copy / "verify.py"))
-    monkeypatch.setattr(V, "_FINGERPRINT", None)
-    assert V.code_fingerprint() == doc["checks_code"]
+    here = V._source_hash()
+    assert here == V._SOURCE_AT_IMPORT  # the same files, the same stamp
+    (copy / "checks" / ".#barrier.py").symlink_to(copy / "nowhere")  # an editor's lock link: not source
+    (copy / ".hidden.py").write_text("x = 1\n")
+    assert V._source_hash() == here
     (copy / "checks" / "barrier.py").write_text((copy / "checks" / "barrier.py").read_text() + "\n# edited\n")
-    monkeypatch.setattr(V, "_FINGERPRINT", None)
-    assert V.code_fingerprint() != doc["checks_code"]
+    assert V._source_hash() != here  # one changed line, another stamp
+    empty = tmp_path / "zipped" / "hcdiag"
+    empty.mkdir(parents=True)
+    monkeypatch.setattr(V, "__file__", str(empty / "verify.py"))
+    assert V._source_hash() is None and V.code_fingerprint() is None  # no source: nothing cached is reused
+    assert not V._cached_checks(tmp_path / "any.checks.json", tmp_path / "any.pt")
+
+
+def test_a_twin_whose_source_failed_counts_as_training_in_the_estimate(monkeypatch, tmp_path):
+    main = V.build_grid("smoke", ["synthetic"], 2, groups=["main"], methods=["vanilla"], multiples=[2.0],
+                        losses=["literal", "scaled"])
+    lit0, sc0, lit1, sc1 = main
+    assert (sc0.twin, sc1.twin) == (lit0.name, lit1.name) and not lit0.twin and not lit1.twin
+
+    def fake(job, out_dir):
+        if job.name == lit0.name:
+            raise RuntimeError("killed")
+        return {"job": V.asdict(job), "run": job.name, "checks": "", "trained": True, "seconds": 0.0}
+
+    monkeypatch.setattr(V, "run_job", fake)
+    lines = []
+    V.execute(main, str(tmp_path), workers=1, progress=lines.append)
+    by = {ln.split(" ")[1]: ln for ln in lines}
+    assert [ln.split(" ")[1] for ln in lines] == [lit0.name, lit1.name, sc0.name, sc1.name]
+    assert "to the end" not in by[lit0.name]  # a failure is no pace: nothing trained yet
+    # left after seed 1's source: seed 0's twin, which trains (its source failed), and seed 1's, which relabels
+    assert "to the end)" in by[lit1.name]
+    assert "to the end" not in by[sc0.name]  # only a relabelling left
 
 
 def test_verify_without_out_runs_only_a_plan(capsys):

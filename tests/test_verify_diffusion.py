@@ -93,5 +93,12 @@ def test_a_tiny_diffusion_grid_end_to_end(tiny_diffusion, tmp_path, one_thread, 
     stamp["checks_version"] = 0
     stamp["checks"] = []
     open(one, "w").write(json.dumps(stamp))
-    rec = V.run_job(V.Job(**next(r["job"] for r in res["runs"] if r["checks"] == one)), str(tmp_path))
-    assert not rec["trained"] and json.loads(open(one).read())["checks"][0]["id"] == "D1"
+    job = V.Job(**next(r["job"] for r in res["runs"] if r["checks"] == one))
+    rec = V.run_job(job, str(tmp_path))
+    assert not rec["trained"] and rec["measured"] and json.loads(open(one).read())["checks"][0]["id"] == "D1"
+    assert not V.run_job(job, str(tmp_path))["measured"]  # this version, this code: reused
+    # the right version from other code: measured again
+    stamp = json.loads(open(one).read())
+    open(one, "w").write(json.dumps({**stamp, "checks_code": "another-hcdiag"}))
+    assert V.run_job(job, str(tmp_path))["measured"]
+    assert json.loads(open(one).read())["checks_code"] == V.code_fingerprint()
